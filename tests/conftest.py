@@ -1,0 +1,52 @@
+"""Shared test fixtures: real photos, the benchmark data dir, and a per-run cache."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir():
+  """`$TLFRAME_DATA_DIR`, else `../shared/data` beside the checkout; None if absent."""
+  path = pathlib.Path(os.environ.get("TLFRAME_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+  return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def flowers12_dir():
+  """The oxford_flowers12 benchmark data; skips the test where it is absent (a user's clone)."""
+  base = shared_data_dir()
+  if base is None or not (base / "oxford_flowers12").is_dir():
+    pytest.skip("oxford_flowers12 not found: set TLFRAME_DATA_DIR to the folder holding it")
+  return base / "oxford_flowers12"
+
+
+@pytest.fixture(scope="session")
+def skimage_photos():
+  """Real RGB photos shipped with scikit-image, as uint8 HxWx3 arrays by name."""
+  from skimage import data
+  return {
+      "chelsea": data.chelsea(),    # cat, 300x451
+      "coffee": data.coffee(),      # cup, 400x600
+      "rocket": data.rocket(),      # 427x640
+      "astronaut": data.astronaut(),  # 512x512
+  }
+
+
+@pytest.fixture(scope="session")
+def skimage_textures():
+  """Real grayscale texture photos from scikit-image, as uint8 HxWx3 (gray replicated)."""
+  from skimage import data
+  return {name: np.repeat(getattr(data, name)()[..., None], 3, axis=-1)
+          for name in ("brick", "grass", "gravel")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tlframe_cache_dir(tmp_path_factory):
+  """Keeps built backbones out of the user's home: one cache per test run unless set."""
+  if "TLFRAME_CACHE_DIR" not in os.environ:
+    os.environ["TLFRAME_CACHE_DIR"] = str(tmp_path_factory.mktemp("tlframe_cache"))
+  yield
