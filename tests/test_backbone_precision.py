@@ -1,0 +1,87 @@
+"""Backbone speed features: BatchNorm folding is exact, bfloat16 is close, `auto` falls back."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tlframe import backbone
+from tlframe import mobilenet_v2
+from tlframe import torch_pth
+
+# bfloat16 keeps 8 bits of mantissa; through 52 layers features move by up to
+# ~6% of their range on the photos (measured), far from changing a prediction.
+BF16_MAX_ABS_DIFF_OF_RANGE = 0.10
+BF16_MIN_COSINE = 0.99
+
+
+@pytest.fixture(scope="module")
+def photos(skimage_photos):
+  names = ("chelsea", "coffee", "rocket", "astronaut")
+  return tf.stack([backbone.center_crop(skimage_photos[n], 224) for n in names])
+
+
+@pytest.fixture(scope="module")
+def state_dict(builtin_backbone_dirs):
+  data = torch_pth.find_weights(download_dir=os.path.join(backbone.cache_dir(), "downloads"))
+  return torch_pth.load_state_dict(data)
+
+
+def test_folded_export_matches_unfolded_network(state_dict, photos):
+  unfolded = mobilenet_v2.InvertedResidualNet(mobilenet_v2.MOBILENET_V2_100_224, state_dict,
+                                              fold_batch_norm=False)
+  folded = backbone.load_backbone()  # the exported, folded SavedModel
+  reference = unfolded(photos).numpy()
+  assert np.abs(folded(photos).numpy() - reference).max() < 1e-4
+  assert reference.max() > 1.0  # real activations, not a degenerate comparison
+  # The unfolded form really is different ops: BatchNorm variables are separate.
+  assert len(unfolded.variables) == 5 * 52 and len(unfolded.trainable_variables) == 3 * 52
+
+
+def test_fold_is_exact_algebra_per_layer(state_dict):
+  blocks, _ = mobilenet_v2.mobilenet_v2_architecture(state_dict)
+  layer = blocks[1].convs[0]  # a depthwise conv with near-zero running variances
+  assert layer.depthwise and layer.var.min() < 1e-3
+  x = tf.random.stateless_uniform([1, 14, 14, layer.kernel.shape[2]], seed=[3, 4], maxval=2.0)
+  unfolded = mobilenet_v2._ConvLayer(layer, fold_batch_norm=False)
+  folded = mobilenet_v2._ConvLayer(layer, fold_batch_norm=True)
+  np.testing.assert_allclose(folded(x).numpy(), unfolded(x).numpy(), atol=1e-5)
+
+
+def test_bfloat16_close_to_float32_same_predictions(builtin_backbone_dirs, photos):
+  f32 = backbone.load_backbone()(photos).numpy()
+  bf16_backbone = backbone.load_backbone(precision="bfloat16")
+  assert bf16_backbone.precision == "bfloat16"
+  bf16 = bf16_backbone(photos)
+  assert bf16.dtype == tf.float32  # features are always float32
+  bf16 = bf16.numpy()
+  assert 0 < np.abs(bf16 - f32).max() <= BF16_MAX_ABS_DIFF_OF_RANGE * (f32.max() - f32.min())
+  cosine = (bf16 * f32).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(f32, axis=1)
+  assert (cosine >= BF16_MIN_COSINE).all()
+
+  logits32 = backbone.load_backbone(features="logits")(photos).numpy()
+  logits16 = backbone.load_backbone(features="logits", precision="bfloat16")(photos).numpy()
+  assert list(logits16.argmax(1)) == list(logits32.argmax(1))
+
+
+def test_auto_falls_back_to_float32_without_bf16(builtin_backbone_dirs, monkeypatch):
+  monkeypatch.setenv(backbone.DISABLE_BF16_ENV, "1")
+  assert not backbone.bfloat16_supported()
+  assert backbone.load_backbone(precision="auto").precision == "float32"
+  monkeypatch.delenv(backbone.DISABLE_BF16_ENV)
+  expected = "bfloat16" if backbone.bfloat16_supported() else "float32"
+  assert backbone.load_backbone(precision="auto").precision == expected
+
+
+def test_module_without_bf16_entry_runs_float32(tmp_path):
+  module = tf.Module()
+  module.kernel = tf.Variable(tf.random.stateless_normal([1, 1, 3, 4], seed=[5, 6]))
+  module.__call__ = tf.function(
+      lambda images: tf.reduce_mean(tf.nn.conv2d(images, module.kernel, 1, "VALID"), [1, 2]),
+      input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+  tf.saved_model.save(module, str(tmp_path))
+  loaded = backbone.load_backbone(str(tmp_path), precision="bfloat16")
+  assert loaded.precision == "float32" and loaded.cache_key.endswith("float32")
+  out = loaded(tf.random.uniform([2, 32, 32, 3]))
+  assert out.shape == (2, 4) and out.dtype == tf.float32

@@ -1,0 +1,248 @@
+"""bin/train and tlframe.train on real photos: outputs, feature cache, TensorBoard, CV, errors."""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tlframe import backbone as backbone_lib
+from tlframe import features as features_lib
+from tlframe import head as head_lib
+from tlframe import train
+from test_train_helpers import make_records, save_tiny_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "bin", "train")
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory, skimage_photos):
+  """(records_dir, tiny backbone dir): crops of 4 photos, 12 per class, 64 px backbone."""
+  tmp = tmp_path_factory.mktemp("small_task")
+  return make_records(str(tmp), skimage_photos), save_tiny_backbone(tmp / "tiny_backbone")
+
+
+def _options(records_dir, model_dir, backbone, **overrides):
+  values = dict(records_dir=records_dir, model_dir=str(model_dir), backbone=backbone,
+                loss="hinge", batch_size=8, epochs=30,
+                checkpoint_every_epochs=10, log_every_steps=2)
+  values.update(overrides)
+  return train.TrainOptions(**values)
+
+
+@pytest.fixture(scope="module")
+def trained(small_task, tmp_path_factory):
+  """One default-mode run on the small task: (options, metrics)."""
+  records_dir, backbone = small_task
+  options = _options(records_dir, tmp_path_factory.mktemp("model"), backbone)
+  return options, train.train(options)
+
+
+def test_train_writes_the_model_dir(trained):
+  options, metrics = trained
+  model_dir = options.model_dir
+  assert metrics["train"]["accuracy"] >= 0.9
+  assert metrics["validation"]["accuracy"] >= 0.75
+  assert metrics["epochs_completed"] == 30 and not metrics["stopped_early"]
+  on_disk = json.load(open(os.path.join(model_dir, "metrics.json")))
+  assert on_disk["validation"]["accuracy"] == metrics["validation"]["accuracy"]
+  assert set(on_disk["validation"]["per_class"]) == {"astronaut", "chelsea", "coffee", "rocket"}
+  assert on_disk["timings"]["backbone_pass_s"] > 0 and on_disk["timings"]["head_training_s"] > 0
+  labels = open(os.path.join(model_dir, "labels.txt")).read().split()
+  assert labels == ["astronaut", "chelsea", "coffee", "rocket"]
+  assert glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-30.index"))
+  # The saved head alone reproduces the run's validation predictions.
+  head, config = head_lib.load_head(model_dir)
+  assert config.labels == labels and config.image_size == 64
+  validation_file = glob.glob(os.path.join(model_dir, "features", "validation-*.npz"))[0]
+  cached = np.load(validation_file)
+  predictions = np.argmax(head(tf.constant(cached["features"])).numpy(), axis=1)
+  confusion = np.asarray(metrics["validation"]["confusion_matrix"])
+  assert np.mean(predictions == cached["labels"]) == pytest.approx(
+      np.trace(confusion) / confusion.sum())
+
+
+def test_rerun_with_other_head_settings_skips_the_backbone(trained, caplog):
+  options, _ = trained
+  caplog.set_level(logging.INFO, logger="absl")
+  metrics = train.train(dataclasses.replace(options, loss="softmax", epochs=20))
+  assert metrics["timings"]["backbone_pass_cached"]
+  assert "skipping the backbone pass" in caplog.text
+  assert "training the head from scratch" in caplog.text
+  assert metrics["epochs_run_now"] == 20 and metrics["options"]["loss"] == "softmax"
+  again = train.train(dataclasses.replace(options, loss="softmax", epochs=20))
+  assert again["epochs_run_now"] == 0  # same settings: the finished run is resumed, not redone
+  assert again["validation"]["accuracy"] == metrics["validation"]["accuracy"]
+
+
+def _tags(log_dir):
+  accumulator = event_accumulator.EventAccumulator(
+      log_dir, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  return set(accumulator.Tags()["tensors"]), accumulator
+
+
+def test_tensorboard_event_files_hold_the_expected_tags(small_task, tmp_path):
+  records_dir, backbone = small_task
+  options = _options(records_dir, tmp_path / "model", backbone)
+  train.train(options)
+  train_tags, accumulator = _tags(os.path.join(options.model_dir, "logs", "train"))
+  for tag in ("step/loss", "step/accuracy", "step/learning_rate", "step/weight_norm",
+              "epoch/loss", "epoch/accuracy", "epoch/learning_rate", "epoch/weight_norm",
+              "inputs/chelsea", "final/validation_accuracy", "_hparams_/session_start_info"):
+    assert tag in train_tags, tag
+  epochs = [event.step for event in accumulator.Tensors("epoch/loss")]
+  assert epochs == list(range(1, 31))
+  losses = [float(tf.make_ndarray(event.tensor_proto)) for event in
+            accumulator.Tensors("epoch/loss")]
+  assert losses[-1] < losses[0]
+  validation_tags, accumulator = _tags(os.path.join(options.model_dir, "logs", "validation"))
+  for tag in ("epoch/loss", "epoch/accuracy", "evaluation/confusion_matrix", "evaluation/scores",
+              "precision/coffee", "recall/rocket"):
+    assert tag in validation_tags, tag
+  assert [e.step for e in accumulator.Tensors("evaluation/confusion_matrix")] == [10, 20, 30]
+  png = accumulator.Tensors("evaluation/confusion_matrix")[-1].tensor_proto.string_val[2]
+  assert tf.io.decode_png(png).shape == (4 * 12, 4 * 12, 3)
+  projector = os.path.join(options.model_dir, "logs", "validation")
+  config = open(os.path.join(projector, "projector_config.pbtxt")).read()
+  assert "projector_sprite.png" in config and "projector_metadata.tsv" in config
+  metadata = open(os.path.join(projector, "projector_metadata.tsv")).read().splitlines()
+  features = open(os.path.join(projector, "projector_features.tsv")).read().splitlines()
+  assert metadata[0] == "label\tfilename" and len(metadata) == len(features) + 1 > 4
+
+
+def test_tune_l2_picks_from_the_grid_and_retrains(small_task, tmp_path, capsys):
+  records_dir, backbone = small_task
+  grid = (1e-4, 1e-2, 10.0)
+  options = _options(records_dir, tmp_path / "model", backbone, tune_l2=True, l2_grid=grid,
+                     cv_folds=3)
+  metrics = train.train(options)
+  cv = metrics["cross_validation"]
+  assert [row["l2"] for row in cv["rows"]] == list(grid)
+  # l2=10 shrinks the weights towards 0: the held-out loss rises towards 1 (hinge at 0).
+  by_l2 = {row["l2"]: row for row in cv["rows"]}
+  assert by_l2[10.0]["loss"] > 2 * max(by_l2[1e-4]["loss"], by_l2[1e-2]["loss"])
+  assert cv["best_l2"] in (1e-4, 1e-2) and metrics["l2"] == cv["best_l2"]
+  out = capsys.readouterr().out
+  assert "3-fold cross-validation of --l2" in out and "<- best" in out
+
+
+def test_stratified_folds_spread_each_class():
+  labels = np.repeat(np.arange(3), [5, 9, 2])
+  folds = train.stratified_folds(labels, 3, seed=0)
+  for label in range(3):
+    counts = np.bincount(folds[labels == label], minlength=3)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_augmented_mode_trains_through_the_backbone(small_task, tmp_path):
+  records_dir, backbone = small_task
+  options = _options(records_dir, tmp_path / "model", backbone, augment=True, epochs=6,
+                     checkpoint_every_epochs=3)
+  metrics = train.train(options)
+  assert metrics["epochs_completed"] == 6
+  assert metrics["train"]["accuracy"] >= 0.75
+  assert glob.glob(os.path.join(options.model_dir, "checkpoints", "ckpt-6.index"))
+
+
+def test_real_photos_reach_high_validation_accuracy(builtin_backbone_dirs, skimage_photos,
+                                                     skimage_textures, tmp_path):
+  """The built-in MobileNetV2 on crops of 7 real photos: the default head nails it."""
+  photos = dict(skimage_photos, **skimage_textures)
+  records_dir = make_records(str(tmp_path), photos, per_class=8, size=160,
+                             validation_percentage=35)
+  options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "model"),
+                               backbone=backbone_lib.DEFAULT_HANDLE)
+  metrics = train.train(options)
+  assert metrics["validation"]["num_examples"] >= 10
+  assert metrics["validation"]["accuracy"] >= 0.95
+  assert metrics["train"]["accuracy"] == 1.0
+
+
+def _run_train(*args, env=None):
+  return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True,
+                        env=env, timeout=300)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--records_dir={missing}", "--model_dir={tmp}/m"], "does not exist: run bin/make_tfrecords"),
+    (["--records_dir={records}", "--model_dir={tmp}/m", "--loss=hnge"], "--loss=hnge is unknown"),
+    (["--records_dir={records}", "--model_dir={tmp}/m", "--tune_l2", "--augment"],
+     "cannot be combined with --augment"),
+    (["--records_dir={records}", "--model_dir={tmp}/m", "--strategy=multi_worker"],
+     "needs the TF_CONFIG environment variable"),
+])
+def test_bad_flags_give_one_line_errors(small_task, tmp_path, flags, message):
+  records_dir, _ = small_task
+  env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+  args = [flag.format(missing=tmp_path / "nope", tmp=tmp_path, records=records_dir)
+          for flag in flags]
+  result = _run_train(*args, env=env)
+  assert result.returncode == 2, result.stderr[-2000:]
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_template_config_lists_and_parses_every_flag(tmp_path):
+  source = open(TRAIN).read()
+  defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))
+  template = open(os.path.join(REPO, "configs", "template.cfg")).read()
+  assert len(defined) > 25
+  assert not [name for name in defined if not re.search(rf"^#?--(no)?{name}\b", template, re.M)]
+  # absl parses the whole file; the run then stops at the template's example records path.
+  result = _run_train("--flagfile=" + os.path.join(REPO, "configs", "template.cfg"))
+  assert result.returncode == 2
+  assert "error: --records_dir=runs/my_task/records does not exist" in result.stderr
+
+
+def test_feature_cache_key_follows_backbone_records_and_preprocessing(small_task, tmp_path):
+  records_dir, backbone_dir = small_task
+  copy = tmp_path / "records"
+  shutil.copytree(records_dir, copy)
+  backbone = backbone_lib.load_backbone(backbone_dir)
+
+  def key(**overrides):
+    args = dict(image_size=64, resize_mode="center_crop", num_thumbnails_per_class=16)
+    args.update(overrides)
+    return features_lib.cache_key(backbone, str(copy), "train", **args)
+
+  first = key()
+  assert key() == first
+  assert key(resize_mode="letterbox") != first
+  assert features_lib.cache_key(backbone, str(copy), "validation", image_size=64,
+                                resize_mode="center_crop", num_thumbnails_per_class=16) != first
+  shard = sorted(copy.glob("train-*.tfrecord"))[0]
+  stat = shard.stat()
+  os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  assert key() != first
+
+
+def test_early_stopping_keeps_the_best_epoch(small_task, tmp_path):
+  records_dir, backbone = small_task
+  options = _options(records_dir, tmp_path / "model", backbone, loss="softmax", epochs=400,
+                     patience=5, lr_schedule="constant", learning_rate=0.05,
+                     checkpoint_every_epochs=50)
+  metrics = train.train(options)
+  assert metrics["stopped_early"]
+  assert metrics["epochs_completed"] == metrics["best_epoch"] + 5 < 400
+  # The saved head is the best epoch's: its validation loss is the run's minimum.
+  _, accumulator = _tags(os.path.join(options.model_dir, "logs", "validation"))
+  losses = {event.step: float(tf.make_ndarray(event.tensor_proto))
+            for event in accumulator.Tensors("epoch/loss")}
+  assert min(losses, key=losses.get) == metrics["best_epoch"]
+  head, _ = head_lib.load_head(options.model_dir)
+  cached = np.load(glob.glob(os.path.join(options.model_dir, "features", "validation-*.npz"))[0])
+  scores = head(tf.constant(cached["features"]))
+  loss = np.mean(head_lib.softmax_loss(scores, cached["labels"]).numpy())
+  assert loss == pytest.approx(losses[metrics["best_epoch"]], rel=1e-4)

@@ -1,0 +1,434 @@
+"""The frozen featurizer: resolve a TF-Hub handle, load it, run it in float32 or bfloat16.
+
+A handle is one of
+- a URL (tfhub.dev, Kaggle Models, a .tar.gz): resolved by tensorflow_hub into
+  its cache (`TFHUB_CACHE_DIR`);
+- a directory holding a TF2 SavedModel (local or any TF filesystem);
+- a built-in name (`BUILTIN_NAMES`): built once from published weights into
+  `$TLFRAME_CACHE_DIR` (default ~/.cache/tlframe), atomically, so concurrent
+  first uses are safe.
+
+Modules are loaded with `tf.saved_model.load`, not `hub.KerasLayer` (a tf-keras
+layer that cannot go into a Keras 3 model); `Backbone.__call__` is callable
+inside `tf.function`. Under tf.distribute, call `load_backbone` inside
+`strategy.scope()`.
+"""
+
+import hashlib
+import os
+import shutil
+import uuid
+
+import tensorflow as tf
+from absl import logging
+
+from tlframe import mobilenet_v2
+from tlframe import torch_pth
+from tlframe.errors import UserError
+
+DEFAULT_HANDLE = "mobilenet_v2_100_224"
+# Built-in name -> (network, its weights file).
+_BUILTINS = {
+    "mobilenet_v2_100_224": (mobilenet_v2.MOBILENET_V2_100_224, torch_pth.MOBILENET_V2_WEIGHTS),
+    "efficientnet_lite0": (mobilenet_v2.EFFICIENTNET_LITE0, torch_pth.EFFICIENTNET_LITE0_WEIGHTS),
+}
+BUILTIN_NAMES = tuple(_BUILTINS)
+PRECISIONS = ("float32", "bfloat16", "auto")
+FEATURES = ("feature_vector", "logits")
+FEATURE_VECTOR = "feature_vector"
+CLASSIFICATION = "classification"
+# Bump when the built-in export changes, so old cache entries are not reused.
+BUILTIN_FORMAT_VERSION = "v1"
+DISABLE_BF16_ENV = "TLFRAME_DISABLE_BF16"
+# Images per backbone call: on the 2-core reference CPU images/s is flat from
+# batch 8 to 64 (bench/bench_backbone.py); batch 32 adds ~0.5 GB of activations
+# to the process, 64 adds ~1 GB.
+DEFAULT_BATCH_SIZE = 32
+CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
+# Google's classification modules have 1001 outputs, class 0 being "background".
+_CLASSIFIER_DIMS = (1000, 1001)
+
+
+# ---------------------------------------------------------------------------
+# Cache and built-ins.
+
+
+def cache_dir():
+  """`$TLFRAME_CACHE_DIR`, default ~/.cache/tlframe: built backbones and downloaded weights."""
+  return os.environ.get("TLFRAME_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "tlframe")
+
+
+def builtin_dir(name):
+  return os.path.join(cache_dir(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
+
+
+def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False):
+  """Builds built-in `name` into `export_dir`/{feature_vector,classification}, atomically.
+
+  The SavedModels are written into a temporary sibling directory that is
+  renamed to `export_dir` when complete; if another process finished first,
+  its result is kept and ours discarded. Returns `export_dir`.
+  """
+  if name not in BUILTIN_NAMES:
+    raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")
+  if os.path.isdir(export_dir):
+    if exist_ok:
+      return export_dir
+    raise UserError(f"{export_dir} already exists; delete it or choose another export directory")
+  parent = os.path.dirname(os.path.abspath(export_dir))
+  os.makedirs(parent, exist_ok=True)
+  network, weights = _BUILTINS[name]
+  data = torch_pth.find_weights(weights, weights_file=weights_file,
+                                download_dir=os.path.join(cache_dir(), "downloads"))
+  state_dict = torch_pth.load_state_dict(data, source=weights.filename)
+  tmp = os.path.join(parent, f".{os.path.basename(export_dir)}.tmp-{uuid.uuid4().hex[:12]}")
+  try:
+    logging.info("Building %s into %s", name, export_dir)
+    mobilenet_v2.export_saved_models(network, state_dict, tmp, CLASS_NAMES_FILE,
+                                     fold_batch_norm=fold_batch_norm)
+    try:
+      os.rename(tmp, export_dir)
+    except OSError:
+      if not os.path.isdir(export_dir):
+        raise
+      logging.info("%s was built concurrently by another process; using that one", export_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return export_dir
+
+
+def ensure_builtin(name):
+  """The built-in's directory in the cache, building it on first use."""
+  directory = builtin_dir(name)
+  return build_builtin(name, directory, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# Handle resolution.
+
+
+def _is_url(handle):
+  return handle.startswith(("http://", "https://"))
+
+
+def _hub_cache_entry(handle):
+  """Where tensorflow_hub caches a URL handle: `<TFHUB_CACHE_DIR>/<sha1(handle)>`."""
+  from tensorflow_hub import resolver  # pylint: disable=g-import-not-at-top
+  root = resolver.tfhub_cache_dir(use_temp=True)
+  return os.path.join(root, hashlib.sha1(handle.encode("utf8")).hexdigest())
+
+
+def _check_complete(directory, handle):
+  if not tf.io.gfile.exists(os.path.join(directory, "saved_model.pb")):
+    raise UserError(
+        f"the TF-Hub cache directory {directory} for {handle} is stale or half-written (no "
+        f"saved_model.pb): delete {directory} (and {directory}.lock if present) and retry")
+
+
+def _resolve_url(handle):
+  import tensorflow_hub as hub  # pylint: disable=g-import-not-at-top
+  entry = _hub_cache_entry(handle)
+  if tf.io.gfile.isdir(entry) and tf.io.gfile.listdir(entry):
+    _check_complete(entry, handle)  # hub itself would return it as is
+  elif tf.io.gfile.exists(entry + ".lock"):
+    logging.warning("%s.lock exists: another process is downloading %s, or a download was "
+                    "killed (then delete the lock file)", entry, handle)
+  try:
+    path = hub.resolve(handle)
+  except Exception as e:  # hub raises whatever urllib/tarfile raise
+    raise UserError(f"could not fetch {handle} ({type(e).__name__}: {e}); check the handle and the "
+                    "network, or download the module and pass its directory") from None
+  _check_complete(path, handle)
+  return path
+
+
+def resolve_handle(handle, *, features=FEATURE_VECTOR):
+  """The local SavedModel directory for `handle` (a URL, a directory or a built-in name).
+
+  `features="logits"` selects a built-in's classification variant; for other
+  handles the module itself decides what it outputs.
+  """
+  if features not in FEATURES:
+    raise UserError(f"features must be one of {', '.join(FEATURES)}, not {features!r}")
+  if handle in BUILTIN_NAMES:
+    variant = CLASSIFICATION if features == "logits" else FEATURE_VECTOR
+    return os.path.join(ensure_builtin(handle), variant)
+  if _is_url(handle):
+    return _resolve_url(handle)
+  if tf.io.gfile.isdir(handle):
+    if not tf.io.gfile.exists(os.path.join(handle, "saved_model.pb")):
+      raise UserError(f"{handle} has no saved_model.pb: give the directory of a TF2 SavedModel")
+    return handle
+  raise UserError(
+      f"backbone handle {handle!r} is not a URL, an existing SavedModel directory, or a "
+      f"built-in name ({', '.join(BUILTIN_NAMES)})")
+
+
+# ---------------------------------------------------------------------------
+# Precision and threads.
+
+
+def _cpu_flags():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def bfloat16_supported():
+  """Whether this machine computes bfloat16 natively.
+
+  GPUs with compute capability >= 8.0; CPUs with AMX-BF16 or AVX512-BF16.
+  `TLFRAME_DISABLE_BF16=1` says no, e.g. to check the float32 fallback.
+  """
+  if os.environ.get(DISABLE_BF16_ENV, "") not in ("", "0"):
+    return False
+  gpus = tf.config.list_physical_devices("GPU")
+  if gpus:
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+    return bool(capability) and tuple(capability) >= (8, 0)
+  return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(precision):
+  """'float32' or 'bfloat16' for a requested `precision` in PRECISIONS."""
+  if precision not in PRECISIONS:
+    raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+  if precision == "auto":
+    return "bfloat16" if bfloat16_supported() else "float32"
+  if precision == "bfloat16" and not bfloat16_supported():
+    logging.warning("precision bfloat16: this machine has no native bfloat16 (AMX/AVX512-BF16 "
+                    "CPU or GPU with compute capability >= 8.0); it will be emulated and slow")
+  return precision
+
+
+def default_thread_counts():
+  """(intra_op, inter_op) defaults: all usable cores for both.
+
+  Measured with bench/bench_backbone.py on the 2-core reference machine:
+  intra_op=1 is clearly slower, and nothing beat this (TensorFlow's own
+  default) beyond noise; tlframe makes it explicit, counting the cores this
+  process may actually use (a container's CPU set, not the host's).
+  """
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = max(1, cores or 1)
+  return cores, cores
+
+
+def configure_threads(intra_op_threads=None, inter_op_threads=None):
+  """Sets TF's thread pools; call before TF runs any op (afterwards TF refuses; we warn)."""
+  default_intra, default_inter = default_thread_counts()
+  intra = intra_op_threads or default_intra
+  inter = inter_op_threads or default_inter
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+  except RuntimeError as e:  # TF already initialized its thread pools
+    logging.warning("could not set threads to intra=%d inter=%d: %s", intra, inter, e)
+    return
+  logging.info("TF threads: intra_op=%d inter_op=%d", intra, inter)
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+_warned_no_bf16 = set()
+
+
+def _first_input_spec(concrete_function):
+  args, kwargs = concrete_function.structured_input_signature
+  for spec in list(args) + list(kwargs.values()):
+    if isinstance(spec, tf.TensorSpec):
+      return spec
+  return None
+
+
+def _call_functions(module, path):
+  """The concrete functions `module.__call__` was saved with, by image dtype."""
+  call = getattr(module, "__call__", None)
+  concrete = getattr(call, "concrete_functions", None)
+  if not concrete:
+    raise UserError(f"{path} is not a TF2 SavedModel with a __call__ function (TF1 Hub format "
+                    "modules are not supported): use the module's TF2 version")
+  functions = {}
+  for function in concrete:
+    spec = _first_input_spec(function)
+    if spec is not None and spec.shape.rank == 4:
+      functions.setdefault(spec.dtype, function)
+  if tf.float32 not in functions:
+    raise UserError(f"{path}: __call__ takes no float32 [batch, height, width, 3] images; "
+                    "not a TF-Hub image module")
+  return functions
+
+
+def _module_fingerprint(path):
+  """A digest of the module's graph and variable index: changes when the module does."""
+  digest = hashlib.sha256()
+  for name in ("saved_model.pb", os.path.join("variables", "variables.index")):
+    file_path = os.path.join(path, name)
+    if tf.io.gfile.exists(file_path):
+      with tf.io.gfile.GFile(file_path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()[:16]
+
+
+class Backbone:
+  """A frozen image module: float32 [B, S, S, 3] in [0, 1] -> float32 [B, output_dim].
+
+  Attributes: handle, path (SavedModel directory), input_size, output_dim,
+  kind ("feature_vector" | "classification"), precision ("float32" |
+  "bfloat16", as resolved), cache_key (identifies module, size, kind and
+  precision: anything that changes the features).
+  """
+
+  def __init__(self, handle, path, module, input_size, output_dim, kind, precision):
+    self.handle = handle
+    self.path = path
+    self.module = module
+    self.input_size = input_size
+    self.output_dim = output_dim
+    self.kind = kind
+    self.precision = precision
+    self._compute_dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    self.cache_key = (f"{_module_fingerprint(path)}-{input_size}px-{kind}-{output_dim}d-"
+                      f"{precision}")
+
+  def __call__(self, images):
+    outputs = self.module(tf.cast(images, self._compute_dtype))
+    return tf.cast(outputs, tf.float32)
+
+  def __repr__(self):
+    return (f"Backbone({self.handle!r}, input_size={self.input_size}, output_dim="
+            f"{self.output_dim}, kind={self.kind!r}, precision={self.precision!r})")
+
+
+def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=None,
+                  precision="float32"):
+  """Resolves and loads `handle` frozen; under tf.distribute call it inside strategy.scope().
+
+  input_size: required for modules that accept any image size (e.g. 299 for
+  Inception v3); must match a module's fixed size. precision: "float32",
+  "bfloat16" or "auto" (bfloat16 where the machine has it natively); a module
+  without a bfloat16 entry runs float32 with a warning.
+  """
+  requested_precision = resolve_precision(precision)
+  path = resolve_handle(handle, features=features)
+  try:
+    module = tf.saved_model.load(path)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    raise UserError(f"could not load the SavedModel in {path} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); if it is a cache entry, delete {path}") from None
+  functions = _call_functions(module, path)
+  fixed_size = _first_input_spec(functions[tf.float32]).shape[1]
+  if fixed_size is not None and input_size not in (None, fixed_size):
+    raise UserError(f"--input_size={input_size} but {handle} takes {fixed_size}x{fixed_size} images; "
+                    f"leave it unset or set {fixed_size}")
+  size = fixed_size or input_size
+  if not size:
+    raise UserError(f"{handle} accepts any image size: set --input_size (e.g. 299 for Inception v3, "
+                    "224 for most modules)")
+
+  precision_used = requested_precision
+  if requested_precision == "bfloat16" and tf.bfloat16 not in functions:
+    if handle not in _warned_no_bf16:
+      _warned_no_bf16.add(handle)
+      logging.warning("%s has no bfloat16 entry point; --precision=%s runs it in float32",
+                      handle, precision)
+    precision_used = "float32"
+
+  # Read from the saved signature, not by running the module: a call here
+  # would happen in a strategy's cross-replica context and break replica calls.
+  outputs = functions[tf.float32].structured_outputs
+  if not (isinstance(outputs, (tf.Tensor, tf.TensorSpec)) and outputs.shape.rank == 2
+          and outputs.shape[1] is not None):
+    raise UserError(f"{handle}: __call__ returns {outputs!r:.200}, not a [batch, dim] tensor; "
+                    "not a TF-Hub image module")
+  output_dim = int(outputs.shape[1])
+  kind = CLASSIFICATION if output_dim in _CLASSIFIER_DIMS else FEATURE_VECTOR
+  if features == "logits" and kind != CLASSIFICATION:
+    raise UserError(f"{handle} is a feature-vector module ({output_dim} outputs); logits need a "
+                    "classification module")
+  return Backbone(handle, path, module, size, output_dim, kind, precision_used)
+
+
+# ---------------------------------------------------------------------------
+# Classification.
+
+
+def center_crop(image, input_size):
+  """torchvision's ImageNet eval preprocessing, scaled to `input_size`.
+
+  uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 1]: the shorter side resized
+  (bilinear, antialiased) to S * 256/224, then the central S x S crop.
+  """
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  short = round(input_size * 256 / 224)
+  # torchvision truncates the longer side and rounds the crop offsets; so do we.
+  scale = short / tf.cast(tf.minimum(height, width), tf.float64)
+  new_height = tf.cast(tf.cast(height, tf.float64) * scale, tf.int32)
+  new_width = tf.cast(tf.cast(width, tf.float64) * scale, tf.int32)
+  resized = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [new_height, new_width],
+                            method="bilinear", antialias=True)
+  top = tf.cast(tf.round((new_height - input_size) / 2), tf.int32)
+  left = tf.cast(tf.round((new_width - input_size) / 2), tf.int32)
+  return tf.clip_by_value(resized[top:top + input_size, left:left + input_size], 0.0, 1.0)
+
+
+def read_image(path):
+  """uint8 [H, W, 3] from a JPEG/PNG/GIF/BMP file on any TF filesystem."""
+  try:
+    data = tf.io.gfile.GFile(path, "rb").read()
+  except tf.errors.OpError as e:
+    raise UserError(f"--image {path}: cannot read it ({e.message})") from None
+  try:
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+  except tf.errors.InvalidArgumentError:
+    raise UserError(f"--image {path}: not a JPEG, PNG, GIF or BMP image") from None
+
+
+def class_names_for(backbone, labels_file=None):
+  """Names for a classification module's outputs.
+
+  `labels_file` (one name per line) if given; else the module's own
+  `assets/*.txt` with one line per output; else the 1000 ImageNet names,
+  preceded by "background" for 1001-output modules.
+  """
+  if labels_file:
+    if not tf.io.gfile.exists(labels_file):
+      raise UserError(f"--labels {labels_file}: no such file")
+    with tf.io.gfile.GFile(labels_file) as f:
+      names = f.read().splitlines()
+    if len(names) != backbone.output_dim:
+      raise UserError(f"--labels {labels_file} has {len(names)} lines but {backbone.handle} has "
+                      f"{backbone.output_dim} outputs: give one name per output")
+    return names
+  assets = os.path.join(backbone.path, "assets")
+  if tf.io.gfile.isdir(assets):
+    for name in sorted(tf.io.gfile.listdir(assets)):
+      if name.endswith(".txt"):
+        with tf.io.gfile.GFile(os.path.join(assets, name)) as f:
+          names = f.read().splitlines()
+        if len(names) == backbone.output_dim:
+          return names
+  with open(CLASS_NAMES_FILE) as f:
+    names = f.read().splitlines()
+  if backbone.output_dim == len(names) + 1:
+    names = ["background"] + names
+  if len(names) != backbone.output_dim:
+    raise UserError(f"{backbone.handle} has {backbone.output_dim} outputs and no class names file: "
+                    "pass --labels with one name per line")
+  return names
+
+
+def top_k(backbone, image, k=5):
+  """[(class index, probability)] for the top `k` classes of one uint8 image."""
+  logits = backbone(center_crop(image, backbone.input_size)[tf.newaxis])[0]
+  probabilities = tf.nn.softmax(logits)
+  values, indices = tf.math.top_k(probabilities, k=min(k, backbone.output_dim))
+  return [(int(i), float(p)) for i, p in zip(indices.numpy(), values.numpy())]

@@ -1,0 +1,252 @@
+"""Sharded TFRecords -> fixed-size float32 image batches, as a tf.data.Dataset.
+
+Reads the records `tlframe.records` writes (TF-Slim feature keys), decodes
+each image with `decode_image` (the one decoder the converter and the export
+use too), and brings it to `image_size` x `image_size` float32 in [0, 1] (the
+TF-Hub image convention) by one of three resize modes:
+
+- "center_crop": resize the shorter side to `image_size` keeping the aspect
+  ratio, then crop the centre square. The evaluation default: what ImageNet
+  backbones were trained to see.
+- "letterbox": resize the longer side to `image_size` keeping the aspect ratio
+  and pad the rest with black. Keeps all content; for objects near the edges.
+- "crop_or_pad": no resizing: crop the centre or pad with black. For images
+  that are already about the right size (tiles, crops, icons).
+
+A record whose image cannot be decoded (written by another tool, or corrupted
+on disk) is skipped and counted in a `SkipCounter` instead of ending the run.
+"""
+
+import threading
+
+from absl import logging
+import tensorflow as tf
+
+from tlframe.errors import UserError
+
+RESIZE_MODES = ("center_crop", "letterbox", "crop_or_pad")
+
+# Record shuffle buffer: holds encoded bytes (tens of KB per photo), not pixels.
+DEFAULT_SHUFFLE_BUFFER = 1024
+# Files read at once; more only helps when reads have latency (gs://).
+_INTERLEAVE_CYCLE = 8
+
+_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
+}
+
+# Training augmentation: a random crop keeping at least half the area, a
+# horizontal flip, and mild photometric jitter. Kept mild on purpose: the
+# backbone is frozen, so heavy distortions only move features off the manifold.
+_CROP_AREA_RANGE = (0.5, 1.0)
+_CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
+_BRIGHTNESS_DELTA = 0.1
+_CONTRAST_RANGE = (0.8, 1.2)
+
+
+def decode_image(image_bytes):
+  """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 [H, W, 3] (GIF: first frame).
+
+  Grayscale and RGBA become RGB, CMYK JPEGs are converted by libjpeg, and
+  16-bit PNGs are scaled to 8 bits. Raises InvalidArgumentError for bytes that
+  are not a decodable image.
+  """
+  image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def check_resize_mode(resize_mode):
+  if resize_mode not in RESIZE_MODES:
+    raise UserError(f"resize mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
+def preprocess(image_uint8, image_size=224, resize_mode="center_crop"):
+  """uint8 [H, W, 3] -> float32 [image_size, image_size, 3] in [0, 1] by `resize_mode`.
+
+  Pure TensorFlow ops, no Python side effects: the export reuses it inside a
+  SavedModel signature on raw bytes.
+  """
+  check_resize_mode(resize_mode)
+  image = tf.image.convert_image_dtype(image_uint8, tf.float32)
+  if resize_mode == "center_crop":
+    # Cropping the centre square first, then resizing it, equals resizing the
+    # shorter side then cropping, without resizing pixels that are cut anyway.
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2,
+                                          side, side)
+    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+  elif resize_mode == "letterbox":
+    image = tf.image.resize_with_pad(image, image_size, image_size, antialias=True)
+  else:
+    image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
+  image = tf.clip_by_value(image, 0.0, 1.0)
+  image.set_shape([image_size, image_size, 3])
+  return image
+
+
+def augment_image(image_uint8, seed, image_size=224, resize_mode="center_crop"):
+  """Training-time `preprocess` with a random crop, flip and brightness/contrast.
+
+  `seed` is a shape [2] int tensor; the same seed gives the same result
+  (stateless random ops), which is what makes seeded pipelines reproducible.
+  """
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image_uint8), bounding_boxes=tf.zeros([0, 0, 4]), seed=seeds[0],
+      area_range=_CROP_AREA_RANGE, aspect_ratio_range=_CROP_ASPECT_RANGE,
+      use_image_if_no_bounding_boxes=True)
+  image = preprocess(tf.slice(image_uint8, begin, size), image_size, resize_mode)
+  image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+  image = tf.image.stateless_random_brightness(image, _BRIGHTNESS_DELTA, seeds[2])
+  image = tf.image.stateless_random_contrast(image, *_CONTRAST_RANGE, seeds[3])
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+class SkipCounter:
+  """Counts records skipped because their image did not decode; thread-safe.
+
+  Pass one to `make_dataset(skip_counter=...)` and read `.count` (and the first
+  few `.filenames`) while or after iterating, to log or fail on bad data.
+  """
+
+  _KEEP_FILENAMES = 100
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.count = 0
+    self.filenames = []
+
+  def record(self, filename):
+    """Called through tf.py_function with the record's image/filename as a string tensor."""
+    filename = filename.numpy().decode("utf-8", "replace")
+    with self._lock:
+      self.count += 1
+      if len(self.filenames) < self._KEEP_FILENAMES:
+        self.filenames.append(filename)
+    logging.warning("Skipping a record whose image does not decode: %r", filename)
+
+
+def _parse(serialized):
+  features = tf.io.parse_single_example(serialized, _FEATURES)
+  return (features["image/encoded"], tf.cast(features["image/class/label"], tf.int32),
+          features["image/filename"])
+
+
+def _decode_or_flag(encoded):
+  """(image, ok): a decode error becomes ok=False with a dummy image, not an exception.
+
+  tf.data has no per-element try/except, so each image is decoded in its own
+  one-element dataset whose errors are dropped; `take(1)` of that followed by a
+  dummy then yields the image when it decoded and the dummy when it did not.
+  """
+  decoded = (tf.data.Dataset.from_tensors(encoded)
+             .map(lambda data: (decode_image(data), True))
+             .ignore_errors())
+  failed = tf.data.Dataset.from_tensors((tf.zeros([1, 1, 3], tf.uint8), False))
+  return decoded.concatenate(failed).take(1)
+
+
+def _list_files(file_pattern):
+  files = sorted(tf.io.gfile.glob(file_pattern))
+  if not files:
+    raise UserError(f"no record files match {file_pattern}; check the path, or run "
+                    "make_tfrecords to create them")
+  return files
+
+
+def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="center_crop",
+                 augment=False, shuffle=False, repeat=False, deterministic=True, seed=None,
+                 with_filenames=False, drop_remainder=False, input_context=None,
+                 shuffle_buffer_size=DEFAULT_SHUFFLE_BUFFER, skip_counter=None):
+  """A dataset of (images, labels) or (images, labels, filenames) batches.
+
+  images: float32 [B, image_size, image_size, 3] in [0, 1]; labels: int32 [B];
+  filenames: string [B] (the image/filename feature). `augment` applies random
+  crop/flip/brightness/contrast (training only). `shuffle` shuffles files and
+  records, reshuffled each epoch; `repeat` repeats forever. `deterministic`
+  keeps the element order fixed; with a `seed` as well, shuffling and
+  augmentation repeat exactly from run to run. `input_context` (a
+  tf.distribute.InputContext) reads only this input pipeline's share, and
+  `batch_size` is then the per-replica batch. Undecodable records are skipped
+  and logged, and counted in `skip_counter` (a SkipCounter) when one is given.
+  """
+  check_resize_mode(resize_mode)
+  if skip_counter is None:
+    skip_counter = SkipCounter()  # skips are logged even when nobody counts them
+  if batch_size < 1:
+    raise UserError(f"batch size must be positive, got {batch_size}")
+  files = _list_files(file_pattern)
+  records_sharded = False
+  dataset = tf.data.Dataset.from_tensor_slices(files)
+  if input_context and input_context.num_input_pipelines > 1:
+    if len(files) >= input_context.num_input_pipelines:
+      dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    else:
+      records_sharded = True  # too few files to share out; share records instead
+  if shuffle and not records_sharded:
+    dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+  # Sharding records needs the same record order in every pipeline.
+  dataset = dataset.interleave(
+      tf.data.TFRecordDataset, cycle_length=min(len(files), _INTERLEAVE_CYCLE),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or records_sharded)
+  if records_sharded:
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if shuffle:
+    dataset = dataset.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    dataset = dataset.repeat()
+  # One random seed pair per element drives the stateless augmentation.
+  dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
+
+  def parse_and_decode(serialized, element_seed):
+    encoded, label, filename = _parse(serialized)
+    return _decode_or_flag(encoded).map(
+        lambda image, ok: (image, label, filename, element_seed, ok))
+
+  dataset = dataset.interleave(parse_and_decode, cycle_length=tf.data.AUTOTUNE,
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+  def keep_decoded(image, label, filename, element_seed, ok):
+    return tf.cond(ok, lambda: True, lambda: _count_skip(skip_counter, filename))
+
+  dataset = dataset.filter(keep_decoded)
+
+  def to_model_input(image, label, filename, element_seed, ok):
+    if augment:
+      image = augment_image(image, element_seed, image_size, resize_mode)
+    else:
+      image = preprocess(image, image_size, resize_mode)
+    return (image, label, filename) if with_filenames else (image, label)
+
+  dataset = dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=deterministic)
+  dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _count_skip(skip_counter, filename):
+  tf.py_function(skip_counter.record, [filename], [])
+  return False
+
+
+def distribute_dataset(strategy, file_pattern, global_batch_size, **make_dataset_kwargs):
+  """`make_dataset` under a tf.distribute strategy: per-replica batches, one pipeline per worker.
+
+  `global_batch_size` must divide evenly among the replicas.
+  """
+  replicas = strategy.num_replicas_in_sync
+  if global_batch_size % replicas:
+    raise UserError(f"batch size {global_batch_size} does not divide among {replicas} replicas; "
+                    f"use a multiple of {replicas}")
+
+  def dataset_fn(input_context):
+    return make_dataset(file_pattern, input_context.get_per_replica_batch_size(global_batch_size),
+                        input_context=input_context, **make_dataset_kwargs)
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
