@@ -3,8 +3,9 @@
 import os
 import pathlib
 
-import numpy as np
 import pytest
+
+from tlframe import samples
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -26,22 +27,17 @@ def flowers12_dir():
 
 @pytest.fixture(scope="session")
 def skimage_photos():
-  """Real RGB photos shipped with scikit-image, as uint8 HxWx3 arrays by name."""
-  from skimage import data
-  return {
-      "chelsea": data.chelsea(),    # cat, 300x451
-      "coffee": data.coffee(),      # cup, 400x600
-      "rocket": data.rocket(),      # 427x640
-      "astronaut": data.astronaut(),  # 512x512
-  }
+  """Real RGB photos shipped with scikit-image, as uint8 HxWx3 arrays by name.
+
+  chelsea: a cat, 300x451; coffee: a cup, 400x600; rocket: 427x640; astronaut: 512x512.
+  """
+  return samples.load_sample_photos(("chelsea", "coffee", "rocket", "astronaut"))
 
 
 @pytest.fixture(scope="session")
 def skimage_textures():
   """Real grayscale texture photos from scikit-image, as uint8 HxWx3 (gray replicated)."""
-  from skimage import data
-  return {name: np.repeat(getattr(data, name)()[..., None], 3, axis=-1)
-          for name in ("brick", "grass", "gravel")}
+  return samples.load_sample_photos(("brick", "grass", "gravel"))
 
 
 @pytest.fixture(scope="session", autouse=True)
