@@ -9,8 +9,8 @@ Tables:
    matmul peak (0.60 GFLOP per image).
 3. The same module called raw (`tf.saved_model.load`) and through
    `tlframe.backbone.load_backbone`: the loader should add nothing.
-4. Threads: folded fp32 images/s at batch 32 for intra/inter-op thread counts
-   (each in a fresh process, as TF fixes its pools at start).
+4. oneDNN off/on and intra/inter-op thread counts: folded fp32 images/s at
+   batch 32, each in a fresh process (TF fixes both when it starts).
 5. oxford_flowers12 test accuracy of a linear SVM (scikit-learn LinearSVC) on
    fp32 vs bf16 features.
 
@@ -37,7 +37,7 @@ flags.DEFINE_float("seconds", 4.0, "Seconds of calls per variant and batch size;
 flags.DEFINE_string("data_dir", None,
                     "Folder holding oxford_flowers12; default $TLFRAME_DATA_DIR or ../shared/data.")
 flags.DEFINE_bool("skip_accuracy", False, "Skip the oxford_flowers12 fp32 vs bf16 accuracy table.")
-flags.DEFINE_bool("skip_threads", False, "Skip the thread-count table.")
+flags.DEFINE_bool("skip_threads", False, "Skip the oneDNN and thread-count table.")
 flags.DEFINE_string("threads_child", None,
                     "Internal: 'intra,inter': time folded fp32 at batch 32 with these threads, print it.")
 
@@ -147,25 +147,31 @@ def threads_child(tf, backbone, spec):
   print(f"RATE {rates['m', 32]:.2f}")
 
 
-def threads_table(rounds=2):
-  """Each thread setting in its own process (TF fixes its pools at start), alternating, best of rounds."""
-  specs = ("0,0", "1,1", "2,1", "2,2")
-  best = dict.fromkeys(specs, 0.0)
+def process_settings_table(rounds=2):
+  """oneDNN off/on and thread counts, each in its own process (TF fixes both when it starts).
+
+  Settings alternate, and each keeps the best of `rounds` processes.
+  """
+  settings = (("0", "0,0"), ("1", "0,0"), ("1", "1,1"), ("1", "2,1"), ("1", "2,2"))
+  best = dict.fromkeys(settings, 0.0)
   for _ in range(rounds):
-    for spec in specs:
-      result = subprocess.run([sys.executable, __file__, f"--threads_child={spec}",
+    for onednn, threads in settings:
+      env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn)
+      result = subprocess.run([sys.executable, __file__, f"--threads_child={threads}",
                                f"--seconds={FLAGS.seconds}"],
-                              capture_output=True, text=True, env=os.environ.copy())
+                              capture_output=True, text=True, env=env)
       lines = [l for l in result.stdout.splitlines() if l.startswith("RATE ")]
       if not lines:
-        raise RuntimeError(f"threads child {spec} failed: {result.stderr[-500:]}")
-      best[spec] = max(best[spec], float(lines[0].split()[1]))
+        raise RuntimeError(f"child {onednn} {threads} failed: {result.stderr[-500:]}")
+      best[onednn, threads] = max(best[onednn, threads], float(lines[0].split()[1]))
   rows = []
-  for spec in specs:
-    intra, inter = (x if x != "0" else "TF default" for x in spec.split(","))
-    rows.append([intra, inter, f"{best[spec]:.1f}"])
-  print(f"Threads (folded fp32, batch 32, images/s; {os.cpu_count()} CPUs; best of {rounds} processes)")
-  print_table(["intra_op", "inter_op", "images/s"], rows)
+  for onednn, threads in settings:
+    intra, inter = (x if x != "0" else "TF default" for x in threads.split(","))
+    rows.append([{"0": "off", "1": "on"}[onednn], intra, inter,
+                 f"{best[onednn, threads]:.1f}"])
+  print(f"oneDNN and threads (folded fp32, batch 32, images/s; {os.cpu_count()} CPUs; "
+        f"best of {rounds} processes)")
+  print_table(["oneDNN", "intra_op", "inter_op", "images/s"], rows)
 
 
 def data_dir():
@@ -211,18 +217,19 @@ def accuracy_table(tf, backbone):
 
 def main(argv):
   del argv
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # tlframe first: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
   from tlframe import backbone, mobilenet_v2, torch_pth  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if FLAGS.threads_child:
     threads_child(tf, backbone, FLAGS.threads_child)
     return
   backbone.configure_threads()
   builtin = backbone.ensure_builtin(backbone.DEFAULT_HANDLE)
-  print(f"TensorFlow {tf.__version__}; CPU bf16 support: {backbone.bfloat16_supported()}; "
-        f"cache {builtin}\n")
+  print(f"TensorFlow {tf.__version__}; oneDNN: {backbone.onednn_enabled()}; CPU bf16 support: "
+        f"{backbone.bfloat16_supported()}; cache {builtin}\n")
   speed_tables(tf, backbone, mobilenet_v2, torch_pth, builtin)
   if not FLAGS.skip_threads:
-    threads_table()
+    process_settings_table()
   if not FLAGS.skip_accuracy:
     accuracy_table(tf, backbone)
 

@@ -35,10 +35,10 @@ import psutil
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+# tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe import pipeline  # pylint: disable=g-import-not-at-top
 from tlframe import records  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", os.environ.get("TLFRAME_DATA_DIR",

@@ -34,14 +34,14 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top,wrong-import-position
-
+# tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe import backbone as backbone_lib  # pylint: disable=wrong-import-position
 from tlframe import features as features_lib  # pylint: disable=wrong-import-position
 from tlframe import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
 from tlframe import train  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 K_SHOTS = (1, 5, 10, 20, 60)
 LOSSES = ("hinge", "squared_hinge", "softmax")

@@ -1,6 +1,9 @@
 """Backbone speed features: BatchNorm folding is exact, bfloat16 is close, `auto` falls back."""
 
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +88,24 @@ def test_module_without_bf16_entry_runs_float32(tmp_path):
   assert loaded.precision == "float32" and loaded.cache_key.endswith("float32")
   out = loaded(tf.random.uniform([2, 32, 32, 3]))
   assert out.shape == (2, 4) and out.dtype == tf.float32
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN is TensorFlow's x86 CPU backend")
+@pytest.mark.parametrize("imports, env_value, expected_on, expected_warning", [
+    ("import tlframe, tensorflow", None, "True", False),
+    ("import tlframe, tensorflow", "0", "False", False),  # the user's explicit choice wins
+    ("import tensorflow, tlframe", None, "False", True),  # too late: warn once, with the fix
+])
+def test_importing_tlframe_first_turns_onednn_on(imports, env_value, expected_on,
+                                                  expected_warning):
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+  if env_value is not None:
+    env["TF_ENABLE_ONEDNN_OPTS"] = env_value
+  code = (f"{imports}\nfrom tlframe import backbone\nprint(backbone.onednn_enabled())\n"
+          "backbone._warn_if_onednn_off(); backbone._warn_if_onednn_off()")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split()[-1] == expected_on
+  assert result.stderr.count("oneDNN is off") == (1 if expected_warning else 0)

@@ -6,4 +6,13 @@ files -> `records` (sharded TFRecords) -> `pipeline` (fixed-size tf.data batches
 softmax head) -> export.
 """
 
+import os
+
+# oneDNN's fused convolutions run the backbone ~2.4x faster on x86 CPUs where
+# TensorFlow leaves them off by default (those without AVX512-VNNI/BF16 or AMX,
+# e.g. AVX2-only AMD EPYC; bench/bench_backbone.py). TensorFlow reads this once,
+# when it loads: import tlframe before tensorflow. An explicit
+# TF_ENABLE_ONEDNN_OPTS=0 is respected. See docs/backbone.md.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ inside `tf.function`. Under tf.distribute, call `load_backbone` inside
 
 import hashlib
 import os
+import platform
 import shutil
 import uuid
 
@@ -207,6 +208,29 @@ def resolve_precision(precision):
   return precision
 
 
+def onednn_enabled():
+  """Whether TensorFlow runs its CPU kernels with oneDNN; None where this TF cannot say."""
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):
+    return None
+
+
+_warned_onednn_off = []  # one warning per process
+
+
+def _warn_if_onednn_off():
+  """tlframe turns oneDNN on when imported before TensorFlow (see tlframe/__init__.py)."""
+  if (platform.machine().lower() in ("x86_64", "amd64") and onednn_enabled() is False
+      and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0" and not _warned_onednn_off
+      and not tf.config.list_physical_devices("GPU")):
+    _warned_onednn_off.append(True)
+    logging.warning("oneDNN is off because TensorFlow was imported before tlframe: on this CPU "
+                    "the backbone may run up to ~2.4x slower. Import tlframe first, or set "
+                    "TF_ENABLE_ONEDNN_OPTS=1 before starting Python")
+
+
 def default_thread_counts():
   """(intra_op, inter_op) defaults: all usable cores for both.
 
@@ -316,6 +340,7 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
   "bfloat16" or "auto" (bfloat16 where the machine has it natively); a module
   without a bfloat16 entry runs float32 with a warning.
   """
+  _warn_if_onednn_off()
   requested_precision = resolve_precision(precision)
   path = resolve_handle(handle, features=features)
   try:
