@@ -9,8 +9,9 @@ Tables:
    matmul peak (0.60 GFLOP per image).
 3. The same module called raw (`tf.saved_model.load`) and through
    `tlframe.backbone.load_backbone`: the loader should add nothing.
-4. oneDNN off/on and intra/inter-op thread counts: folded fp32 images/s at
-   batch 32, each in a fresh process (TF fixes both when it starts).
+4. Export form x oneDNN off/on x intra/inter-op thread counts: images/s at
+   batch 32, each in a fresh process (TF fixes oneDNN and its thread pools when
+   it starts), against the straightforward export (unfolded, TF's defaults).
 5. oxford_flowers12 test accuracy of a linear SVM (scikit-learn LinearSVC) on
    fp32 vs bf16 features.
 
@@ -38,8 +39,9 @@ flags.DEFINE_string("data_dir", None,
                     "Folder holding oxford_flowers12; default $TLFRAME_DATA_DIR or ../shared/data.")
 flags.DEFINE_bool("skip_accuracy", False, "Skip the oxford_flowers12 fp32 vs bf16 accuracy table.")
 flags.DEFINE_bool("skip_threads", False, "Skip the oneDNN and thread-count table.")
-flags.DEFINE_string("threads_child", None,
-                    "Internal: 'intra,inter': time folded fp32 at batch 32 with these threads, print it.")
+flags.DEFINE_string("settings_child", None,
+                    "Internal: 'module_dir,intra,inter': time that SavedModel at batch 32 with "
+                    "these threads in this process and print the rate.")
 
 GFLOP_PER_IMAGE = 0.60  # MobileNetV2 1.0 at 224: ~300M multiply-adds
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -94,16 +96,19 @@ def image_batches(tf):
   return lambda batch: tf.random.stateless_uniform([batch, 224, 224, 3], seed=[batch, 0])
 
 
-def speed_tables(tf, backbone, mobilenet_v2, torch_pth, builtin):
-  peak_before = matmul_peak_gflops(tf)
+def export_unfolded(backbone, mobilenet_v2, torch_pth, export_dir):
+  """The built-in network without BatchNorm folding (conv -> BatchNorm -> ReLU6): the reference."""
   data = torch_pth.find_weights(download_dir=os.path.join(backbone.cache_dir(), "downloads"))
-  state_dict = torch_pth.load_state_dict(data)
-  with tempfile.TemporaryDirectory() as tmp:
-    unfolded_net = mobilenet_v2.InvertedResidualNet(mobilenet_v2.MOBILENET_V2_100_224, state_dict,
-                                                    fold_batch_norm=False)
-    mobilenet_v2.export_saved_model(unfolded_net, tmp)
-    unfolded = tf.saved_model.load(tmp)
-  folded = tf.saved_model.load(os.path.join(builtin, "feature_vector"))
+  unfolded_net = mobilenet_v2.InvertedResidualNet(
+      mobilenet_v2.MOBILENET_V2_100_224, torch_pth.load_state_dict(data), fold_batch_norm=False)
+  mobilenet_v2.export_saved_model(unfolded_net, export_dir)
+  return export_dir
+
+
+def speed_tables(tf, backbone, folded_dir, unfolded_dir):
+  peak_before = matmul_peak_gflops(tf)
+  unfolded = tf.saved_model.load(unfolded_dir)
+  folded = tf.saved_model.load(folded_dir)
   variants = {
       "unfolded fp32": tf.function(lambda x: unfolded(x)),
       "folded fp32": tf.function(lambda x: folded(x)),
@@ -137,41 +142,51 @@ def speed_tables(tf, backbone, mobilenet_v2, torch_pth, builtin):
                 f"{rates['tlframe loader', b] / rates['raw SavedModel', b]:.2f}"] for b in batches])
 
 
-def threads_child(tf, backbone, spec):
-  intra, inter = (int(x) for x in spec.split(","))
-  tf.config.threading.set_intra_op_parallelism_threads(intra)
-  tf.config.threading.set_inter_op_parallelism_threads(inter)
-  model = backbone.load_backbone(backbone.DEFAULT_HANDLE)
+def settings_child(tf, spec):
+  """Times one SavedModel (`module_dir,intra,inter`) at batch 32 and prints `RATE images/s`."""
+  module_dir, intra, inter = spec.rsplit(",", 2)
+  tf.config.threading.set_intra_op_parallelism_threads(int(intra))
+  tf.config.threading.set_inter_op_parallelism_threads(int(inter))
+  model = tf.saved_model.load(module_dir)
   fn = tf.function(lambda x: model(x))
   rates = best_rates({"m": fn}, image_batches(tf), lambda b: b, [32])
   print(f"RATE {rates['m', 32]:.2f}")
 
 
-def process_settings_table(rounds=2):
-  """oneDNN off/on and thread counts, each in its own process (TF fixes both when it starts).
+def process_settings_table(folded_dir, unfolded_dir, rounds=2):
+  """Export form, oneDNN off/on and thread counts, each in its own process.
 
-  Settings alternate, and each keeps the best of `rounds` processes.
+  TensorFlow fixes oneDNN and its thread pools when it starts, hence a process
+  per setting. Settings alternate, and each keeps the best of `rounds` processes.
   """
-  settings = (("0", "0,0"), ("1", "0,0"), ("1", "1,1"), ("1", "2,1"), ("1", "2,2"))
+  dirs = {"unfolded": unfolded_dir, "folded": folded_dir}
+  settings = (("unfolded", "0", "0,0"), ("folded", "0", "0,0"), ("unfolded", "1", "0,0"),
+              ("folded", "1", "0,0"), ("folded", "1", "1,1"), ("folded", "1", "2,1"),
+              ("folded", "1", "2,2"))
   best = dict.fromkeys(settings, 0.0)
   for _ in range(rounds):
-    for onednn, threads in settings:
+    for form, onednn, threads in settings:
       env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn)
-      result = subprocess.run([sys.executable, __file__, f"--threads_child={threads}",
+      result = subprocess.run([sys.executable, __file__,
+                               f"--settings_child={dirs[form]},{threads}",
                                f"--seconds={FLAGS.seconds}"],
                               capture_output=True, text=True, env=env)
       lines = [l for l in result.stdout.splitlines() if l.startswith("RATE ")]
       if not lines:
-        raise RuntimeError(f"child {onednn} {threads} failed: {result.stderr[-500:]}")
-      best[onednn, threads] = max(best[onednn, threads], float(lines[0].split()[1]))
+        raise RuntimeError(f"child {form} {onednn} {threads} failed: {result.stderr[-500:]}")
+      best[form, onednn, threads] = max(best[form, onednn, threads], float(lines[0].split()[1]))
+  straightforward = best["unfolded", "0", "0,0"]
   rows = []
-  for onednn, threads in settings:
+  for form, onednn, threads in settings:
     intra, inter = (x if x != "0" else "TF default" for x in threads.split(","))
-    rows.append([{"0": "off", "1": "on"}[onednn], intra, inter,
-                 f"{best[onednn, threads]:.1f}"])
-  print(f"oneDNN and threads (folded fp32, batch 32, images/s; {os.cpu_count()} CPUs; "
-        f"best of {rounds} processes)")
-  print_table(["oneDNN", "intra_op", "inter_op", "images/s"], rows)
+    rate = best[form, onednn, threads]
+    rows.append([form + " fp32", {"0": "off", "1": "on"}[onednn], intra, inter, f"{rate:.1f}",
+                 f"{rate / straightforward:.2f}x"])
+  print(f"Export form, oneDNN and threads (batch 32, images/s; {os.cpu_count()} CPUs; each "
+        f"setting in fresh processes, best of {rounds}; vs the straightforward export: "
+        "unfolded, TensorFlow's defaults)")
+  print_table(["variant", "oneDNN", "intra_op", "inter_op", "images/s", "vs straightforward"],
+              rows)
 
 
 def data_dir():
@@ -220,16 +235,19 @@ def main(argv):
   # tlframe first: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
   from tlframe import backbone, mobilenet_v2, torch_pth  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if FLAGS.threads_child:
-    threads_child(tf, backbone, FLAGS.threads_child)
+  if FLAGS.settings_child:
+    settings_child(tf, FLAGS.settings_child)
     return
   backbone.configure_threads()
   builtin = backbone.ensure_builtin(backbone.DEFAULT_HANDLE)
   print(f"TensorFlow {tf.__version__}; oneDNN: {backbone.onednn_enabled()}; CPU bf16 support: "
         f"{backbone.bfloat16_supported()}; cache {builtin}\n")
-  speed_tables(tf, backbone, mobilenet_v2, torch_pth, builtin)
-  if not FLAGS.skip_threads:
-    process_settings_table()
+  folded_dir = os.path.join(builtin, "feature_vector")
+  with tempfile.TemporaryDirectory() as tmp:
+    unfolded_dir = export_unfolded(backbone, mobilenet_v2, torch_pth, tmp)
+    speed_tables(tf, backbone, folded_dir, unfolded_dir)
+    if not FLAGS.skip_threads:
+      process_settings_table(folded_dir, unfolded_dir)
   if not FLAGS.skip_accuracy:
     accuracy_table(tf, backbone)
 

@@ -16,7 +16,6 @@ checkout) holding oxford_flowers12; generated photos when it is absent.
   .venv/bin/python bench/bench_pipeline.py
 """
 
-import io
 import os
 import pathlib
 import re
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe import pipeline  # pylint: disable=g-import-not-at-top
 from tlframe import records  # pylint: disable=g-import-not-at-top
+from tlframe import samples  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -58,20 +58,10 @@ def image_dir_for_bench(work_dir):
   flowers = pathlib.Path(FLAGS.data_dir) / "oxford_flowers12"
   if flowers.is_dir():
     return flowers, "oxford_flowers12 (real photos, 224x224 JPEG)"
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from skimage import data  # pylint: disable=g-import-not-at-top
   root = work_dir / "generated"
-  rng = np.random.default_rng(0)
-  photos = {name: getattr(data, name)() for name in ("chelsea", "coffee", "rocket", "astronaut")}
-  for i in range(600):
-    name = list(photos)[i % 4]
-    photo = photos[name]
-    top, left = rng.integers(0, 60, size=2)
-    (root / name).mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(photo[top:, left:])).save(buffer, "JPEG", quality=90)
-    (root / name / f"{i:04d}.jpg").write_bytes(buffer.getvalue())
-  return root, "generated crops of scikit-image photos (JPEG, ~300-500 px)"
+  photos = samples.load_sample_photos(("chelsea", "coffee", "rocket", "astronaut"))
+  samples.write_photo_crops(str(root), photos, per_class=150)
+  return root, "generated crops of scikit-image photos (JPEG, 150-576 px)"
 
 
 def large_photos(work_dir, count=64):
