@@ -68,6 +68,18 @@ def test_bfloat16_close_to_float32_same_predictions(builtin_backbone_dirs, photo
   assert list(logits16.argmax(1)) == list(logits32.argmax(1))
 
 
+@pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_one_image_alone_equals_it_in_a_batch(builtin_backbone_dirs, photos, precision,
+                                              tolerance):
+  """A batch of one takes the MatMul path for 1x1 convolutions; the features must not change."""
+  model = backbone.load_backbone(precision=precision)
+  batched = model(photos).numpy()
+  for i in range(len(photos)):
+    alone = model(photos[i:i + 1]).numpy()[0]
+    spread = batched.max() - batched.min()
+    assert np.abs(alone - batched[i]).max() <= tolerance * spread, (precision, i)
+
+
 def test_auto_falls_back_to_float32_without_bf16(builtin_backbone_dirs, monkeypatch):
   monkeypatch.setenv(backbone.DISABLE_BF16_ENV, "1")
   assert not backbone.bfloat16_supported()
