@@ -71,7 +71,7 @@ def test_bfloat16_close_to_float32_same_predictions(builtin_backbone_dirs, photo
 @pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4), ("bfloat16", 0.05)])
 def test_one_image_alone_equals_it_in_a_batch(builtin_backbone_dirs, photos, precision,
                                               tolerance):
-  """A batch of one takes the MatMul path for 1x1 convolutions; the features must not change."""
+  """1x1 convolutions run on half-images as batch items (for oneDNN); features must not change."""
   model = backbone.load_backbone(precision=precision)
   batched = model(photos).numpy()
   for i in range(len(photos)):
@@ -121,3 +121,16 @@ def test_importing_tlframe_first_turns_onednn_on(imports, env_value, expected_on
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split()[-1] == expected_on
   assert result.stderr.count("oneDNN is off") == (1 if expected_warning else 0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_layer_on_half_images_equals_a_plain_convolution(state_dict, batch):
+  """The half-image reshape of 1x1 convolutions computes exactly a 1x1 convolution."""
+  spec = mobilenet_v2.ConvSpec(state_dict, "features.2.conv.0.0", "features.2.conv.0.1", stride=1,
+                               depthwise=False, relu6=True, epsilon=1e-5, torch_padding=True)
+  layer = mobilenet_v2._ConvLayer(spec, fold_batch_norm=True)  # pylint: disable=protected-access
+  assert layer.pointwise
+  x = tf.random.stateless_uniform([batch, 112, 112, 16], seed=[3, batch])
+  kernel, bias = spec.folded()
+  expected = tf.nn.relu6(tf.nn.conv2d(x, kernel, 1, "VALID") + bias)
+  np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), atol=1e-5)

@@ -14,5 +14,9 @@ import os
 # when it loads: import tlframe before tensorflow. An explicit
 # TF_ENABLE_ONEDNN_OPTS=0 is respected. See docs/backbone.md.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# TensorFlow's C++ INFO lines at start-up (CUDA probing on CPU-only machines,
+# the oneDNN notice) bury tlframe's progress lines; its warnings and errors
+# still show. An explicit TF_CPP_MIN_LOG_LEVEL is respected.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Shared plumbing for the thin absl programs in bin/."""
 
+import logging
 import sys
 
 from absl import app
@@ -14,6 +15,9 @@ def run(main):
   """Runs `main` under absl; a UserError becomes one line on stderr and exit 2."""
 
   def guarded_main(argv):
+    # TensorFlow's own INFO lines (checkpoint sharding, dataset buffers) would
+    # bury tlframe's progress lines; its warnings and errors still show.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
       return main(argv)
     except UserError as e:
