@@ -49,7 +49,8 @@ def test_fold_is_exact_algebra_per_layer(state_dict):
   x = tf.random.stateless_uniform([1, 14, 14, layer.kernel.shape[2]], seed=[3, 4], maxval=2.0)
   unfolded = mobilenet_v2._ConvLayer(layer, fold_batch_norm=False)
   folded = mobilenet_v2._ConvLayer(layer, fold_batch_norm=True)
-  np.testing.assert_allclose(folded(x).numpy(), unfolded(x).numpy(), atol=1e-5)
+  np.testing.assert_allclose(folded(x, folded.read_weights(tf.float32)).numpy(),
+                             unfolded(x, unfolded.read_weights(tf.float32)).numpy(), atol=1e-5)
 
 
 def test_bfloat16_close_to_float32_same_predictions(builtin_backbone_dirs, photos):
@@ -71,7 +72,7 @@ def test_bfloat16_close_to_float32_same_predictions(builtin_backbone_dirs, photo
 @pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4), ("bfloat16", 0.05)])
 def test_one_image_alone_equals_it_in_a_batch(builtin_backbone_dirs, photos, precision,
                                               tolerance):
-  """1x1 convolutions run on half-images as batch items (for oneDNN); features must not change."""
+  """A batch of one takes the MatMul path for 1x1 convolutions; the features must not change."""
   model = backbone.load_backbone(precision=precision)
   batched = model(photos).numpy()
   for i in range(len(photos)):
@@ -123,14 +124,15 @@ def test_importing_tlframe_first_turns_onednn_on(imports, env_value, expected_on
   assert result.stderr.count("oneDNN is off") == (1 if expected_warning else 0)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_pointwise_layer_on_half_images_equals_a_plain_convolution(state_dict, batch):
-  """The half-image reshape of 1x1 convolutions computes exactly a 1x1 convolution."""
+@pytest.mark.parametrize("single_image", [True, False])
+def test_pointwise_layer_as_matmul_equals_a_plain_convolution(state_dict, single_image):
+  """The MatMul form of 1x1 convolutions (used for a batch of one) is the same convolution."""
   spec = mobilenet_v2.ConvSpec(state_dict, "features.2.conv.0.0", "features.2.conv.0.1", stride=1,
                                depthwise=False, relu6=True, epsilon=1e-5, torch_padding=True)
   layer = mobilenet_v2._ConvLayer(spec, fold_batch_norm=True)  # pylint: disable=protected-access
   assert layer.pointwise
-  x = tf.random.stateless_uniform([batch, 112, 112, 16], seed=[3, batch])
+  x = tf.random.stateless_uniform([1, 112, 112, 16], seed=[3, 4])
   kernel, bias = spec.folded()
   expected = tf.nn.relu6(tf.nn.conv2d(x, kernel, 1, "VALID") + bias)
-  np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), atol=1e-5)
+  actual = layer(x, layer.read_weights(tf.float32), single_image)
+  np.testing.assert_allclose(actual.numpy(), expected.numpy(), atol=1e-5)

@@ -39,7 +39,7 @@ FEATURES = ("feature_vector", "logits")
 FEATURE_VECTOR = "feature_vector"
 CLASSIFICATION = "classification"
 # Bump when the built-in export changes, so old cache entries are not reused.
-BUILTIN_FORMAT_VERSION = "v3"
+BUILTIN_FORMAT_VERSION = "v4"
 DISABLE_BF16_ENV = "TLFRAME_DISABLE_BF16"
 # Images per backbone call: on the 2-core reference CPU images/s is flat from
 # batch 8 to 64 (bench/bench_backbone.py); batch 32 adds ~0.5 GB of activations

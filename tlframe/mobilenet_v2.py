@@ -201,37 +201,43 @@ class _ConvLayer(tf.Module):
       self.trainable = [self.kernel, self.gamma, self.beta]
       self.frozen = [self.moving_mean, self.moving_variance]
 
-  def __call__(self, x):
-    if self.pointwise and x.shape[1] is not None and x.shape[1] % 2 == 0:
-      # oneDNN (TF 2.21, AVX2 CPUs) runs the 1x1 convolutions of a batch of one
-      # image with a slow gemm kernel, ~4x slower per image than a batch of two
-      # (which gets brgemm). A 1x1 convolution treats each pixel alone, so the
-      # top and bottom halves of every image go in as two batch items: the same
-      # sums; one image runs 2.1x faster and batches as fast as before
-      # (bench/bench_backbone.py). Bias and ReLU6 stay inside, so they still fuse.
-      shape = tf.shape(x)
-      halves = tf.reshape(x, [-1, x.shape[1] // 2, shape[2], x.shape[3]])
-      y = self._conv_bias_activation(halves)
-      return tf.reshape(y, tf.concat([shape[:3], tf.shape(y)[3:]], axis=0))
-    return self._conv_bias_activation(x)
+  def read_weights(self, dtype):
+    """This layer's variables as `dtype` tensors: (kernel, bias) folded, else (kernel, BN...)."""
+    names = (("kernel", "bias") if self.fold_batch_norm else
+             ("kernel", "moving_mean", "moving_variance", "beta", "gamma"))
+    # read_value(): tf.cast to the variable's own dtype would return the variable
+    # itself, and the read would happen later, inside the cond.
+    return tuple(tf.cast(getattr(self, name).read_value(), dtype) for name in names)
 
-  def _conv_bias_activation(self, x):
-    dtype = x.dtype
-    kernel = tf.cast(self.kernel, dtype)
+  def __call__(self, x, weights, single_image=False):
+    """x -> conv (+ bias or BatchNorm) (+ ReLU6) with `weights` from `read_weights`.
+
+    single_image: x holds one image; 1x1 convolutions then run as MatMuls (see
+    InvertedResidualNet.__call__).
+    """
+    kernel = weights[0]
     strides = [1, self.stride, self.stride, 1]
     if self.pre_pad:
       x = tf.pad(x, self.pre_pad)
     if self.depthwise:
       y = tf.nn.depthwise_conv2d(x, kernel, strides, self.padding)
+    elif single_image and self.pointwise:
+      y = _pointwise_as_matmul(x, kernel)
     else:
       y = tf.nn.conv2d(x, kernel, strides, self.padding)
     if self.fold_batch_norm:
-      y = tf.nn.bias_add(y, tf.cast(self.bias, dtype))
+      y = tf.nn.bias_add(y, weights[1])
     else:
-      y = tf.nn.batch_normalization(
-          y, tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype),
-          tf.cast(self.beta, dtype), tf.cast(self.gamma, dtype), self.epsilon)
+      mean, variance, beta, gamma = weights[1:]
+      y = tf.nn.batch_normalization(y, mean, variance, beta, gamma, self.epsilon)
     return tf.nn.relu6(y) if self.relu6 else y
+
+
+def _pointwise_as_matmul(x, kernel):
+  """A 1x1, stride-1 convolution as one [pixels, in] x [in, out] MatMul: the same sums."""
+  shape = tf.shape(x)
+  y = tf.matmul(tf.reshape(x, [-1, kernel.shape[2]]), kernel[0, 0])
+  return tf.reshape(y, tf.concat([shape[:3], [kernel.shape[3]]], axis=0))
 
 
 class InvertedResidualNet(tf.Module):
@@ -277,17 +283,30 @@ class InvertedResidualNet(tf.Module):
   @tf.function
   def __call__(self, images):
     dtype = images.dtype
+    # Read once, outside the cond below: variable reads inside its branches make
+    # grappler's loop optimizer warn at every trace.
+    weights = [[layer.read_weights(dtype) for layer in layers] for layers in self.blocks]
     x = (images - tf.cast(self._mean, dtype)) * tf.cast(self._inverse_std, dtype)
-    for layers, residual in zip(self.blocks, self.residual):
-      y = x
-      for layer in layers:
-        y = layer(y)
-      x = x + y if residual else y
+    # oneDNN (TF 2.21, AVX2 CPUs) runs the 1x1 convolutions of a batch of one
+    # with a slow gemm kernel (~4x slower per image than a batch of two) and
+    # batches with brgemm. As MatMuls, one image runs ~2x faster; batches of 8+
+    # are faster as convolutions. Hence two paths (bench/bench_backbone.py).
+    x = tf.cond(tf.shape(images)[0] == 1,
+                lambda: self._blocks(x, weights, single_image=True),
+                lambda: self._blocks(x, weights, single_image=False))
     # Pooling and the classifier in float32: cheap, and keeps bfloat16's rounding out of the sums.
     features = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2])
     if self.kind == FEATURE_VECTOR:
       return features
     return tf.matmul(features, self.classifier_kernel) + self.classifier_bias
+
+  def _blocks(self, x, weights, single_image):
+    for layers, block_weights, residual in zip(self.blocks, weights, self.residual):
+      y = x
+      for layer, layer_weights in zip(layers, block_weights):
+        y = layer(y, layer_weights, single_image)
+      x = x + y if residual else y
+    return x
 
 
 def export_saved_model(model, export_dir):
