@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe import mobilenet_v2
+from tlframe import pipeline
 from tlframe import torch_pth
 from tlframe.errors import UserError
 
@@ -217,18 +218,15 @@ def onednn_enabled():
     return None
 
 
-_warned_onednn_off = []  # one warning per process
-
-
 def _warn_if_onednn_off():
   """tlframe turns oneDNN on when imported before TensorFlow (see tlframe/__init__.py)."""
   if (platform.machine().lower() in ("x86_64", "amd64") and onednn_enabled() is False
-      and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0" and not _warned_onednn_off
+      and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
       and not tf.config.list_physical_devices("GPU")):
-    _warned_onednn_off.append(True)
-    logging.warning("oneDNN is off because TensorFlow was imported before tlframe: on this CPU "
-                    "the backbone may run up to ~2.4x slower. Import tlframe first, or set "
-                    "TF_ENABLE_ONEDNN_OPTS=1 before starting Python")
+    logging.log_first_n(
+        logging.WARNING, "oneDNN is off because TensorFlow was imported before tlframe: on this "
+        "CPU the backbone may run up to ~2.4x slower. Import tlframe first, or set "
+        "TF_ENABLE_ONEDNN_OPTS=1 before starting Python", 1)
 
 
 def default_thread_counts():
@@ -412,7 +410,7 @@ def read_image(path):
   except tf.errors.OpError as e:
     raise UserError(f"--image {path}: cannot read it ({e.message})") from None
   try:
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
+    return pipeline.decode_image(data)
   except tf.errors.InvalidArgumentError:
     raise UserError(f"--image {path}: not a JPEG, PNG, GIF or BMP image") from None
 

@@ -101,6 +101,11 @@ def read_labels(records_dir):
   return read_label_lines(path)
 
 
+def write_labels(directory, labels):
+  """`directory`/labels.txt: the class names in label-index order, one per line (atomic)."""
+  fileio.atomic_write_text(_join(directory, LABELS_FILENAME), "".join(f"{l}\n" for l in labels))
+
+
 def read_manifest(records_dir):
   """The manifest make_tfrecords wrote into `records_dir`, as a dict."""
   path = _join(records_dir, MANIFEST_FILENAME)
@@ -676,7 +681,7 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
     sidecars[shard.name] = _write_shard(output_dir, shard, results, label_index, progress)
 
   manifest = _manifest(options, labels, shards, sidecars, skipped, ignored)
-  fileio.atomic_write_text(_join(output_dir, LABELS_FILENAME), "".join(f"{l}\n" for l in labels))
+  write_labels(output_dir, labels)
   manifest_path = _join(output_dir, MANIFEST_FILENAME)
   fileio.atomic_write_json(manifest_path, manifest)
   if not manifest["num_examples"]:

@@ -44,7 +44,6 @@ OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 CLASS_WEIGHTS = ("none", "balanced")
 METRICS_FILENAME = "metrics.json"
-LABELS_FILENAME = "labels.txt"
 CHECKPOINT_DIRNAME = "checkpoints"
 RUN_OPTIONS_FILENAME = "run_options.json"
 # Defaults chosen with bench/bench_train.py on oxford_flowers12 (docs/training.md).
@@ -110,12 +109,9 @@ def check_options(options):
     bad(f"--records_dir={options.records_dir} does not exist: run bin/make_tfrecords first")
   if not options.model_dir:
     bad("--model_dir is required: where checkpoints, logs and metrics go")
-  if options.loss not in head_lib.LOSSES:
-    bad(f"--loss={options.loss} is unknown: use one of {', '.join(head_lib.LOSSES)}")
-  if options.feature_normalization not in head_lib.FEATURE_NORMALIZATIONS:
-    bad(f"--feature_normalization={options.feature_normalization} is unknown: use one of "
-        f"{', '.join(head_lib.FEATURE_NORMALIZATIONS)}")
-  for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
+  for name, allowed in (("loss", head_lib.LOSSES),
+                        ("feature_normalization", head_lib.FEATURE_NORMALIZATIONS),
+                        ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
                         ("class_weight", CLASS_WEIGHTS), ("strategy", STRATEGIES),
                         ("features", backbone_lib.FEATURES),
                         ("precision", backbone_lib.PRECISIONS),
@@ -743,7 +739,7 @@ def _write_model(out_dir, trained_head, options, backbone, label_names):
                          (final_head.feature_scale, trained_head.feature_scale)):
     target.assign(source.numpy())
   head_lib.save_head(final_head, out_dir)
-  fileio.atomic_write_text(os.path.join(out_dir, LABELS_FILENAME), "\n".join(label_names) + "\n")
+  records.write_labels(out_dir, label_names)
 
 
 # Flags that change how a run is carried out, not its result: a rerun with other
