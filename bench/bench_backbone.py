@@ -44,7 +44,6 @@ flags.DEFINE_string("settings_child", None,
                     "these threads in this process and print the rate.")
 
 GFLOP_PER_IMAGE = 0.60  # MobileNetV2 1.0 at 224: ~300M multiply-adds
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def best_rates(variants, make_inputs, items_of, keys):
@@ -190,8 +189,8 @@ def process_settings_table(folded_dir, unfolded_dir, rounds=2):
 
 
 def data_dir():
-  path = FLAGS.data_dir or os.environ.get("TLFRAME_DATA_DIR") or str(REPO.parent / "shared" / "data")
-  return pathlib.Path(path)
+  from tlframe import samples  # pylint: disable=g-import-not-at-top
+  return pathlib.Path(FLAGS.data_dir or samples.benchmark_data_dir())
 
 
 def accuracy_table(tf, backbone):

@@ -41,8 +41,7 @@ from tlframe import samples  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", os.environ.get("TLFRAME_DATA_DIR",
-                                               str(REPO_ROOT.parent / "shared" / "data")),
+flags.DEFINE_string("data_dir", samples.benchmark_data_dir(),
                     "Folder holding oxford_flowers12/; generated photos are used when absent.")
 flags.DEFINE_float("seconds", 5.0, "How long each throughput measurement runs.")
 flags.DEFINE_integer("batch_size", 64, "Batch size for the pipeline and the backbone.")

@@ -39,6 +39,7 @@ from tlframe import backbone as backbone_lib  # pylint: disable=wrong-import-pos
 from tlframe import features as features_lib  # pylint: disable=wrong-import-position
 from tlframe import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
+from tlframe import samples  # pylint: disable=wrong-import-position
 from tlframe import train  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -48,15 +49,9 @@ LOSSES = ("hinge", "squared_hinge", "softmax")
 TIMED_EPOCHS = 100
 
 
-def shared_data_dir():
-  """`$TLFRAME_DATA_DIR`, else `../shared/data` beside the checkout (as tests/conftest.py)."""
-  return pathlib.Path(os.environ.get("TLFRAME_DATA_DIR", REPO.parent / "shared" / "data"))
-
-
 def build_records(flowers_dir, records_dir):
   if not (records_dir / records.MANIFEST_FILENAME).exists():
-    records.convert(str(records_dir), image_dir=str(flowers_dir),
-                    validation_filelist=str(flowers_dir / "TEST_SPLIT.txt"), test_percentage=0)
+    samples.make_flowers12_records(flowers_dir, records_dir)
   return str(records_dir)
 
 
@@ -140,7 +135,7 @@ def k_shot_rows(train_x, train_y, k, seed=0):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=str(shared_data_dir()),
+  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
                       help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
                            "../shared/data).")
   parser.add_argument("--work_dir", default=None,

@@ -7,20 +7,12 @@ import pytest
 
 from tlframe import samples
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def shared_data_dir():
-  """`$TLFRAME_DATA_DIR`, else `../shared/data` beside the checkout; None if absent."""
-  path = pathlib.Path(os.environ.get("TLFRAME_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-  return path if path.is_dir() else None
-
 
 @pytest.fixture(scope="session")
 def flowers12_dir():
   """The oxford_flowers12 benchmark data; skips the test where it is absent (a user's clone)."""
-  base = shared_data_dir()
-  if base is None or not (base / "oxford_flowers12").is_dir():
+  base = pathlib.Path(samples.benchmark_data_dir())
+  if not (base / "oxford_flowers12").is_dir():
     pytest.skip("oxford_flowers12 not found: set TLFRAME_DATA_DIR to the folder holding it")
   return base / "oxford_flowers12"
 

@@ -7,7 +7,7 @@ $TLFRAME_DATA_DIR) does not hold the data set, as in a user's clone.
 
 import pytest
 
-from tlframe import records
+from tlframe import samples
 from tlframe import train
 
 LINEAR_SVC_ACCURACY = 0.958
@@ -16,8 +16,7 @@ LINEAR_SVC_ACCURACY = 0.958
 @pytest.fixture(scope="module")
 def flowers12_records(flowers12_dir, tmp_path_factory):
   records_dir = str(tmp_path_factory.mktemp("flowers12") / "records")
-  records.convert(records_dir, image_dir=str(flowers12_dir),
-                  validation_filelist=str(flowers12_dir / "TEST_SPLIT.txt"), test_percentage=0)
+  samples.make_flowers12_records(flowers12_dir, records_dir)
   return records_dir
 
 

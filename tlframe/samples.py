@@ -1,9 +1,12 @@
-"""Sample images for the offline demo and the tests: crops of scikit-image's real photos.
+"""Sample data for the demo, the tests and the benchmarks.
 
 scikit-image ships a few real photographs (a cat, a coffee cup, a rocket, an
 astronaut, and brick, grass and gravel textures). Random crops of each, half of
 them mirrored, make a small class-per-folder image set that needs no network:
 `bin/make_sample_images` writes it for the README's demo.
+
+Larger real data sets for benchmarks (oxford_flowers12) live in
+`benchmark_data_dir()`; tests that need them skip where it is missing.
 """
 
 import os
@@ -12,10 +15,28 @@ import numpy as np
 import tensorflow as tf
 
 from tlframe import fileio
+from tlframe import records
 from tlframe.errors import UserError
 
 SAMPLE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "brick", "grass", "gravel")
+DATA_DIR_ENV = "TLFRAME_DATA_DIR"
 _JPEG_QUALITY = 90
+
+
+def benchmark_data_dir():
+  """`$TLFRAME_DATA_DIR`, else `../shared/data` beside this checkout; it may not exist."""
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.dirname(checkout), "shared", "data")
+
+
+def make_flowers12_records(flowers_dir, records_dir):
+  """oxford_flowers12 as records: its TEST_SPLIT.txt (240) is the validation split, the rest train.
+
+  So bin/train's validation accuracy on these records is the data set's test accuracy.
+  """
+  return records.convert(str(records_dir), image_dir=str(flowers_dir),
+                         validation_filelist=os.path.join(flowers_dir, "TEST_SPLIT.txt"),
+                         test_percentage=0)
 
 
 def load_sample_photos(names=SAMPLE_PHOTOS):
