@@ -195,7 +195,7 @@ def data_dir():
 
 def accuracy_table(tf, backbone):
   from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top
-  from tlframe import pipeline  # pylint: disable=g-import-not-at-top
+  from tlframe import imageformat  # pylint: disable=g-import-not-at-top
   root = data_dir() / "oxford_flowers12"
   if not root.is_dir():
     print(f"oxford_flowers12 not found under {root.parent}: set --data_dir; accuracy skipped\n")
@@ -207,7 +207,7 @@ def accuracy_table(tf, backbone):
   is_test = np.array([f"{c}/{f}" in test_split for c, f in files])
 
   def load(path):
-    image = pipeline.decode_image(tf.io.read_file(path))
+    image = imageformat.decode_image(tf.io.read_file(path))
     return tf.image.resize(tf.cast(image, tf.float32) / 255.0, [224, 224])
 
   dataset = tf.data.Dataset.from_tensor_slices([str(root / c / f) for c, f in files])

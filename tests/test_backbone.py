@@ -10,6 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tlframe import backbone
+from tlframe import imagenet
 from tlframe.errors import UserError
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -163,16 +164,16 @@ def test_hub_cache_entries(tmp_path, monkeypatch, builtin_backbone_dirs):
 def test_classify_helpers(classifier, skimage_photos, tmp_path):
   path = tmp_path / "chelsea.png"
   Image.fromarray(skimage_photos["chelsea"]).save(path)
-  image = backbone.read_image(str(path))
-  best = backbone.top_k(classifier, image, k=5)
+  image = imagenet.read_image(str(path))
+  best = imagenet.top_k(classifier, image, k=5)
   assert best[0][0] in CATS and 0.3 < best[0][1] <= 1.0
   assert [p for _, p in best] == sorted((p for _, p in best), reverse=True)
-  names = backbone.class_names_for(classifier)
+  names = imagenet.class_names_for(classifier)
   assert names[best[0][0]] in ("tabby, tabby cat", "tiger cat", "Egyptian cat")
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"\xff\xd8 not really a jpeg")
   with pytest.raises(UserError, match="bad.jpg"):
-    backbone.read_image(str(bad))
+    imagenet.read_image(str(bad))
 
 
 def test_loads_inside_distribution_strategy_scope(builtin_backbone_dirs, photo_batch):

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tlframe import backbone
+from tlframe import imagenet
 from tlframe import mobilenet_v2
 from tlframe import torch_pth
 
@@ -22,7 +23,7 @@ BF16_MIN_COSINE = 0.99
 @pytest.fixture(scope="module")
 def photos(skimage_photos):
   names = ("chelsea", "coffee", "rocket", "astronaut")
-  return tf.stack([backbone.center_crop(skimage_photos[n], 224) for n in names])
+  return tf.stack([imagenet.imagenet_eval_crop(skimage_photos[n], 224) for n in names])
 
 
 @pytest.fixture(scope="module")

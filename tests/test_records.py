@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from tlframe import imageformat
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError
@@ -124,7 +125,7 @@ def test_shards_are_named_and_sized(converted):
 def test_every_record_decodes_with_the_pipeline_decoder(converted):
   output_dir, _ = converted
   for example in read_examples(records.split_file_pattern(str(output_dir), "train")):
-    image = pipeline.decode_image(example["image/encoded"])
+    image = imageformat.decode_image(example["image/encoded"])
     assert image.shape == (example["image/height"], example["image/width"], 3)
 
 
@@ -224,7 +225,7 @@ def test_max_side_downscales_and_reencodes(photo_tree, tmp_path):
     height, width = example["image/height"], example["image/width"]
     assert max(height, width) == min(50, max(source.shape[:2]))
     assert abs(height / width - source.shape[0] / source.shape[1]) < 0.05
-    assert pipeline.decode_image(example["image/encoded"]).shape == (height, width, 3)
+    assert imageformat.decode_image(example["image/encoded"]).shape == (height, width, 3)
 
 
 def png_bomb(width, height):
@@ -315,7 +316,7 @@ def test_bad_file_zoo_converts_the_good_and_reports_each_bad(zoo, tmp_path):
     assert example["image/format"].decode() == stored_format, name
     if name.endswith((".jpg", ".png")) and "cmyk" not in name and "sixteen" not in name:
       assert example["image/encoded"] == (root / name).read_bytes(), name
-    image = pipeline.decode_image(example["image/encoded"]).numpy()
+    image = imageformat.decode_image(example["image/encoded"]).numpy()
     assert image.shape == expected_pixels.shape, name
     error = np.abs(image.astype(int) - expected_pixels.astype(int)).mean()
     assert error <= tolerance, (name, error)

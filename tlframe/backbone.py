@@ -10,8 +10,10 @@ A handle is one of
 
 Modules are loaded with `tf.saved_model.load`, not `hub.KerasLayer` (a tf-keras
 layer that cannot go into a Keras 3 model); `Backbone.__call__` is callable
-inside `tf.function`. Under tf.distribute, call `load_backbone` inside
-`strategy.scope()`.
+inside `tf.function`. Under tf.distribute, load it outside `strategy.scope()`:
+the frozen module has no state to mirror, and one restored inside a
+MirroredStrategy scope cannot run in the cross-replica context of the feature
+pass.
 """
 
 import hashlib
@@ -24,7 +26,6 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe import mobilenet_v2
-from tlframe import pipeline
 from tlframe import torch_pth
 from tlframe.errors import UserError
 
@@ -42,10 +43,6 @@ CLASSIFICATION = "classification"
 # Bump when the built-in export changes, so old cache entries are not reused.
 BUILTIN_FORMAT_VERSION = "v4"
 DISABLE_BF16_ENV = "TLFRAME_DISABLE_BF16"
-# Images per backbone call: on the 2-core reference CPU images/s is flat from
-# batch 8 to 64 (bench/bench_backbone.py); batch 32 adds ~0.5 GB of activations
-# to the process, 64 adds ~1 GB.
-DEFAULT_BATCH_SIZE = 32
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
 # Google's classification modules have 1001 outputs, class 0 being "background".
 _CLASSIFIER_DIMS = (1000, 1001)
@@ -331,7 +328,7 @@ class Backbone:
 
 def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=None,
                   precision="float32"):
-  """Resolves and loads `handle` frozen; under tf.distribute call it inside strategy.scope().
+  """Resolves and loads `handle` frozen (outside any strategy.scope(); see the module doc).
 
   input_size: required for modules that accept any image size (e.g. 299 for
   Inception v3); must match a module's fixed size. precision: "float32",
@@ -377,81 +374,3 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
     raise UserError(f"{handle} is a feature-vector module ({output_dim} outputs); logits need a "
                     "classification module")
   return Backbone(handle, path, module, size, output_dim, kind, precision_used)
-
-
-# ---------------------------------------------------------------------------
-# Classification.
-
-
-def center_crop(image, input_size):
-  """torchvision's ImageNet eval preprocessing, scaled to `input_size`.
-
-  uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 1]: the shorter side resized
-  (bilinear, antialiased) to S * 256/224, then the central S x S crop.
-  """
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  short = round(input_size * 256 / 224)
-  # torchvision truncates the longer side and rounds the crop offsets; so do we.
-  scale = short / tf.cast(tf.minimum(height, width), tf.float64)
-  new_height = tf.cast(tf.cast(height, tf.float64) * scale, tf.int32)
-  new_width = tf.cast(tf.cast(width, tf.float64) * scale, tf.int32)
-  resized = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [new_height, new_width],
-                            method="bilinear", antialias=True)
-  top = tf.cast(tf.round((new_height - input_size) / 2), tf.int32)
-  left = tf.cast(tf.round((new_width - input_size) / 2), tf.int32)
-  return tf.clip_by_value(resized[top:top + input_size, left:left + input_size], 0.0, 1.0)
-
-
-def read_image(path):
-  """uint8 [H, W, 3] from a JPEG/PNG/GIF/BMP file on any TF filesystem."""
-  try:
-    data = tf.io.gfile.GFile(path, "rb").read()
-  except tf.errors.OpError as e:
-    raise UserError(f"--image {path}: cannot read it ({e.message})") from None
-  try:
-    return pipeline.decode_image(data)
-  except tf.errors.InvalidArgumentError:
-    raise UserError(f"--image {path}: not a JPEG, PNG, GIF or BMP image") from None
-
-
-def class_names_for(backbone, labels_file=None):
-  """Names for a classification module's outputs.
-
-  `labels_file` (one name per line) if given; else the module's own
-  `assets/*.txt` with one line per output; else the 1000 ImageNet names,
-  preceded by "background" for 1001-output modules.
-  """
-  if labels_file:
-    if not tf.io.gfile.exists(labels_file):
-      raise UserError(f"--labels {labels_file}: no such file")
-    with tf.io.gfile.GFile(labels_file) as f:
-      names = f.read().splitlines()
-    if len(names) != backbone.output_dim:
-      raise UserError(f"--labels {labels_file} has {len(names)} lines but {backbone.handle} has "
-                      f"{backbone.output_dim} outputs: give one name per output")
-    return names
-  assets = os.path.join(backbone.path, "assets")
-  if tf.io.gfile.isdir(assets):
-    for name in sorted(tf.io.gfile.listdir(assets)):
-      if name.endswith(".txt"):
-        with tf.io.gfile.GFile(os.path.join(assets, name)) as f:
-          names = f.read().splitlines()
-        if len(names) == backbone.output_dim:
-          return names
-  with open(CLASS_NAMES_FILE) as f:
-    names = f.read().splitlines()
-  if backbone.output_dim == len(names) + 1:
-    names = ["background"] + names
-  if len(names) != backbone.output_dim:
-    raise UserError(f"{backbone.handle} has {backbone.output_dim} outputs and no class names file: "
-                    "pass --labels with one name per line")
-  return names
-
-
-def top_k(backbone, image, k=5):
-  """[(class index, probability)] for the top `k` classes of one uint8 image."""
-  logits = backbone(center_crop(image, backbone.input_size)[tf.newaxis])[0]
-  probabilities = tf.nn.softmax(logits)
-  values, indices = tf.math.top_k(probabilities, k=min(k, backbone.output_dim))
-  return [(int(i), float(p)) for i, p in zip(indices.numpy(), values.numpy())]

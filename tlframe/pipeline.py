@@ -1,8 +1,8 @@
 """Sharded TFRecords -> fixed-size float32 image batches, as a tf.data.Dataset.
 
-Reads the records `tlframe.records` writes (TF-Slim feature keys), decodes
-each image with `decode_image` (the one decoder the converter and the export
-use too), and brings it to `image_size` x `image_size` float32 in [0, 1] (the
+Reads the records `tlframe.records` writes (`imageformat`'s TF-Slim keys),
+decodes each image with `imageformat.decode_image` (the one decoder the
+converter and the export use too), and brings it to `image_size` x `image_size` float32 in [0, 1] (the
 TF-Hub image convention) by one of three resize modes:
 
 - "center_crop": resize the shorter side to `image_size` keeping the aspect
@@ -22,6 +22,7 @@ import threading
 from absl import logging
 import tensorflow as tf
 
+from tlframe import imageformat
 from tlframe.errors import UserError
 
 RESIZE_MODES = ("center_crop", "letterbox", "crop_or_pad")
@@ -31,11 +32,6 @@ DEFAULT_SHUFFLE_BUFFER = 1024
 # Files read at once; more only helps when reads have latency (gs://).
 _INTERLEAVE_CYCLE = 8
 
-_FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
-    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
-}
 
 # Training augmentation: a random crop keeping at least half the area, a
 # horizontal flip, and mild photometric jitter. Kept mild on purpose: the
@@ -44,18 +40,6 @@ _CROP_AREA_RANGE = (0.5, 1.0)
 _CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 _BRIGHTNESS_DELTA = 0.1
 _CONTRAST_RANGE = (0.8, 1.2)
-
-
-def decode_image(image_bytes):
-  """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 [H, W, 3] (GIF: first frame).
-
-  Grayscale and RGBA become RGB, CMYK JPEGs are converted by libjpeg, and
-  16-bit PNGs are scaled to 8 bits. Raises InvalidArgumentError for bytes that
-  are not a decodable image.
-  """
-  image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
 
 
 def check_resize_mode(resize_mode):
@@ -130,12 +114,6 @@ class SkipCounter:
     logging.warning("Skipping a record whose image does not decode: %r", filename)
 
 
-def _parse(serialized):
-  features = tf.io.parse_single_example(serialized, _FEATURES)
-  return (features["image/encoded"], tf.cast(features["image/class/label"], tf.int32),
-          features["image/filename"])
-
-
 def _decode_or_flag(encoded):
   """(image, ok): a decode error becomes ok=False with a dummy image, not an exception.
 
@@ -144,7 +122,7 @@ def _decode_or_flag(encoded):
   dummy then yields the image when it decoded and the dummy when it did not.
   """
   decoded = (tf.data.Dataset.from_tensors(encoded)
-             .map(lambda data: (decode_image(data), True))
+             .map(lambda data: (imageformat.decode_image(data), True))
              .ignore_errors())
   failed = tf.data.Dataset.from_tensors((tf.zeros([1, 1, 3], tf.uint8), False))
   return decoded.concatenate(failed).take(1)
@@ -203,7 +181,7 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
 
   def parse_and_decode(serialized, element_seed):
-    encoded, label, filename = _parse(serialized)
+    encoded, label, filename = imageformat.parse_example(serialized)
     return _decode_or_flag(encoded).map(
         lambda image, ok: (image, label, filename, element_seed, ok))
 

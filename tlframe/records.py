@@ -3,7 +3,7 @@
 Input is a folder with one sub-folder per class, or a CSV/TSV list of
 `path,label`. Every file goes to the train, validation or test split by a
 stable hash of its relative path (or by explicit lists), is decoded once with
-`pipeline.decode_image` (so whatever lands in a record, the pipeline can read),
+`imageformat.decode_image` (so whatever lands in a record, the pipeline can read),
 and is written as a TF-Slim style tf.train.Example into
 `<split>-00000-of-0000N.tfrecord` shards, with `labels.txt` and `manifest.json`
 beside them.
@@ -36,7 +36,7 @@ from absl import logging
 import tensorflow as tf
 
 from tlframe import fileio
-from tlframe import pipeline
+from tlframe import imageformat
 from tlframe.errors import UserError
 from tlframe.progress import Progress
 
@@ -387,7 +387,7 @@ def convert_image(path, max_pixels, max_side):
     if width == 0 or height == 0:
       raise BadImage(f"{width}x{height}: empty image")
     try:
-      image = pipeline.decode_image(data)
+      image = imageformat.decode_image(data)
     except tf.errors.OpError as e:
       raise BadImage(f"does not decode: {_error_text(e)}") from None
   except BadImage as e:
@@ -409,26 +409,6 @@ def convert_image(path, max_pixels, max_side):
     result.update(encoded=tf.io.encode_png(image).numpy(), format="png")
   result.update(height=int(height), width=int(width), reencoded=reencode)
   return result
-
-
-def make_example(encoded, image_format, label_index, label, filename, height, width):
-  """A TF-Slim style tf.train.Example; serialize it with deterministic=True (sorted map keys)."""
-
-  def bytes_feature(value):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-  def int_feature(value):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-
-  return tf.train.Example(features=tf.train.Features(feature={
-      "image/encoded": bytes_feature(encoded),
-      "image/format": bytes_feature(image_format.encode("utf-8")),
-      "image/class/label": int_feature(label_index),
-      "image/class/text": bytes_feature(label.encode("utf-8")),
-      "image/filename": bytes_feature(filename.encode("utf-8")),
-      "image/height": int_feature(height),
-      "image/width": int_feature(width),
-  }))
 
 
 # ---------------------------------------------------------------------------
@@ -540,9 +520,10 @@ def _write_shard(output_dir, shard, results, label_index, progress):
         logging.warning("Skipping %s: %s", source.path, result["reason"])
         skipped.append({"path": source.key, "reason": result["reason"], "sha256": result["sha256"]})
         continue
-      writer.write(make_example(result["encoded"], result["format"], label_index[source.label],
-                                source.label, source.key, result["height"],
-                                result["width"]).SerializeToString(deterministic=True))
+      example = imageformat.make_example(result["encoded"], result["format"],
+                                         label_index[source.label], source.label, source.key,
+                                         result["height"], result["width"])
+      writer.write(example.SerializeToString(deterministic=True))
       files.append({"path": source.key, "label": source.label, "sha256": result["sha256"],
                     "reencoded": result["reencoded"]})
   sidecar = {"fingerprint": shard.fingerprint, "split": shard.split, "records": len(files),
