@@ -150,6 +150,23 @@ class ClassifierModule(tf.Module):
             PREDICT_IMAGES: self.predict_images.get_concrete_function()}
 
 
+def resolve_export_dir(path):
+  """The export for a path a user gives: an export dir, a versions dir, or a model dir.
+
+  `path` itself when it holds saved_model.pb; else the highest numbered
+  `path/<N>/` (TF Serving's model base path) or `path/export/<N>/` (a model dir).
+  """
+  if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+    return path
+  for base in (path, os.path.join(path, EXPORT_DIRNAME)):
+    latest = latest_version(base)
+    if latest:
+      return latest
+  raise UserError(f"{path}: no saved_model.pb there nor in {path}/<N>/ or {path}/export/<N>/; "
+                  "give an export dir, or export the model dir first "
+                  f"(bin/export --model_dir={path})")
+
+
 def latest_version(export_base):
   """The highest numbered version dir under `export_base`, or None."""
   versions = _versions(export_base)
