@@ -40,7 +40,10 @@ from tlframe import features as features_lib  # pylint: disable=wrong-import-pos
 from tlframe import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
 from tlframe import samples  # pylint: disable=wrong-import-position
-from tlframe import train  # pylint: disable=wrong-import-position
+from tlframe import model_dir as model_dir_lib  # pylint: disable=wrong-import-position
+from tlframe import options as options_lib  # pylint: disable=wrong-import-position
+from tlframe import trainer as trainer_lib  # pylint: disable=wrong-import-position
+from tlframe import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -55,16 +58,25 @@ def build_records(flowers_dir, records_dir):
   return str(records_dir)
 
 
+def fresh_feature_cache(work_dir):
+  """A new $TLFRAME_CACHE_DIR that shares the built backbones but holds no features,
+  so the timed bin/train run does its backbone pass; this process uses it too."""
+  cache = work_dir / f"cache-{time.time_ns()}"
+  cache.mkdir()
+  (cache / "backbones").symlink_to(pathlib.Path(backbone_lib.cache_dir()) / "backbones")
+  os.environ["TLFRAME_CACHE_DIR"] = str(cache)
+
+
 def run_bin_train(records_dir, model_dir, backbone):
   start = time.monotonic()
   result = subprocess.run(
       [sys.executable, str(REPO / "bin" / "train"), f"--records_dir={records_dir}",
-       f"--model_dir={model_dir}", f"--backbone={backbone}"],
+       f"--model_dir={model_dir}", f"--backbone={backbone}", "--noexport"],
       capture_output=True, text=True)
   wall = time.monotonic() - start
   if result.returncode:
     sys.exit(f"bin/train failed:\n{result.stderr[-3000:]}")
-  with open(os.path.join(model_dir, train.METRICS_FILENAME)) as f:
+  with open(os.path.join(model_dir, model_dir_lib.METRICS_FILENAME)) as f:
     return wall, json.load(f)
 
 
@@ -75,15 +87,15 @@ def fit_head(x, y, test_x, test_y, options, *, timed=False, l2_values=None):
   accuracy is a list.
   """
   strategy = tf.distribute.get_strategy()
-  batch = train.effective_batch_size(options, len(y), 1)
+  batch = trainer_lib.effective_batch_size(options, len(y), 1)
   if timed:  # one extra epoch traces the loop before the timed epochs
     options = dataclasses.replace(options, epochs=TIMED_EPOCHS + 1)
-  trainer = train.HeadTrainer(
+  trainer = trainer_lib.HeadTrainer(
       strategy, options, num_features=x.shape[1], num_classes=int(test_y.max()) + 1,
       steps_per_epoch=len(y) // batch, global_batch_size=batch, l2_values=l2_values,
       normalization=head_lib.normalization_constants(x, options.feature_normalization))
   weights = np.ones([trainer.num_models, len(y)], np.float32)
-  iterator = iter(train.feature_batches(strategy, trainer.normalize(x), y, weights, batch,
+  iterator = iter(trainer_lib.feature_batches(strategy, trainer.normalize(x), y, weights, batch,
                                         options.seed, 0, options.epochs))
   seconds = None
   if timed:
@@ -107,7 +119,7 @@ def sweep(x, y, test_x, test_y, defaults):
         f"{defaults.epochs} epochs, Adam, cosine\n")
   print("| normalization | batch | lr | " + " | ".join(LOSSES) + " |")
   print("| --- | --- | --- | " + " | ".join("---" for _ in LOSSES) + " |")
-  for normalization in head_lib.FEATURE_NORMALIZATIONS:
+  for normalization in options_lib.FEATURE_NORMALIZATIONS:
     for batch in (64, 256, 1024):
       for learning_rate in (0.003, 0.01, 0.03):
         cells = []
@@ -157,6 +169,7 @@ def main():
 def run(flowers_dir, work_dir, backbone_handle, with_sweep):
   records_dir = build_records(flowers_dir, work_dir / "records")
   backbone_lib.ensure_builtin(backbone_lib.DEFAULT_HANDLE)  # build outside the timed run
+  fresh_feature_cache(work_dir)
   model_dir = work_dir / f"model-{time.time_ns()}"
   wall, metrics = run_bin_train(records_dir, str(model_dir), backbone_handle)
   timings = metrics["timings"]
@@ -165,8 +178,7 @@ def run(flowers_dir, work_dir, backbone_handle, with_sweep):
 
   backbone = backbone_lib.load_backbone(backbone_handle)
   labels = records.read_labels(records_dir)
-  extract = dict(backbone=backbone, records_dir=records_dir,
-                 cache_dir=str(model_dir / features_lib.CACHE_DIRNAME), batch_size=32,
+  extract = dict(backbone=backbone, records_dir=records_dir, batch_size=32,
                  image_size=backbone.input_size, resize_mode="center_crop",
                  num_classes=len(labels), num_thumbnails_per_class=16)
   train_set = features_lib.cached_features(split="train", **extract)
@@ -174,7 +186,7 @@ def run(flowers_dir, work_dir, backbone_handle, with_sweep):
   assert train_set.from_cache and test_set.from_cache
   x, y = train_set.features, train_set.labels
   test_x, test_y = test_set.features, test_set.labels
-  defaults = train.TrainOptions(records_dir=records_dir, model_dir="")
+  defaults = options_lib.TrainOptions(records_dir=records_dir, model_dir="")
 
   print(f"\noxford_flowers12 ({len(y)} train / {len(test_y)} test images, {len(labels)} "
         f"classes), backbone {backbone_handle}, default flags\n")
@@ -214,7 +226,7 @@ def run(flowers_dir, work_dir, backbone_handle, with_sweep):
              for loss in LOSSES]
     cells.append(f"{linear_svc(kx, ky, test_x, test_y)[0]:.4f}")
     shift, scale = head_lib.normalization_constants(kx, defaults.feature_normalization)
-    best_l2, _ = train.tune_l2(tf.distribute.get_strategy(), defaults, kx, ky, len(labels),
+    best_l2, _, _ = tuning.tune_l2(tf.distribute.get_strategy(), defaults, kx, ky, len(labels),
                                shift=shift, scale=scale)
     tuned = fit_head(kx, ky, test_x, test_y, dataclasses.replace(defaults, l2=best_l2))[0]
     cells.append(f"{tuned:.4f} ({best_l2:g})")

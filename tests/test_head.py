@@ -67,13 +67,6 @@ def test_hinge_is_zero_only_beyond_the_margin():
       head_lib.hinge_loss(scores, tf.constant([1, 2])).numpy(), [2.1, 2.5], rtol=1e-6)
 
 
-def test_unknown_loss_and_normalization_are_user_errors():
-  with pytest.raises(UserError, match="--loss=hnge"):
-    head_lib.per_example_loss("hnge", tf.zeros([1, 2]), tf.zeros([1], tf.int32))
-  with pytest.raises(UserError, match="--feature_normalization"):
-    head_lib.LinearHead(4, 2, feature_normalization="whiten")
-
-
 def test_normalization_and_stacked_models():
   rng = np.random.default_rng(0)
   features = rng.uniform(0, 5, size=(50, 8)).astype(np.float32)

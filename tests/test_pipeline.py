@@ -227,30 +227,27 @@ def test_input_context_gives_each_pipeline_a_disjoint_share(varied_records, layo
     assert sorted(shares[0] + shares[1]) == sorted(everything.tolist())
 
 
-def test_distribute_dataset_gives_per_replica_batches(varied_records):
+def test_augmented_batches_give_per_replica_batches(varied_records):
   """MirroredStrategy over 2 logical CPUs (a fresh process: devices are fixed at TF start)."""
   script = textwrap.dedent(f"""
+      import numpy as np
       import tensorflow as tf
-      from tlframe import pipeline
+      from tlframe import trainer
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
       strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-      dataset = pipeline.distribute_dataset(strategy, {varied_records[0]!r}, 8, drop_remainder=True)
-      images, labels = next(iter(dataset))
+      dataset = trainer.augmented_batches(strategy, {varied_records[0]!r}, 8, np.ones([3], np.float32),
+                                          image_size=224, resize_mode="center_crop", seed=1)
+      images, labels, weights = next(iter(dataset))
       print([tuple(t.shape) for t in strategy.experimental_local_results(images)])
-      try:
-        pipeline.distribute_dataset(strategy, {varied_records[0]!r}, 7)
-      except Exception as e:
-        print(type(e).__name__, e)
+      print([tuple(t.shape) for t in strategy.experimental_local_results(weights)])
   """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert lines[0] == "[(4, 224, 224, 3), (4, 224, 224, 3)]"
-  assert lines[1] == ("UserError batch size 7 does not divide among 2 replicas; "
-                      "use a multiple of 2")
-
+  assert lines[1] == "[(4, 1), (4, 1)]"
 
 def test_user_errors(tmp_path):
   with pytest.raises(UserError, match="no record files match"):

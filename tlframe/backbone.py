@@ -26,18 +26,19 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe import mobilenet_v2
+from tlframe import options
 from tlframe import torch_pth
 from tlframe.errors import UserError
 
-DEFAULT_HANDLE = "mobilenet_v2_100_224"
+DEFAULT_HANDLE = options.DEFAULT_BACKBONE
 # Built-in name -> (network, its weights file).
 _BUILTINS = {
     "mobilenet_v2_100_224": (mobilenet_v2.MOBILENET_V2_100_224, torch_pth.MOBILENET_V2_WEIGHTS),
     "efficientnet_lite0": (mobilenet_v2.EFFICIENTNET_LITE0, torch_pth.EFFICIENTNET_LITE0_WEIGHTS),
 }
-BUILTIN_NAMES = tuple(_BUILTINS)
-PRECISIONS = ("float32", "bfloat16", "auto")
-FEATURES = ("feature_vector", "logits")
+BUILTIN_NAMES = options.BUILTIN_BACKBONES
+PRECISIONS = options.PRECISIONS
+FEATURES = options.FEATURES
 FEATURE_VECTOR = "feature_vector"
 CLASSIFICATION = "classification"
 # Bump when the built-in export changes, so old cache entries are not reused.

@@ -1,11 +1,16 @@
 """One backbone pass over a split's records, cached on disk as float32 features.
 
 The backbone pass is nearly all of a cached-features training run, so its
-result is kept in `<model_dir>/features/<split>-<key>.npz`. The key digests
-what the features depend on: the backbone's `cache_key` (module, size, kind,
-precision), the record shards (path, size, modification time), the labels,
-image size and resize mode. A rerun with other head settings finds the file and
-skips the backbone; changing the records or the backbone changes the key.
+result is kept in a cache shared by every model dir:
+`$TLFRAME_CACHE_DIR/features/<split>-<key>.npz` (`cache_dir()`). The key
+digests what the features depend on: the backbone's `cache_key` (module, size,
+kind, precision), the record shards (absolute path, size, modification time),
+the labels, image size and resize mode. A rerun with other head settings, or a
+run into another model dir on the same records, finds the file and skips the
+backbone; changing the records or the backbone changes the key. Files are
+written atomically, so two processes filling the same entry at once are safe
+(the last rename wins, with the same content); an unreadable entry is logged
+with its path and recomputed.
 
 Alongside the features it keeps small thumbnails of the first few images per
 class (after crop/pad, as the backbone saw them) for TensorBoard's sample
@@ -18,11 +23,13 @@ import io
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlframe import backbone as backbone_lib
 from tlframe import fileio
 from tlframe import pipeline
 from tlframe import records
@@ -102,6 +109,11 @@ def extract_features(backbone, file_pattern, *, batch_size, image_size, resize_m
       extract_seconds=time.monotonic() - start, skipped=skip_counter.count)
 
 
+def cache_dir():
+  """Where feature files are cached: `$TLFRAME_CACHE_DIR/features`."""
+  return os.path.join(backbone_lib.cache_dir(), CACHE_DIRNAME)
+
+
 def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
               num_thumbnails_per_class):
   """A digest of everything the split's features depend on."""
@@ -116,12 +128,12 @@ def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
   return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cached_features(backbone, records_dir, split, *, cache_dir, batch_size, image_size,
-                    resize_mode, num_classes, num_thumbnails_per_class=16):
-  """The split's FeatureSet from `cache_dir` if its key matches, else a backbone pass."""
+def cached_features(backbone, records_dir, split, *, batch_size, image_size, resize_mode,
+                    num_classes, num_thumbnails_per_class=16):
+  """The split's FeatureSet from the cache if its key matches, else a backbone pass."""
   key = cache_key(backbone, records_dir, split, image_size=image_size,
                   resize_mode=resize_mode, num_thumbnails_per_class=num_thumbnails_per_class)
-  path = os.path.join(cache_dir, f"{split}-{key}.npz")
+  path = os.path.join(cache_dir(), f"{split}-{key}.npz")
   start = time.monotonic()
   if tf.io.gfile.exists(path):
     loaded = _read(path)
@@ -137,8 +149,13 @@ def cached_features(backbone, records_dir, split, *, cache_dir, batch_size, imag
       total=records.count_examples(records_dir, split))
   logging.info("%s features: %d x %d in %.1f s", split, *feature_set.features.shape,
                feature_set.extract_seconds)
-  tf.io.gfile.makedirs(cache_dir)
-  _write(path, feature_set)
+  try:
+    tf.io.gfile.makedirs(cache_dir())
+    _write(path, feature_set)
+  except (OSError, tf.errors.OpError) as e:
+    # The features are in memory: this run goes on, only later ones pay the pass again.
+    logging.warning("Could not cache the %s features in %s (%s): continuing without the cache",
+                    split, path, getattr(e, "message", None) or e)
   return feature_set
 
 
@@ -159,6 +176,9 @@ def _read(path):
                         filenames=data["filenames"], thumbnails=data["thumbnails"],
                         thumbnail_rows=data["thumbnail_rows"], from_cache=True,
                         skipped=int(data["skipped"]))
-  except (OSError, ValueError, KeyError) as e:
-    logging.warning("Ignoring unreadable feature cache %s (%s): recomputing", path, e)
+  # Whatever a truncated, emptied or overwritten file raises (np.load of a
+  # damaged zip: BadZipFile, a CRC error, EOFError, ...): the entry is redone.
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, tf.errors.OpError) as e:
+    logging.warning("Ignoring unreadable feature cache %s (%s: %s): recomputing", path,
+                    type(e).__name__, e)
     return None

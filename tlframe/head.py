@@ -27,8 +27,6 @@ import tensorflow as tf
 from tlframe import fileio
 from tlframe.errors import UserError
 
-LOSSES = ("hinge", "squared_hinge", "softmax")
-FEATURE_NORMALIZATIONS = ("none", "l2", "standardize")
 HEAD_CONFIG_FILENAME = "head_config.json"
 HEAD_CHECKPOINT_DIRNAME = "head"
 _EPSILON = 1e-12
@@ -63,14 +61,12 @@ def softmax_loss(scores, labels, label_smoothing=0.0):
 
 
 def per_example_loss(loss, scores, labels, label_smoothing=0.0):
-  """The named loss for each example, before weights: [..., B, C] -> [..., B]."""
+  """The named loss (one of options.LOSSES) for each example, before weights: [..., B, C] -> [..., B]."""
   if loss == "hinge":
     return hinge_loss(scores, labels)
   if loss == "squared_hinge":
     return squared_hinge_loss(scores, labels)
-  if loss == "softmax":
-    return softmax_loss(scores, labels, label_smoothing)
-  raise UserError(f"--loss={loss} is unknown: use one of {', '.join(LOSSES)}")
+  return softmax_loss(scores, labels, label_smoothing)
 
 
 def normalization_constants(train_features, feature_normalization):
@@ -84,10 +80,7 @@ def normalization_constants(train_features, feature_normalization):
     mean = train_features.mean(axis=0)
     std = train_features.std(axis=0)
     return mean.astype(np.float32), (1.0 / np.maximum(std, 1e-6)).astype(np.float32)
-  if feature_normalization in ("none", "l2"):
-    return np.zeros([dim], np.float32), np.ones([dim], np.float32)
-  raise UserError(f"--feature_normalization={feature_normalization} is unknown: "
-                  f"use one of {', '.join(FEATURE_NORMALIZATIONS)}")
+  return np.zeros([dim], np.float32), np.ones([dim], np.float32)
 
 
 class LinearHead(tf.Module):
@@ -96,9 +89,6 @@ class LinearHead(tf.Module):
   def __init__(self, num_features, num_classes, *, num_models=1,
                feature_normalization="none", name="linear_head"):
     super().__init__(name=name)
-    if feature_normalization not in FEATURE_NORMALIZATIONS:
-      raise UserError(f"--feature_normalization={feature_normalization} is unknown: "
-                      f"use one of {', '.join(FEATURE_NORMALIZATIONS)}")
     self.num_features = num_features
     self.num_classes = num_classes
     self.num_models = num_models

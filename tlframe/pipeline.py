@@ -24,8 +24,7 @@ import tensorflow as tf
 
 from tlframe import imageformat
 from tlframe.errors import UserError
-
-RESIZE_MODES = ("center_crop", "letterbox", "crop_or_pad")
+from tlframe.options import RESIZE_MODES
 
 # Record shuffle buffer: holds encoded bytes (tens of KB per photo), not pixels.
 DEFAULT_SHUFFLE_BUFFER = 1024
@@ -211,20 +210,3 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
 def _count_skip(skip_counter, filename):
   tf.py_function(skip_counter.record, [filename], [])
   return False
-
-
-def distribute_dataset(strategy, file_pattern, global_batch_size, **make_dataset_kwargs):
-  """`make_dataset` under a tf.distribute strategy: per-replica batches, one pipeline per worker.
-
-  `global_batch_size` must divide evenly among the replicas.
-  """
-  replicas = strategy.num_replicas_in_sync
-  if global_batch_size % replicas:
-    raise UserError(f"batch size {global_batch_size} does not divide among {replicas} replicas; "
-                    f"use a multiple of {replicas}")
-
-  def dataset_fn(input_context):
-    return make_dataset(file_pattern, input_context.get_per_replica_batch_size(global_batch_size),
-                        input_context=input_context, **make_dataset_kwargs)
-
-  return strategy.distribute_datasets_from_function(dataset_fn)

@@ -1,0 +1,111 @@
+"""The programs as a user meets them: quiet start-up, flag errors, `~` paths, --help."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# TensorFlow's native log lines ("I0000 00:00:17... port.cc:153] ...", "E0000 ... cuInit")
+# and absl's banner before them.
+NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]|"
+                             r"absl::InitializeLog|Improper call to JPEG library", re.M)
+
+
+def run_bin(program, *args, env=None, cwd=REPO, timeout=600):
+  return subprocess.run([sys.executable, os.path.join(REPO, "bin", program), *args],
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def assert_one_error_line(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  assert "Traceback" not in result.stderr and "FATAL" not in result.stderr
+  return errors[0]
+
+
+def test_help_exits_0_without_tensorflow_noise():
+  result = run_bin("train", "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "--records_dir" in result.stdout and "--tune_l2" in result.stdout
+  assert not NATIVE_LOG_LINE.search(result.stdout + result.stderr), result.stderr
+
+
+def test_help_and_flag_checks_answer_before_tensorflow_loads():
+  """bin/train parses and checks its flags first: TensorFlow is imported only to run."""
+  code = (f"import runpy, sys\n"
+          f"sys.argv = ['train', '--records_dir=r', '--model_dir=m', '--l2=nan']\n"
+          f"try:\n"
+          f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
+          f"except SystemExit as e:\n"
+          f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+  assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
+
+
+def test_unknown_flag_is_one_error_line():
+  result = run_bin("train", "--no_such_flag=1")
+  assert_one_error_line(result, "--no_such_flag=1", "unknown flag")
+
+
+def test_flag_errors_in_a_flagfile_name_the_file_and_line(tmp_path):
+  flagfile = tmp_path / "my.cfg"
+  flagfile.write_text("# my settings\n--records_dir=r\n--epochs=abc\n")
+  result = run_bin("train", f"--flagfile={flagfile}")
+  assert_one_error_line(result, f"{flagfile} line 3", "--epochs")
+  flagfile.write_text("--records_dir=r\n\n--lr=0.1\n")
+  result = run_bin("train", f"--flagfile={flagfile}")
+  assert_one_error_line(result, f"{flagfile} line 3", "--lr", "unknown flag")
+
+
+def test_a_missing_flagfile_is_one_error_line(tmp_path):
+  result = run_bin("train", f"--flagfile={tmp_path}/missing.cfg")
+  assert_one_error_line(result, f"--flagfile={tmp_path}/missing.cfg", "cannot open")
+
+
+@pytest.mark.parametrize("flag", ["--l2=nan", "--l2=inf", "--learning_rate=inf",
+                                  "--momentum=nan", "--warmup_epochs=nan", "--l2_grid=1e-3,nan"])
+def test_non_finite_numbers_are_refused(flag, tmp_path):
+  result = run_bin("train", "--records_dir=r", f"--model_dir={tmp_path}/m", flag)
+  assert_one_error_line(result, flag.split("=")[0], "finite")
+  assert not os.path.exists(tmp_path / "m")
+
+
+def test_tilde_in_path_flags_is_the_home_folder(tmp_path, skimage_photos):
+  from tlframe import samples  # pylint: disable=g-import-not-at-top
+  home = tmp_path / "home"
+  samples.write_photo_crops(str(home / "photos"), {name: skimage_photos[name]
+                                                   for name in ("chelsea", "coffee")},
+                            per_class=3, size=64)
+  env = dict(os.environ, HOME=str(home))
+  result = run_bin("make_tfrecords", "--image_dir=~/photos", "--output_dir=~/records",
+                   "--validation_percentage=0", "--test_percentage=0", env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (home / "records" / "labels.txt").exists()
+  assert not (tmp_path / "~").exists() and not os.path.exists(os.path.join(REPO, "~"))
+  result = run_bin("train", "--records_dir=~/no_records", "--model_dir=~/model", env=env)
+  assert_one_error_line(result, f"--records_dir={home}/no_records does not exist")
+
+
+@pytest.mark.slow
+def test_offline_demo_prints_results_and_no_tensorflow_noise(tmp_path):
+  """The README's quickstart, end to end, as a user runs it (built-in backbone)."""
+  images, records_dir, model_dir = tmp_path / "images", tmp_path / "records", tmp_path / "model"
+  steps = [("make_sample_images", f"--output_dir={images}"),
+           ("make_tfrecords", f"--image_dir={images}", f"--output_dir={records_dir}",
+            "--validation_percentage=30", "--test_percentage=0"),
+           ("train", f"--flagfile={REPO}/configs/offline_demo.cfg",
+            f"--records_dir={records_dir}", f"--model_dir={model_dir}")]
+  for program, *args in steps:
+    result = run_bin(program, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-3000:]
+  assert "validation accuracy: 1.0000" in result.stdout
+  assert "cross-validation of --l2" in result.stdout and "<- best" in result.stdout
+  assert f"TensorBoard: tensorboard --logdir={model_dir}/logs" in result.stdout

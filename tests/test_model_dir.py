@@ -1,0 +1,170 @@
+"""Nothing lost: a model dir is never silently replaced, features are shared, damage is survived."""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tlframe import features as features_lib
+from tlframe import fileio
+from tlframe import train
+from tlframe.errors import UserError
+from test_train_helpers import make_records, save_tiny_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, skimage_photos):
+  """(records_dir, other records_dir, tiny backbone dir) on crops of real photos."""
+  tmp = tmp_path_factory.mktemp("model_dir_task")
+  photos = {name: skimage_photos[name] for name in ("chelsea", "coffee", "rocket")}
+  first = make_records(str(tmp / "a"), photos, per_class=8)
+  second = make_records(str(tmp / "b"), photos, per_class=6)
+  return first, second, save_tiny_backbone(tmp / "tiny_backbone")
+
+
+@pytest.fixture(autouse=True)
+def _own_feature_cache(tmp_path, monkeypatch):
+  """A fresh shared cache per test, so that "from cache" means this test's earlier run."""
+  monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _options(records_dir, model_dir, backbone, **overrides):
+  values = dict(records_dir=records_dir, model_dir=str(model_dir), backbone=backbone,
+                loss="hinge", batch_size=8, epochs=10, checkpoint_every_epochs=5,
+                export=False)
+  values.update(overrides)
+  return train.TrainOptions(**values)
+
+
+def test_other_records_are_refused_unless_overwrite(task, tmp_path, caplog):
+  first, second, backbone = task
+  model_dir = tmp_path / "model"
+  train.train(_options(first, model_dir, backbone))
+  before = sorted(os.listdir(model_dir))
+  metrics_before = (model_dir / "metrics.json").read_bytes()
+  with pytest.raises(UserError, match=r"holds a model of other data.*records.*--overwrite"):
+    train.train(_options(second, model_dir, backbone))
+  assert sorted(os.listdir(model_dir)) == before
+  assert (model_dir / "metrics.json").read_bytes() == metrics_before
+  caplog.set_level(logging.WARNING, logger="absl")
+  metrics = train.train(_options(second, model_dir, backbone, overwrite=True))
+  assert "--overwrite: removing" in caplog.text and "checkpoints" in caplog.text
+  assert metrics["train"]["num_examples"] + metrics["validation"]["num_examples"] == 18
+
+
+def test_a_folder_of_other_files_is_refused(task, tmp_path):
+  first, _, backbone = task
+  model_dir = tmp_path / "photos"
+  model_dir.mkdir()
+  (model_dir / "holiday.jpg").write_bytes(b"not ours")
+  with pytest.raises(UserError, match="is not empty and holds no tlframe run.*holiday.jpg"):
+    train.train(_options(first, model_dir, backbone))
+  train.train(_options(first, model_dir, backbone, overwrite=True))
+  assert (model_dir / "holiday.jpg").read_bytes() == b"not ours"  # never ours to remove
+
+
+def test_other_head_settings_keep_the_earlier_logs_as_their_own_run(task, tmp_path):
+  first, _, backbone = task
+  model_dir = tmp_path / "model"
+  train.train(_options(first, model_dir, backbone))
+  earlier_events = sorted(glob.glob(str(model_dir / "logs" / "train" / "events.*")))
+  metrics = train.train(_options(first, model_dir, backbone, loss="softmax"))
+  assert metrics["timings"]["backbone_pass_cached"]
+  moved = sorted(glob.glob(str(model_dir / "logs" / "earlier-1" / "train" / "events.*")))
+  assert [os.path.basename(p) for p in moved] == [os.path.basename(p) for p in earlier_events]
+  assert glob.glob(str(model_dir / "logs" / "train" / "events.*"))
+  assert json.load(open(model_dir / "run_options.json"))["loss"] == "softmax"
+
+
+def test_a_second_model_dir_reuses_the_shared_features(task, tmp_path, caplog):
+  first, _, backbone = task
+  one = train.train(_options(first, tmp_path / "one", backbone))
+  assert not one["timings"]["backbone_pass_cached"]
+  caplog.set_level(logging.INFO, logger="absl")
+  two = train.train(_options(first, tmp_path / "two", backbone, loss="softmax"))
+  assert two["timings"]["backbone_pass_cached"]
+  assert "Backbone pass over" not in caplog.text
+  assert "skipping the backbone pass" in caplog.text
+  assert not os.path.exists(tmp_path / "two" / "features")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped_byte", "zip_then_garbage"])
+def test_a_damaged_feature_cache_is_named_and_recomputed(task, tmp_path, caplog, damage):
+  first, _, backbone = task
+  reference = train.train(_options(first, tmp_path / "one", backbone))
+  for path in glob.glob(os.path.join(features_lib.cache_dir(), "*.npz")):
+    data = open(path, "rb").read()
+    if damage == "truncated":
+      data = data[:len(data) // 2]
+    elif damage == "empty":
+      data = b""
+    elif damage == "flipped_byte":
+      data = data[:200] + bytes([data[200] ^ 0xFF]) + data[201:]
+    else:
+      data = b"PK\x03\x04" + os.urandom(300)
+    open(path, "wb").write(data)
+  caplog.set_level(logging.WARNING, logger="absl")
+  again = train.train(_options(first, tmp_path / "two", backbone))
+  assert "Ignoring unreadable feature cache " + features_lib.cache_dir() in caplog.text
+  assert again["validation"]["accuracy"] == reference["validation"]["accuracy"]
+  assert again["train"]["accuracy"] == reference["train"]["accuracy"]
+
+
+def test_a_diverging_head_stops_the_run_and_writes_no_head(task, tmp_path):
+  first, _, backbone = task
+  options = _options(first, tmp_path / "model", backbone, optimizer="sgd", momentum=0.0,
+                     learning_rate=1e38, loss="squared_hinge", lr_schedule="constant")
+  with pytest.raises(UserError, match="training diverged.*lower --learning_rate"):
+    train.train(options)
+  assert not os.path.exists(tmp_path / "model" / "head")
+  assert not os.path.exists(tmp_path / "model" / "metrics.json")
+
+
+def test_json_we_write_is_strict_json(tmp_path):
+  path = str(tmp_path / "m.json")
+  fileio.atomic_write_json(path, {"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5})
+  text = open(path).read()
+  assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {
+      "a": None, "b": [1.0, None], "c": 0.5}
+  assert os.listdir(tmp_path) == ["m.json"]
+
+
+@pytest.mark.slow
+def test_two_train_runs_on_one_model_dir_the_second_refuses(task, tmp_path):
+  first, _, backbone = task
+  model_dir = tmp_path / "model"
+  command = [sys.executable, os.path.join(REPO, "bin", "train"), f"--records_dir={first}",
+             f"--model_dir={model_dir}", f"--backbone={backbone}", "--batch_size=4",
+             "--epochs=3000", "--checkpoint_every_epochs=100", "--noexport"]
+  env = dict(os.environ)
+  holder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+  try:
+    deadline = time.monotonic() + 120
+    while not (model_dir / "run_options.json").exists() and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert holder.poll() is None, "the first run ended before the second started"
+    second = subprocess.run(command[:-2] + ["--epochs=5", "--l2=0.1"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert second.returncode == 2, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"PID {holder.pid}" in errors[0], second.stderr[-2000:]
+    assert holder.poll() is None  # the first run goes on undisturbed
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died: its lock died with it, and the same command resumes.
+  rerun = subprocess.run(command[:-2] + ["--epochs=200", "--noexport"], capture_output=True,
+                         text=True, timeout=300, env=env)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]

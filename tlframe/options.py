@@ -1,0 +1,144 @@
+"""TrainOptions: every setting of a training run, and the checks of their values.
+
+This module imports no TensorFlow, so that bin/train can parse and check its
+flags (and answer --help) before paying TensorFlow's start-up. The choice
+lists of the later stages live here for the same reason; those stages import
+them from here.
+"""
+
+import dataclasses
+import math
+import os
+
+from tlframe.errors import UserError
+
+# Choices of the stages (head, pipeline, backbone, trainer).
+LOSSES = ("hinge", "squared_hinge", "softmax")
+FEATURE_NORMALIZATIONS = ("none", "l2", "standardize")
+RESIZE_MODES = ("center_crop", "letterbox", "crop_or_pad")
+PRECISIONS = ("float32", "bfloat16", "auto")
+FEATURES = ("feature_vector", "logits")
+BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0")
+DEFAULT_BACKBONE = BUILTIN_BACKBONES[0]
+STRATEGIES = ("default", "mirrored", "multi_worker")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+CLASS_WEIGHTS = ("none", "balanced")
+
+# Defaults chosen with bench/bench_train.py on oxford_flowers12 (docs/training.md).
+DEFAULT_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+# On cached features a step is a matmul, so big batches (the whole set when it
+# has up to 1024 images) are fastest; through the backbone, memory bounds it.
+FEATURES_BATCH_SIZE = 1024
+AUGMENTED_BATCH_SIZE = 64
+
+
+@dataclasses.dataclass
+class TrainOptions:
+  """Everything bin/train's flags set; see configs/template.cfg for each one's meaning.
+
+  The head defaults (softmax, l2=1e-3, standardized features, Adam at 0.003
+  with cosine decay, 100 epochs, batch 1024) were chosen by measurement on
+  oxford_flowers12 with bench/bench_train.py: see docs/training.md.
+  """
+  records_dir: str
+  model_dir: str
+  backbone: str = DEFAULT_BACKBONE
+  features: str = "feature_vector"
+  input_size: int = None
+  precision: str = "float32"
+  resize_mode: str = "center_crop"
+  loss: str = "softmax"
+  l2: float = 1e-3
+  label_smoothing: float = 0.0
+  class_weight: str = "none"
+  feature_normalization: str = "standardize"
+  optimizer: str = "adam"
+  learning_rate: float = 0.003
+  momentum: float = 0.9
+  lr_schedule: str = "cosine"
+  warmup_epochs: float = 0.0
+  epochs: int = 100
+  batch_size: int = None   # None: FEATURES_BATCH_SIZE, or AUGMENTED_BATCH_SIZE with augment
+  patience: int = 0
+  augment: bool = False
+  tune_l2: bool = False
+  l2_grid: tuple = DEFAULT_L2_GRID
+  cv_folds: int = 5
+  strategy: str = "default"
+  seed: int = 0
+  checkpoint_every_epochs: int = 25
+  extract_batch_size: int = 32
+  log_every_steps: int = 10
+  num_thumbnails_per_class: int = 16
+  overwrite: bool = False
+  export: bool = True
+
+
+def field_names():
+  return [field.name for field in dataclasses.fields(TrainOptions)]
+
+
+def defaults():
+  """{name: default} of every TrainOptions field that has one."""
+  return {field.name: field.default for field in dataclasses.fields(TrainOptions)
+          if field.default is not dataclasses.MISSING}
+
+
+def check(options):
+  """Raises UserError for any bad value or combination, before anything runs.
+
+  Checks values only; that the records exist is checked when the run starts
+  (the path may be on any TensorFlow filesystem).
+  """
+  def bad(message):
+    raise UserError(message)
+
+  if not options.records_dir:
+    bad("--records_dir is required: the folder bin/make_tfrecords wrote")
+  if not options.model_dir:
+    bad("--model_dir is required: where checkpoints, logs and metrics go")
+  for name, allowed in (("loss", LOSSES), ("feature_normalization", FEATURE_NORMALIZATIONS),
+                        ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
+                        ("class_weight", CLASS_WEIGHTS), ("strategy", STRATEGIES),
+                        ("features", FEATURES), ("precision", PRECISIONS),
+                        ("resize_mode", RESIZE_MODES)):
+    if getattr(options, name) not in allowed:
+      bad(f"--{name}={getattr(options, name)} is unknown: use one of {', '.join(allowed)}")
+  # NaN passes every comparison, so finiteness comes first.
+  for name in ("l2", "label_smoothing", "learning_rate", "momentum", "warmup_epochs"):
+    value = getattr(options, name)
+    if not math.isfinite(value):
+      bad(f"--{name}={value} is not a finite number: give a number such as "
+          f"{defaults()[name]:g}")
+  if not all(math.isfinite(l2) for l2 in options.l2_grid):
+    bad(f"--l2_grid={','.join(f'{v:g}' for v in options.l2_grid)} holds a value that is not a "
+        "finite number: give finite numbers")
+  for name in ("epochs", "learning_rate", "checkpoint_every_epochs", "extract_batch_size",
+               "log_every_steps", "cv_folds"):
+    if not getattr(options, name) > 0:
+      bad(f"--{name}={getattr(options, name)} must be positive")
+  if options.batch_size is not None and options.batch_size < 1:
+    bad(f"--batch_size={options.batch_size} must be positive")
+  if options.input_size is not None and options.input_size < 1:
+    bad(f"--input_size={options.input_size} must be positive")
+  if options.l2 < 0 or any(l2 < 0 for l2 in options.l2_grid):
+    bad("--l2 and --l2_grid must be >= 0")
+  if not 0 <= options.momentum < 1:
+    bad(f"--momentum={options.momentum} must be in [0, 1)")
+  if not 0 <= options.label_smoothing < 1:
+    bad(f"--label_smoothing={options.label_smoothing} must be in [0, 1)")
+  if options.label_smoothing and options.loss != "softmax":
+    bad("--label_smoothing applies to --loss=softmax only: drop it or use --loss=softmax")
+  if options.patience < 0 or options.warmup_epochs < 0 or options.num_thumbnails_per_class < 0:
+    bad("--patience, --warmup_epochs and --num_thumbnails_per_class must be >= 0")
+  if options.warmup_epochs >= options.epochs:
+    bad(f"--warmup_epochs={options.warmup_epochs} must be less than --epochs={options.epochs}")
+  if options.tune_l2 and options.augment:
+    bad("--tune_l2 works on cached features and cannot be combined with --augment: "
+        "tune without --augment, then train with --augment --l2=<the best value>")
+  if options.tune_l2 and (options.cv_folds < 2 or not options.l2_grid):
+    bad("--tune_l2 needs --cv_folds >= 2 and a non-empty --l2_grid")
+  if options.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
+    bad("--strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
+        "see docs/training.md, or use --strategy=default|mirrored")

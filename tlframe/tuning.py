@@ -1,0 +1,90 @@
+"""Cross-validation of the l2 penalty on cached features.
+
+All (l2, fold) pairs train together as one stacked head (head.LinearHead's
+model axis) in one in-graph loop, so the whole grid costs about one training
+run. The result is data (one row per l2); bin/train prints it.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tlframe import head as head_lib
+from tlframe import trainer as trainer_lib
+from tlframe.errors import UserError
+
+
+def stratified_folds(labels, num_folds, seed):
+  """Fold index of each example: classes shuffled within and dealt round-robin in turn.
+
+  Dealing continues from one class to the next, so folds differ in size by at
+  most one and each class is spread as evenly as its count allows.
+  """
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(np.flatnonzero(labels == label))
+                          for label in np.unique(labels)])
+  folds = np.zeros(len(labels), np.int64)
+  folds[order] = np.arange(len(order)) % num_folds
+  return folds
+
+
+def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shift, scale,
+                       l2_values=None):
+  """[G, N, C] scores of each example by the model of its l2 that did not train on it.
+
+  For each l2 in `l2_values` (default: options.l2), options.cv_folds models
+  train together, model k without fold k. Returns None when there are fewer
+  training examples than folds.
+  """
+  num_folds = options.cv_folds
+  if len(train_y) < num_folds:
+    return None
+  grid = np.asarray([options.l2] if l2_values is None else l2_values, np.float32)
+  folds = stratified_folds(train_y, num_folds, options.seed)
+  # Model g * num_folds + k: l2 = grid[g], trained without fold k.
+  held_out = np.tile(np.arange(num_folds), len(grid))
+  train_masks = (folds[None, :] != held_out[:, None]).astype(np.float32)   # [M, N]
+  weights = train_masks * trainer_lib.class_weights(train_y, num_classes,
+                                                    options.class_weight)[train_y]
+  global_batch = trainer_lib.effective_batch_size(options, len(train_y),
+                                                  strategy.num_replicas_in_sync)
+  trainer = trainer_lib.HeadTrainer(
+      strategy, options, num_features=train_x.shape[1], num_classes=num_classes,
+      steps_per_epoch=len(train_y) // global_batch, global_batch_size=global_batch,
+      l2_values=np.repeat(grid, num_folds), normalization=(shift, scale),
+      model_fractions=train_masks.mean(axis=1))
+  normalized = trainer.normalize(train_x)
+  trainer.fit(lambda first: trainer_lib.feature_batches(
+      strategy, normalized, train_y, weights, global_batch, options.seed, first, options.epochs))
+  _, _, scores = trainer.evaluate(tf.constant(train_x), tf.constant(train_y))
+  held_out_model = np.arange(len(grid))[:, None] * num_folds + folds[None, :]   # [G, N]
+  return scores.numpy()[held_out_model, np.arange(len(train_y))[None, :]]
+
+
+def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
+  """k-fold CV over options.l2_grid on cached features.
+
+  Returns (best l2, table rows, [N, C] out-of-fold scores of the best l2).
+  Each row: dict(l2; accuracy and loss over all held-out predictions; their
+  standard deviations across folds, accuracy_std and loss_std). The best has
+  the highest held-out accuracy; ties go to the lower held-out loss, then to
+  the larger l2.
+  """
+  if len(train_y) < options.cv_folds:
+    raise UserError(f"--cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
+                    "lower --cv_folds or drop --tune_l2")
+  grid = list(options.l2_grid)
+  scores = out_of_fold_scores(strategy, options, train_x, train_y, num_classes, shift=shift,
+                              scale=scale, l2_values=grid)
+  losses = head_lib.per_example_loss(options.loss, tf.constant(scores), train_y,
+                                     options.label_smoothing).numpy()           # [G, N]
+  correct = np.argmax(scores, axis=-1) == train_y[None, :]
+  folds = stratified_folds(train_y, options.cv_folds, options.seed)
+  rows = []
+  for g, l2 in enumerate(grid):
+    by_fold = [folds == k for k in range(options.cv_folds)]
+    rows.append(dict(l2=float(l2), accuracy=float(correct[g].mean()),
+                     accuracy_std=float(np.std([correct[g][f].mean() for f in by_fold])),
+                     loss=float(losses[g].mean()),
+                     loss_std=float(np.std([losses[g][f].mean() for f in by_fold]))))
+  best = max(range(len(grid)), key=lambda g: (rows[g]["accuracy"], -rows[g]["loss"], grid[g]))
+  return float(grid[best]), rows, scores[best]
