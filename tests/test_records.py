@@ -343,7 +343,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
-  assert "/x.jpg: empty file); every reason is in" in nothing.stderr
+  assert "/x.jpg: empty file); each file and why is logged above" in nothing.stderr
 
 
 def test_reconverting_with_other_flags_replaces_the_old_output(photo_tree, tmp_path):

@@ -36,15 +36,15 @@ def imagenet_eval_crop(image, input_size):
 
 
 def read_image(path):
-  """uint8 [H, W, 3] from a JPEG/PNG/GIF/BMP file on any TF filesystem."""
+  """Upright uint8 [H, W, 3] from an image file on any TF filesystem (`imageformat.decode_checked`)."""
   try:
     data = tf.io.gfile.GFile(path, "rb").read()
   except tf.errors.OpError as e:
     raise UserError(f"--image {path}: cannot read it ({e.message})") from None
   try:
-    return imageformat.decode_image(data)
-  except tf.errors.InvalidArgumentError:
-    raise UserError(f"--image {path}: not a JPEG, PNG, GIF or BMP image") from None
+    return imageformat.decode_checked(data)[0]
+  except imageformat.ImageError as e:
+    raise UserError(f"--image {path}: {e}") from None
 
 
 def class_names_for(backbone, labels_file=None):

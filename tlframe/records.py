@@ -24,32 +24,40 @@ Guarantees:
 
 import collections
 import concurrent.futures
+import ctypes
 import csv
 import hashlib
 import json
 import multiprocessing
 import os
 import posixpath
-import struct
+import signal
+import sys
+import threading
+import time
+import unicodedata
 
 from absl import logging
 import tensorflow as tf
 
 from tlframe import fileio
 from tlframe import imageformat
+from tlframe import locking
 from tlframe.errors import UserError
 from tlframe.progress import Progress
 
 SPLITS = ("train", "validation", "test")
 LABELS_FILENAME = "labels.txt"
 MANIFEST_FILENAME = "manifest.json"
-MANIFEST_VERSION = 1
+# 2: upright sizes (EXIF orientation), skipped files carry their label, not their sha256.
+MANIFEST_VERSION = 2
+# A TFRecord's framing around its data: length (8 bytes) and two CRCs (4 each).
+_TFRECORD_FRAMING_BYTES = 16
 # Per-shard sidecars that make a killed run resumable; kept so a rerun of a
 # finished conversion is a quick no-op.
 PROGRESS_DIRNAME = ".make_tfrecords"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-DEFAULT_MAX_PIXELS = 100_000_000  # ~10000x10000: above any camera photo, far below a bomb
 DEFAULT_SHARD_SIZE = 1000
 # Re-encoded JPEGs (CMYK, --max_side): high enough that the loss is invisible.
 _JPEG_QUALITY = 95
@@ -57,7 +65,12 @@ _JPEG_QUALITY = 95
 # enough that memory stays bounded (images per task x tasks x workers).
 _IMAGES_PER_TASK = 16
 _TASKS_IN_FLIGHT_PER_WORKER = 3
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PARENT_POLL_SECONDS = 1.0
 _FILELIST_HEADER_NAMES = ("path", "filename", "file", "filepath", "image", "image_path")
+_NOT_IN_A_CLASS_FOLDER = "not inside a class sub-folder"
+# How many ignored or skipped file names the log and the summary show.
+_NAMES_SHOWN = 5
 
 
 # ---------------------------------------------------------------------------
@@ -75,13 +88,37 @@ def shard_filename(split, index, num_shards):
 
 
 def read_label_lines(path):
-  """Non-empty stripped lines of a text file: a labels file's class names in order."""
+  """The class names of a labels file in order: one per line, exactly as written.
+
+  UTF-8 (a byte-order mark is ignored). Lines end at "\\n" alone (a trailing
+  "\\r" is dropped), so a name keeps every character a class name may hold
+  (`check_class_name`): U+2028 and spaces at either end included. Blank lines
+  are skipped: no class name is blank.
+  """
   try:
-    with tf.io.gfile.GFile(path, "r") as f:
-      labels = [line.strip() for line in f.read().splitlines()]
+    with tf.io.gfile.GFile(path, "rb") as f:
+      text = f.read().decode("utf-8-sig")
   except tf.errors.NotFoundError:
     raise UserError(f"{path}: no such labels file") from None
-  return [label for label in labels if label]
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+  lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
+  return [line for line in lines if line.strip()]
+
+
+def check_class_name(name, origin):
+  """UserError unless `name` can be a class: one labels.txt line that reads back as itself.
+
+  `origin` says where the name came from (a folder, a list) for the message.
+  """
+  if not name.strip():
+    raise UserError(f"{origin}: class name {name!r} is blank; give the class a name")
+  for char in name:
+    category = unicodedata.category(char)
+    if category in ("Cc", "Cs"):  # control characters; undecodable bytes in a file name
+      what = "a control character" if category == "Cc" else "bytes that are not UTF-8"
+      raise UserError(f"{origin}: class name {name!r} contains {what} (U+{ord(char):04X}), "
+                      "which labels.txt cannot hold; rename it")
 
 
 def labels_from_spec(spec):
@@ -102,8 +139,14 @@ def read_labels(records_dir):
 
 
 def write_labels(directory, labels):
-  """`directory`/labels.txt: the class names in label-index order, one per line (atomic)."""
-  fileio.atomic_write_text(_join(directory, LABELS_FILENAME), "".join(f"{l}\n" for l in labels))
+  """`directory`/labels.txt: the class names in label-index order, one per line (atomic).
+
+  `read_labels` gives back exactly `labels`; a name it could not is a UserError.
+  """
+  path = _join(directory, LABELS_FILENAME)
+  for label in labels:
+    check_class_name(label, path)
+  fileio.atomic_write_text(path, "".join(f"{label}\n" for label in labels))
 
 
 def read_manifest(records_dir):
@@ -193,7 +236,7 @@ def _walk_files(root):
     try:
       names = tf.io.gfile.listdir(directory)
     except tf.errors.OpError as e:
-      unreadable.append((directory, f"unreadable directory: {_error_text(e)}"))
+      unreadable.append((directory, f"unreadable directory: {imageformat.op_error_text(e)}"))
       continue
     for name in sorted(names):
       path = _join(directory, name.rstrip("/"))
@@ -218,7 +261,7 @@ def list_image_dir(image_dir):
     if name.startswith(".") or not _has_image_extension(name):
       ignored.append({"path": key, "reason": "not an image file name (extension or hidden file)"})
     elif "/" not in key:
-      skipped.append({"path": key, "reason": "not inside a class sub-folder"})
+      skipped.append({"path": key, "reason": _NOT_IN_A_CLASS_FOLDER})
     else:
       sources.append(Source(path, key, key.split("/", 1)[0], None))
   return sources, skipped, ignored
@@ -308,67 +351,6 @@ def stable_split(key, validation_percentage, test_percentage):
 # Reading one image: header check, decode, re-encode where needed (in workers).
 
 
-class BadImage(Exception):
-  """This file is skipped; the message is the manifest's reason."""
-
-
-def _sniff(data):
-  """(format, width, height, note) from the header alone, before any pixel is decoded.
-
-  note is 'cmyk' or '16bit' when the image must be re-encoded for other readers.
-  """
-  if not data:
-    raise BadImage("empty file")
-  if data[:3] == b"\xff\xd8\xff":
-    try:
-      height, width, channels = tf.io.extract_jpeg_shape(data).numpy().tolist()
-    except tf.errors.InvalidArgumentError:
-      raise BadImage("corrupt or truncated JPEG header") from None
-    return "jpeg", width, height, "cmyk" if channels == 4 else None
-  if data[:8] == b"\x89PNG\r\n\x1a\n":
-    if len(data) < 26 or data[12:16] != b"IHDR":
-      raise BadImage("truncated PNG header")
-    width, height, bit_depth = struct.unpack(">IIB", data[16:25])
-    return "png", width, height, "16bit" if bit_depth == 16 else None
-  if data[:6] in (b"GIF87a", b"GIF89a"):
-    if len(data) < 10:
-      raise BadImage("truncated GIF header")
-    width, height = struct.unpack("<HH", data[6:10])
-    return "gif", width, height, None
-  if data[:2] == b"BM":
-    if len(data) < 26:
-      raise BadImage("truncated BMP header")
-    if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER
-      width, height = struct.unpack("<hh", data[18:22])
-    else:
-      width, height = struct.unpack("<ii", data[18:26])
-    return "bmp", abs(width), abs(height), None
-  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-    return ("webp",) + _webp_size(data) + (None,)
-  raise BadImage("not an image (unrecognized file format)")
-
-
-def _webp_size(data):
-  chunk = data[12:16]
-  try:
-    if chunk == b"VP8 ":
-      width, height = struct.unpack("<HH", data[26:30])
-      return width & 0x3FFF, height & 0x3FFF
-    if chunk == b"VP8L":
-      bits = struct.unpack("<I", data[21:25])[0]
-      return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8X":
-      return (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
-  except struct.error:
-    pass
-  raise BadImage("truncated or unknown WebP header")
-
-
-def _error_text(error):
-  message = getattr(error, "message", None) or str(error)
-  return message.split("}}")[-1].strip().splitlines()[0] if message else type(error).__name__
-
-
 def convert_image(path, max_pixels, max_side):
   """Reads, checks and encodes one file. Returns a dict; `encoded` is None when skipped."""
   result = {"sha256": None, "encoded": None, "reason": None}
@@ -376,23 +358,16 @@ def convert_image(path, max_pixels, max_side):
     with tf.io.gfile.GFile(path, "rb") as f:
       data = f.read()
   except (tf.errors.OpError, OSError) as e:
-    result["reason"] = f"unreadable: {_error_text(e)}"
+    result["reason"] = f"unreadable: {imageformat.op_error_text(e)}"
     return result
-  result["sha256"] = hashlib.sha256(data).hexdigest()
   try:
-    source_format, width, height, note = _sniff(data)
-    if width * height > max_pixels:
-      raise BadImage(f"{width}x{height} = {width * height} pixels is over --max_pixels "
-                     f"{max_pixels} (decompression bomb?)")
-    if width == 0 or height == 0:
-      raise BadImage(f"{width}x{height}: empty image")
-    try:
-      image = imageformat.decode_image(data)
-    except tf.errors.OpError as e:
-      raise BadImage(f"does not decode: {_error_text(e)}") from None
-  except BadImage as e:
+    image, source_format, note = imageformat.decode_checked(data, max_pixels, "--max_pixels")
+  except imageformat.ImageError as e:
     result["reason"] = str(e)
     return result
+  result["sha256"] = hashlib.sha256(data).hexdigest()
+  # Upright pixels re-encoded carry no EXIF orientation; the stored bytes of a
+  # kept file carry theirs, which decode_image applies on every read.
   reencode = source_format not in ("jpeg", "png") or note is not None
   height, width = image.shape[:2]
   if max_side and max(height, width) > max_side:
@@ -415,10 +390,32 @@ def convert_image(path, max_pixels, max_side):
 # Workers: processes that only run `convert_image`; results come back in order.
 
 
-def _init_worker(threads):
+def _init_worker(threads, parent_pid):
+  _die_with_parent(parent_pid)
   # The cores are shared out among the workers instead of oversubscribed.
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _die_with_parent(parent_pid):
+  """Ends this worker when the parent dies in any way (kill -9 included), not 51 s later.
+
+  Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG).
+  Elsewhere, or if that fails: a thread that polls the parent's PID.
+  """
+  if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+      if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+      return
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _convert_images(paths, max_pixels, max_side):
@@ -446,7 +443,7 @@ def _ordered_results(paths, num_workers, max_pixels, max_side):
   # spawn, not fork: forking a process that already runs TensorFlow's threads can deadlock.
   with concurrent.futures.ProcessPoolExecutor(
       num_workers, mp_context=multiprocessing.get_context("spawn"),
-      initializer=_init_worker, initargs=(threads_per_worker,)) as executor:
+      initializer=_init_worker, initargs=(threads_per_worker, os.getpid())) as executor:
     in_flight = collections.deque()
     # Chunks of images per task: one round trip per image costs more than a small decode.
     for chunk in _chunks(paths, _IMAGES_PER_TASK):
@@ -474,7 +471,8 @@ def _plan_shards(sources_by_split, labels, options, shard_size):
       # Contiguous runs of the sorted list: shard contents depend on nothing else.
       chunk = sources[index * len(sources) // num_shards:(index + 1) * len(sources) // num_shards]
       name = shard_filename(split, index, num_shards)
-      plan = json.dumps([name, labels, options, [(s.path, s.key, s.label) for s in chunk]])
+      plan = json.dumps([MANIFEST_VERSION, name, labels, options,
+                         [(s.path, s.key, s.label) for s in chunk]])
       shards.append(Shard(split, name, chunk, hashlib.sha256(plan.encode("utf-8")).hexdigest()))
   return shards
 
@@ -518,7 +516,8 @@ def _write_shard(output_dir, shard, results, label_index, progress):
       progress.update(1)
       if result["encoded"] is None:
         logging.warning("Skipping %s: %s", source.path, result["reason"])
-        skipped.append({"path": source.key, "reason": result["reason"], "sha256": result["sha256"]})
+        # No sha256 of a skipped file: it may be anything a list named (/etc/shadow).
+        skipped.append({"path": source.key, "label": source.label, "reason": result["reason"]})
         continue
       example = imageformat.make_example(result["encoded"], result["format"],
                                          label_index[source.label], source.label, source.key,
@@ -553,9 +552,79 @@ def _remove_stale_outputs(output_dir, shards):
     for path in tf.io.gfile.glob(_join(progress_dir, f"{split}-*.json")):
       if posixpath.basename(path)[:-len(".json")] not in planned:
         tf.io.gfile.remove(path)
-    for path in (tf.io.gfile.glob(_join(output_dir, f".{split}-*.tmp-*"))
-                 + tf.io.gfile.glob(_join(progress_dir, f".{split}-*.tmp-*"))):
-      tf.io.gfile.remove(path)
+  _remove_temp_files(output_dir)
+
+
+def _remove_temp_files(output_dir):
+  """Removes the temp files of shards, sidecars, labels and manifest (fileio's `.name.tmp-*`).
+
+  Only the lock holder runs this, so no other run's temp file is in the way.
+  """
+  progress_dir = _join(output_dir, PROGRESS_DIRNAME)
+  for path in (tf.io.gfile.glob(_join(output_dir, ".*.tmp-*"))
+               + tf.io.gfile.glob(_join(progress_dir, ".*.tmp-*"))):
+    tf.io.gfile.remove(path)
+
+
+def _write_error(error, output_dir, num_finished):
+  """The one line for a write that failed (disk full, read-only, permissions)."""
+  if isinstance(error, tf.errors.OpError):
+    cause = imageformat.op_error_text(error)
+  else:
+    cause = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+  return (f"--output_dir {output_dir}: cannot write ({cause}); free space or fix permissions "
+          f"there, then rerun the same command: the {num_finished} finished shards are kept")
+
+
+# ---------------------------------------------------------------------------
+# Checking a records directory before training reads it.
+
+
+def check_shards(records_dir, split):
+  """Verifies a split's shards against the manifest; returns their paths.
+
+  Every shard the manifest lists must be there with the sha256 make_tfrecords
+  wrote, and no other shard may match the split's pattern (the pipeline would
+  read it). A damaged shard (flipped bytes, truncated) is a UserError naming
+  it, the byte offset of its first bad record, and the fix: rerunning
+  make_tfrecords with the same flags rewrites exactly the damaged shards,
+  byte-identical. Training must not go on without one: its images would be
+  silently missing from the model and its metrics. Reads every shard once.
+  """
+  _check_split(split)
+  manifest = read_manifest(records_dir)
+  listed = manifest["splits"][split]["shards"]
+  fix = "rerun make_tfrecords with the same flags to rewrite it"
+  unlisted = sorted(set(tf.io.gfile.glob(split_file_pattern(records_dir, split)))
+                    - {_join(records_dir, shard["name"]) for shard in listed})
+  if unlisted:
+    raise UserError(f"{unlisted[0]}: a {split} shard that {MANIFEST_FILENAME} does not list; "
+                    f"remove it, or {fix.replace(' it', ' the directory')}")
+  paths = []
+  for shard in listed:
+    path = _join(records_dir, shard["name"])
+    if not tf.io.gfile.exists(path):
+      raise UserError(f"{path}: missing; {fix}")
+    if _file_sha256(path) != shard["sha256"]:
+      raise UserError(f"{path}: {_first_damage(path, shard['records'])}; {fix} "
+                      "(only damaged shards are rewritten)")
+    paths.append(path)
+  return paths
+
+
+def _first_damage(path, expected_records):
+  """Where a shard whose sha256 is wrong goes bad, in words."""
+  offset = count = 0
+  try:
+    for record in tf.data.TFRecordDataset(path):
+      offset += len(record.numpy()) + _TFRECORD_FRAMING_BYTES
+      count += 1
+  except tf.errors.DataLossError as e:
+    what = "truncated" if "truncated" in e.message else "corrupt"
+    return f"{what} record at byte offset {offset} (record {count + 1} of {expected_records})"
+  if count != expected_records:
+    return f"holds {count} records where the manifest says {expected_records}"
+  return "its bytes are not the ones make_tfrecords wrote (sha256 differs from the manifest)"
 
 
 # ---------------------------------------------------------------------------
@@ -578,11 +647,37 @@ def _collect_sources(image_dir, filelist, split_filelists):
   return sources, skipped, ignored
 
 
-def _choose_labels(sources, labels, skipped):
+def _without_missing_classes(sources, skipped):
+  """`sources` less the classes none of whose files exists; their files are skipped.
+
+  So a label that only names missing files (a stale list) does not become a
+  class. One existing file settles a class: a check per class, not per file.
+  """
+  by_label = collections.defaultdict(list)
+  for source in sources:
+    by_label[source.label].append(source)
+  kept = []
+  for label, group in by_label.items():
+    if any(tf.io.gfile.exists(source.path) for source in group):
+      kept.extend(group)
+      continue
+    logging.warning("Class %r: none of its %d files exists (e.g. %s); it is not a class",
+                    label, len(group), group[0].path)
+    skipped.extend({"path": source.key, "reason": "unreadable: no such file"} for source in group)
+  return kept
+
+
+def _choose_labels(sources, labels, skipped, image_dir):
+  """(sources of the classes to convert, class names in label-index order)."""
+  sources = _without_missing_classes(sources, skipped)
   present = sorted({source.label for source in sources})
+  for label in present:
+    check_class_name(label, "--image_dir" if image_dir else "--filelist")
   if labels:
     if len(set(labels)) != len(labels):
       raise UserError(f"--labels has a duplicate class name: {labels}")
+    for label in labels:
+      check_class_name(label, "--labels")
     unknown = [s for s in sources if s.label not in set(labels)]
     for source in unknown:
       skipped.append({"path": source.key, "reason": f"class {source.label!r} is not in --labels"})
@@ -592,17 +687,33 @@ def _choose_labels(sources, labels, skipped):
         logging.warning("Class %r from --labels has no images", label)
   else:
     labels = present
-  with_images = {source.label for source in sources}
-  if len(with_images) < 2:
-    names = ", ".join(sorted(with_images)) or "none"
-    raise UserError(f"found {len(with_images)} class(es) with images ({names}); need at least 2: "
-                    "one sub-folder (or list label) per class")
+  _check_two_classes({source.label for source in sources}, skipped, image_dir)
   return sources, list(labels)
+
+
+def _check_two_classes(labels_with_images, skipped, image_dir):
+  if len(labels_with_images) >= 2:
+    return
+  names = ", ".join(sorted(labels_with_images)) or "none"
+  message = (f"found {len(labels_with_images)} class(es) with images ({names}); need at least "
+             "2: one sub-folder (or list label) per class")
+  loose = [entry["path"] for entry in skipped if entry["reason"] == _NOT_IN_A_CLASS_FOLDER]
+  if loose:
+    message += (f"; the {len(loose)} images directly in {image_dir} ({_some(loose)}) were "
+                "ignored: put each class's images in a sub-folder named for the class, "
+                f"e.g. {_join(image_dir, 'cat')}/{posixpath.basename(loose[0])}")
+  raise UserError(message)
+
+
+def _some(names):
+  """'a, b, c' or 'a, b, c and 4 more': the first few of a list of names, for one line."""
+  shown = ", ".join(names[:_NAMES_SHOWN])
+  return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
 
 
 def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=None,
             test_filelist=None, labels=None, validation_percentage=10.0, test_percentage=10.0,
-            shard_size=DEFAULT_SHARD_SIZE, max_side=None, max_pixels=DEFAULT_MAX_PIXELS,
+            shard_size=DEFAULT_SHARD_SIZE, max_side=None, max_pixels=imageformat.DEFAULT_MAX_PIXELS,
             num_workers=1):
   """Converts images to sharded TFRecords in `output_dir`; returns the manifest (also written).
 
@@ -628,7 +739,11 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
     raise UserError("--shard_size, --num_workers, --max_pixels and --max_side must be positive")
 
   sources, skipped, ignored = _collect_sources(image_dir, filelist, split_filelists)
-  sources, labels = _choose_labels(sources, labels, skipped)
+  if ignored:
+    logging.warning("Ignored %d files that are not named like images: %s (all are listed in "
+                    "the manifest)", len(ignored), _some([entry["path"] for entry in ignored]))
+  labels_given = bool(labels)
+  sources, labels = _choose_labels(sources, labels, skipped, image_dir)
   sources_by_split = {split: [] for split in SPLITS}
   for source in sorted(sources, key=lambda s: s.key):
     split = source.split or stable_split(source.key, validation_percentage, test_percentage)
@@ -643,6 +758,23 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
   shards = _plan_shards(sources_by_split, labels, {"max_side": max_side, "max_pixels": max_pixels},
                         shard_size)
 
+  with locking.DirectoryLock(output_dir, what="make_tfrecords"):
+    sidecars = {}
+    try:
+      sidecars = _write_shards(output_dir, shards, labels, num_workers, max_pixels, max_side)
+      _check_classes_after_decoding(output_dir, labels, labels_given, sidecars)
+      manifest = _manifest(options, labels, shards, sidecars, skipped, ignored)
+      write_labels(output_dir, labels)
+      fileio.atomic_write_json(_join(output_dir, MANIFEST_FILENAME), manifest)
+    except (tf.errors.OpError, OSError) as e:
+      _remove_temp_files(output_dir)
+      num_finished = len(tf.io.gfile.glob(_join(output_dir, "*-of-*.tfrecord")))
+      raise UserError(_write_error(e, output_dir, num_finished)) from None
+  return manifest
+
+
+def _write_shards(output_dir, shards, labels, num_workers, max_pixels, max_side):
+  """Writes the shards a previous run did not finish; returns every shard's sidecar by name."""
   tf.io.gfile.makedirs(_join(output_dir, PROGRESS_DIRNAME))
   _remove_stale_outputs(output_dir, shards)
   sidecars, todo = {}, []
@@ -660,16 +792,40 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
                              max_pixels, max_side)
   for shard in todo:
     sidecars[shard.name] = _write_shard(output_dir, shard, results, label_index, progress)
+  return sidecars
 
-  manifest = _manifest(options, labels, shards, sidecars, skipped, ignored)
-  write_labels(output_dir, labels)
-  manifest_path = _join(output_dir, MANIFEST_FILENAME)
-  fileio.atomic_write_json(manifest_path, manifest)
-  if not manifest["num_examples"]:
-    first = manifest["skipped"][0]
-    raise UserError(f"no usable images: all {len(sources)} files were skipped (e.g. "
-                    f"{first['path']}: {first['reason']}); every reason is in {manifest_path}")
-  return manifest
+
+def _check_classes_after_decoding(output_dir, labels, labels_given, sidecars):
+  """At least 2 classes with a converted image, and no class without one unless --labels named it.
+
+  Counted after decoding: a class whose files were all skipped is no class.
+  On failure, the sidecars of shards holding that class's skipped files are
+  removed, so that the rerun after fixing the files decodes them again.
+  """
+  converted = collections.Counter(
+      entry["label"] for sidecar in sidecars.values() for entry in sidecar["files"])
+  skipped = [entry for sidecar in sidecars.values() for entry in sidecar["skipped"]]
+  if not converted:
+    first = skipped[0]
+    raise UserError(f"no usable images: all {len(skipped)} files were skipped (e.g. "
+                    f"{first['path']}: {first['reason']}); each file and why is logged above")
+  empty = [label for label in labels if not converted[label]]
+  for label in empty:
+    logging.warning("Class %r has no readable image", label)
+  if len(converted) >= 2 and (labels_given or not empty):
+    return
+  for name, sidecar in sidecars.items():
+    if any(entry["label"] in empty for entry in sidecar["skipped"]):
+      tf.io.gfile.remove(_sidecar_path(output_dir, name))
+  if len(converted) < 2:
+    raise UserError(f"found {len(converted)} class(es) with readable images "
+                    f"({', '.join(sorted(converted))}); need at least 2. No readable image in: "
+                    f"{_some(empty)}; fix or replace their files (each skip and why is logged "
+                    "above), then rerun")
+  files = [entry for entry in skipped if entry["label"] == empty[0]]
+  raise UserError(f"class {empty[0]!r} has no readable image: its {len(files)} files were all "
+                  f"skipped (e.g. {files[0]['path']}: {files[0]['reason']}); fix or remove them, "
+                  "or leave the class out with --labels, then rerun")
 
 
 def _manifest(options, labels, shards, sidecars, skipped, ignored):
@@ -712,8 +868,13 @@ def summary_lines(manifest, output_dir, max_skipped_lines=20):
     lines.extend(f"  {entry['path']}: {entry['reason']}" for entry in skipped[:max_skipped_lines])
     if len(skipped) > max_skipped_lines:
       lines.append(f"  ... and {len(skipped) - max_skipped_lines} more")
-  if manifest["ignored"]:
-    lines.append(f"Ignored {len(manifest['ignored'])} files that are not named like images")
+  ignored = [entry["path"] for entry in manifest["ignored"]]
+  if ignored:
+    lines.append(f"Ignored {len(ignored)} files that are not named like images: {_some(ignored)}")
+  empty = [label for label in manifest["labels"]
+           if not sum(splits[split]["per_class"][label] for split in SPLITS)]
+  if empty:
+    lines.append(f"Classes from --labels with no images: {_some(empty)}")
   lines.append(f"Labels: {_join(output_dir, LABELS_FILENAME)}")
   lines.append(f"Manifest: {_join(output_dir, MANIFEST_FILENAME)}")
   return lines
