@@ -109,3 +109,30 @@ def test_offline_demo_prints_results_and_no_tensorflow_noise(tmp_path):
   assert "validation accuracy: 1.0000" in result.stdout
   assert "cross-validation of --l2" in result.stdout and "<- best" in result.stdout
   assert f"TensorBoard: tensorboard --logdir={model_dir}/logs" in result.stdout
+
+
+def test_every_train_option_has_a_flag_and_every_flag_an_option():
+  """bin/train binds flags to TrainOptions by name: a mismatch would fail only at run time."""
+  from tlframe import options  # pylint: disable=g-import-not-at-top
+  source = open(os.path.join(REPO, "bin", "train")).read()
+  defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))
+  thread_flags = {"intra_op_threads", "inter_op_threads"}  # process settings, not the run's
+  assert set(options.field_names()) == defined - thread_flags
+
+
+def _python_programs():
+  return sorted(name for name in os.listdir(os.path.join(REPO, "bin"))
+                if open(os.path.join(REPO, "bin", name), encoding="utf-8").readline()
+                .startswith("#!") and "python" in open(os.path.join(REPO, "bin", name),
+                                                      encoding="utf-8").readline())
+
+
+@pytest.mark.parametrize("program", _python_programs())
+def test_every_program_quiets_tensorflow_before_loading_it(program):
+  """tlframe.cli filters TensorFlow's native start-up lines only if it is imported first."""
+  lines = open(os.path.join(REPO, "bin", program), encoding="utf-8").read().splitlines()
+  imports = [i for i, line in enumerate(lines) if re.match(r"(from|import) ", line)]
+  first_tlframe = next(i for i in imports if "tlframe" in lines[i])
+  assert lines[first_tlframe].startswith("from tlframe import cli"), (program,
+                                                                       lines[first_tlframe])
+  assert not any("tensorflow" in lines[i] for i in imports if i < first_tlframe), program
