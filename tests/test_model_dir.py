@@ -2,6 +2,7 @@
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -168,3 +169,44 @@ def test_two_train_runs_on_one_model_dir_the_second_refuses(task, tmp_path):
   rerun = subprocess.run(command[:-2] + ["--epochs=200", "--noexport"], capture_output=True,
                          text=True, timeout=300, env=env)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+
+def _copy_records(records_dir, tmp_path):
+  copy = tmp_path / "records"
+  shutil.copytree(records_dir, copy)
+  return copy
+
+
+def test_a_corrupt_shard_stops_training_naming_the_shard(task, tmp_path):
+  first, _, backbone = task
+  records_dir = _copy_records(first, tmp_path)
+  shard = sorted(records_dir.glob("train-*.tfrecord"))[0]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  with pytest.raises(UserError, match=rf"{shard}: .*rerun make_tfrecords"):
+    train.train(_options(str(records_dir), tmp_path / "model", backbone))
+
+
+def test_an_undecodable_image_in_a_valid_record_is_skipped_and_counted(task, tmp_path):
+  """The steps come from what was read, not from the manifest's count."""
+  from tlframe import imageformat  # pylint: disable=g-import-not-at-top
+  first, _, backbone = task
+  records_dir = _copy_records(first, tmp_path)
+  shard = sorted(records_dir.glob("train-*.tfrecord"))[0]
+  good = [bytes(r) for r in tf.data.TFRecordDataset(str(shard)).as_numpy_iterator()]
+  bad = imageformat.make_example(b"\xff\xd8\xff\xe0 not really a jpeg", "jpeg", 0, "chelsea",
+                                 "chelsea/broken.jpg", 80, 80).SerializeToString()
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for record in good + [bad]:
+      writer.write(record)
+  manifest_path = records_dir / "manifest.json"
+  manifest = json.load(open(manifest_path))
+  entry = next(s for s in manifest["splits"]["train"]["shards"] if s["name"] == shard.name)
+  entry["records"] += 1
+  entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+  manifest["splits"]["train"]["examples"] += 1
+  manifest_path.write_text(json.dumps(manifest))
+  metrics = train.train(_options(str(records_dir), tmp_path / "model", backbone, batch_size=None))
+  assert metrics["train"]["num_examples"] == manifest["splits"]["train"]["examples"] - 1
+  assert metrics["skipped_records"]["train"] == 1

@@ -141,6 +141,8 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
       loaded.extract_seconds = time.monotonic() - start
       logging.info("Loaded cached %s features from %s: skipping the backbone pass", split, path)
       return loaded
+  # A damaged shard stops the run here, named, rather than deep inside tf.data.
+  records.check_shards(records_dir, split)
   logging.info("Backbone pass over the %s records (%s)", split, backbone)
   feature_set = extract_features(
       backbone, records.split_file_pattern(records_dir, split), batch_size=batch_size,

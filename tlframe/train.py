@@ -178,6 +178,8 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
       writers=writers)
 
   if options.augment:
+    records.check_shards(options.records_dir, "train")  # read again at every epoch
+
     def make_iterator(first_epoch):
       return trainer_lib.augmented_batches(
           strategy, records.split_file_pattern(options.records_dir, "train"), global_batch,
