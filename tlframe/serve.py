@@ -501,8 +501,6 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
     # uvicorn has answered every accepted request by now; the queue is empty.
     state.draining.set()
     await asyncio.to_thread(state.batcher.close)
-    logging.info("drained: %d API requests accepted, %d answered", state.accepted,
-                 state.answered)
 
   app = fastapi.FastAPI(title="tlframe serve", lifespan=lifespan, docs_url=None,
                         redoc_url=None, openapi_url=None)
@@ -614,7 +612,8 @@ def run_server(app, host="127.0.0.1", port=8501, max_connections=DEFAULT_MAX_CON
                on_listening=None):
   """Serves `app` until SIGTERM or SIGINT, then drains; `on_listening(url)` once it listens.
 
-  `port` 0 picks a free port. Returns after the drain.
+  `port` 0 picks a free port. Returns after the drain: (requests accepted,
+  requests answered) to the /v1/ API, equal unless the drain timed out.
   """
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
   sock = socket.socket(family, socket.SOCK_STREAM)
@@ -628,4 +627,6 @@ def run_server(app, host="127.0.0.1", port=8501, max_connections=DEFAULT_MAX_CON
   config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                           limit_concurrency=max_connections,
                           timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
-  _DrainingServer(config, app.state.server_state, on_listening).run(sockets=[sock])
+  state = app.state.server_state
+  _DrainingServer(config, state, on_listening).run(sockets=[sock])
+  return state.accepted, state.answered
