@@ -1,0 +1,159 @@
+"""The export: same scores as training, bytes == pixels, JPEG == PNG, TFLite, a bare TF process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tlframe import backbone as backbone_lib
+from tlframe import calibration
+from tlframe import export
+from tlframe import head as head_lib
+from tlframe import imageformat
+from tlframe import pipeline
+from tlframe import records
+from production_fixtures import CLASSES
+from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
+
+
+def _split_records(records_dir, split):
+  """[(encoded bytes, label, filename)] of a split, in record order."""
+  pattern = records.split_file_pattern(records_dir, split)
+  dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))
+  return [tuple(value.numpy() for value in imageformat.parse_example(serialized))
+          for serialized in dataset]
+
+
+@pytest.fixture(scope="module")
+def saved_model(trained_model):
+  return tf.saved_model.load(trained_model.export_dir)
+
+
+def test_export_dir_holds_the_contract(trained_model):
+  export_dir = trained_model.export_dir
+  assert os.path.dirname(export_dir) == os.path.join(trained_model.model_dir, "export")
+  assert os.path.basename(export_dir).isdigit()
+  for name in ("saved_model.pb", "variables", os.path.join("assets", "labels.txt")):
+    assert os.path.exists(os.path.join(export_dir, name)), name
+  assert open(os.path.join(export_dir, "assets", "labels.txt")).read().split() == list(CLASSES)
+  info = json.load(open(os.path.join(export_dir, export.EXPORT_INFO_FILENAME)))
+  assert info["format_version"] == 1 and info["labels"] == list(CLASSES)
+  assert info["num_classes"] == 4 and info["top_k"] == 4 and info["image_size"] == 224
+  assert info["backbone"] == backbone_lib.DEFAULT_HANDLE and info["loss"] == "hinge"
+  assert info["resize_mode"] == "center_crop" and info["precision"] == "float32"
+  assert set(info["signatures"]) == {"serving_default", "serving_keyed", "predict_images"}
+  expected = calibration.read_calibration(trained_model.model_dir)
+  assert info["calibration"]["method"] == expected["method"]
+  assert info["calibration"]["temperature"] == pytest.approx(expected["temperature"])
+
+
+def test_scores_equal_the_training_evaluation(trained_model, saved_model):
+  """serving_default on the validation records' bytes == training's pipeline + backbone + head."""
+  examples = _split_records(trained_model.records_dir, "validation")
+  assert len(examples) >= 8
+  outputs = saved_model.signatures["serving_default"](
+      image_bytes=tf.constant([encoded for encoded, _, _ in examples]))
+  # What training computes for these records: its pipeline, the backbone, the saved head.
+  head, config = head_lib.load_head(trained_model.model_dir)
+  backbone = backbone_lib.load_backbone(config.backbone, input_size=config.image_size)
+  dataset = pipeline.make_dataset(records.split_file_pattern(trained_model.records_dir,
+                                                             "validation"),
+                                  64, image_size=config.image_size,
+                                  resize_mode=config.resize_mode)
+  expected = np.concatenate([head(backbone(images)).numpy() for images, _ in dataset])
+  scores = outputs["scores"].numpy()
+  np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(np.argmax(scores, 1), np.argmax(expected, 1))
+  labels = np.array([label for _, label, _ in examples])
+  accuracy = np.mean(outputs["classes"].numpy() == labels)
+  assert accuracy == pytest.approx(trained_model.metrics["validation"]["accuracy"])
+  assert accuracy >= 0.9
+  # The other outputs follow from the scores.
+  temperature = calibration.read_calibration(trained_model.model_dir)["temperature"]
+  np.testing.assert_allclose(outputs["probabilities"].numpy(),
+                             calibration.softmax(expected, temperature), atol=1e-4)
+  names = np.array(CLASSES)
+  assert [s.decode() for s in outputs["labels"].numpy()] == list(names[np.argmax(scores, 1)])
+  top = outputs["top_k_probabilities"].numpy()
+  assert np.all(np.diff(top, axis=1) <= 0) and top.shape == (len(examples), 4)
+
+
+def test_bytes_signature_equals_predict_images_on_decoded_pixels(trained_model, saved_model):
+  examples = _split_records(trained_model.records_dir, "validation")[:6]
+  encoded = [e for e, _, _ in examples]
+  from_bytes = saved_model.signatures["serving_default"](image_bytes=tf.constant(encoded))
+  pixels = tf.stack([tf.image.convert_image_dtype(imageformat.decode_image(e), tf.float32)
+                     for e in encoded])
+  assert pixels.shape[1:3] == (160, 160)  # resized inside the signature
+  from_pixels = saved_model.signatures["predict_images"](images=pixels)
+  # Already at the model's size (no per-image resize inside): still the same.
+  resized = tf.stack([pipeline.preprocess(imageformat.decode_image(e), 224) for e in encoded])
+  from_resized = saved_model.signatures["predict_images"](images=resized)
+  for other in (from_pixels, from_resized):
+    np.testing.assert_allclose(other["scores"].numpy(), from_bytes["scores"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(other["classes"].numpy(), from_bytes["classes"].numpy())
+  keyed = saved_model.signatures["serving_keyed"](
+      image_bytes=tf.constant(encoded), key=tf.constant([f"k{i}" for i in range(len(encoded))]))
+  assert [k.decode() for k in keyed["key"].numpy()] == [f"k{i}" for i in range(len(encoded))]
+  np.testing.assert_allclose(keyed["scores"].numpy(), from_bytes["scores"].numpy(), atol=1e-6)
+
+
+def test_jpeg_and_png_of_the_same_picture_get_the_same_class(trained_model, saved_model):
+  for name, photo in trained_model.photos.items():
+    jpeg = tf.io.encode_jpeg(photo, quality=85).numpy()
+    png = tf.io.encode_png(photo).numpy()
+    outputs = saved_model.signatures["serving_default"](image_bytes=tf.constant([jpeg, png]))
+    assert [label.decode() for label in outputs["labels"].numpy()] == [name, name]
+
+
+@pytest.mark.slow
+def test_a_process_with_only_tensorflow_loads_the_export_and_classifies_bytes(trained_model,
+                                                                              tmp_path):
+  paths = []
+  for name, photo in trained_model.photos.items():
+    path = tmp_path / f"{name}.jpg"
+    path.write_bytes(tf.io.encode_jpeg(photo).numpy())
+    paths.append(str(path))
+  script = textwrap.dedent("""
+      import json, sys
+      import tensorflow as tf
+      model = tf.saved_model.load(sys.argv[1])
+      data = [open(path, "rb").read() for path in sys.argv[2:]]
+      outputs = model.signatures["serving_default"](image_bytes=tf.constant(data))
+      print(json.dumps({
+          "labels": [label.decode() for label in outputs["labels"].numpy()],
+          "modules": [name for name in sys.modules
+                      if name.split(".")[0] in ("tlframe", "tensorflow_hub")]}))
+  """)
+  result = subprocess.run([sys.executable, "-c", script, trained_model.export_dir, *paths],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  answer = json.loads(result.stdout.strip().splitlines()[-1])
+  assert answer["labels"] == list(trained_model.photos)
+  assert answer["modules"] == []
+
+
+@pytest.mark.slow
+def test_tflite_agrees_with_the_saved_model_and_versions_increment(trained_model):
+  previous = int(os.path.basename(trained_model.export_dir))
+  export_dir = export.export_model(trained_model.model_dir, tflite=True)
+  assert int(os.path.basename(export_dir)) > previous
+  assert export.latest_version(os.path.join(trained_model.model_dir, "export")) == export_dir
+  info = json.load(open(os.path.join(export_dir, export.EXPORT_INFO_FILENAME)))
+  assert info["tflite"] == "tflite/model.tflite"
+  assert open(os.path.join(export_dir, "tflite", "labels.txt")).read().split() == list(CLASSES)
+  model = open(os.path.join(export_dir, info["tflite"]), "rb").read()
+  encoded = [tf.io.encode_jpeg(photo).numpy() for photo in trained_model.photos.values()]
+  saved = tf.saved_model.load(export_dir).signatures["serving_default"](
+      image_bytes=tf.constant(encoded))["probabilities"].numpy()
+  images = np.stack([pipeline.preprocess(imageformat.decode_image(e), 224).numpy()
+                     for e in encoded])
+  lite = export.tflite_classify(model, images)
+  np.testing.assert_array_equal(np.argmax(lite, 1), np.argmax(saved, 1))
+  np.testing.assert_allclose(lite, saved, atol=1e-3)
+  assert list(np.array(CLASSES)[np.argmax(lite, 1)]) == list(trained_model.photos)
