@@ -38,6 +38,7 @@ def _one_error_line(result):
   return errors[0]
 
 
+@pytest.mark.slow
 def test_full_then_freed_disk_and_read_only_disk(small_disk, tmp_path, skimage_photos):
   photos = {name: skimage_photos[name] for name in ("chelsea", "coffee")}
   records_dir = make_records(str(tmp_path / "data"), photos, per_class=6)
