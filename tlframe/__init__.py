@@ -20,3 +20,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  """`tlframe.Classifier` (tlframe.classifier), imported on first use: `import tlframe`
+  itself stays free of TensorFlow, which must load after the settings above."""
+  if name == "Classifier":
+    from tlframe.classifier import Classifier  # pylint: disable=g-import-not-at-top
+    return Classifier
+  raise AttributeError(f"module 'tlframe' has no attribute {name!r}")
