@@ -28,6 +28,7 @@ from test_train_helpers import make_records, save_tiny_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = os.path.join(REPO, "bin", "serve")
+PREDICT = os.path.join(REPO, "bin", "predict")
 MODEL_NAME = "photos"
 START_TIMEOUT_S = 120
 MAX_REQUEST_BYTES = 1 << 20
@@ -148,7 +149,8 @@ def _assert_prediction(prediction, want):
                              atol=1e-5)
 
 
-def test_predictions_over_http_equal_the_export_called_in_process(server, photos, expected):
+def test_predictions_over_http_equal_bin_predicts_and_the_exports(server, model_dir, photos,
+                                                                  expected, tmp_path):
   names = list(photos)
   status, answer = server.predict({"instances": [_b64(photos[name]) for name in names]})
   assert status == 200, answer
@@ -156,6 +158,24 @@ def test_predictions_over_http_equal_the_export_called_in_process(server, photos
   for name, prediction in zip(names, answer["predictions"]):
     assert set(prediction) == set(export.OUTPUTS)
     _assert_prediction(prediction, expected[name])
+  # bin/predict on the same images, as files.
+  for name, data in photos.items():
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / (name if "." in name else f"{name}.jpg")).write_bytes(data)
+  result = subprocess.run([sys.executable, PREDICT, f"--model={model_dir}",
+                           f"--images={tmp_path / 'images'}", "--top_k=4",
+                           f"--output={tmp_path / 'predictions.jsonl'}"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  offline = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+  assert len(offline) == len(names)
+  for row in offline:
+    name = os.path.basename(row["path"]).replace(".jpg", "")
+    prediction = answer["predictions"][names.index(name)]
+    assert row["label"] == prediction["labels"]
+    # All four classes: the same probability for each (ties may be listed in either order).
+    assert {top["label"]: top["probability"] for top in row["top_k"]} == pytest.approx(
+        dict(zip(prediction["top_k_labels"], prediction["top_k_probabilities"])), abs=1e-5)
   # The model learned the photos: each of the four is its own class.
   for name in ("chelsea", "coffee", "rocket", "astronaut"):
     assert expected[name]["labels"].decode() == name
@@ -354,5 +374,5 @@ def test_bad_model_flag_is_one_line_and_exit_2(tmp_path):
   result = subprocess.run([sys.executable, SERVE, f"--model={tmp_path}"], capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith(f"error: --model={tmp_path}")
+  assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: no saved_model.pb")
   assert "Traceback" not in result.stderr

@@ -88,24 +88,6 @@ class RequestError(Exception):
 # The servable: an export directory loaded once.
 
 
-def resolve_export_dir(path):
-  """The export to serve for `--model`: an export dir, a versions dir, or a model dir.
-
-  `path` itself when it holds saved_model.pb; else the highest numbered
-  `path/<N>/` (TF Serving's model base path) or `path/export/<N>/` (a tlframe
-  model dir).
-  """
-  if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
-    return path
-  for base in (path, os.path.join(path, export.EXPORT_DIRNAME)):
-    latest = export.latest_version(base)
-    if latest:
-      return latest
-  raise UserError(f"--model={path}: no saved_model.pb there nor in {path}/<N>/ or "
-                  f"{path}/export/<N>/; give an export dir, or export the model dir first "
-                  f"(bin/export --model_dir={path})")
-
-
 def _version_of(export_dir):
   name = os.path.basename(os.path.normpath(export_dir))
   return int(name) if name.isdigit() else 1
