@@ -31,8 +31,12 @@ from tlframe.errors import UserError
 USAGE_EXIT_CODE = 2
 NATIVE_LOGS_ENV = "TLFRAME_NATIVE_LOGS"
 _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
-# A native log line: severity letter, date, time, thread, file:line].
-_NATIVE_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w.\-]+:\d+\] (.*)")
+# A native (C++) log line: severity, date, time, thread, source file:line] -- in
+# absl's format ("I0000 00:00:1795760330.016 19932 port.cc:153] ...") or TF's
+# older one ("2026-11-27 06:19:16.123456: I tensorflow/core/x.cc:42] ..."). A C++
+# source file tells them from absl's Python log lines, which name a .py file.
+_NATIVE_LINE = re.compile(rb"^(?:([IWEF])\d{4} [\d:.]+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) )"
+                          rb"[\w/.\-]+\.(?:cc|h|cpp|c):\d+\] (.*)")
 # Native warnings and errors that are start-up probing, not trouble.
 _NATIVE_NOISE = re.compile(rb"cuInit|cuda|CUDA|TensorRT|oneDNN|"
                            rb"computation placer|Unable to register cu|rocm|ROCm")
@@ -43,7 +47,8 @@ _PLAIN_NOISE = (b"WARNING: All log messages before absl::InitializeLog() is call
 def _is_noise(line):
   match = _NATIVE_LINE.match(line)
   if match:
-    return match.group(1) == b"I" or bool(_NATIVE_NOISE.search(match.group(2)))
+    severity = match.group(1) or match.group(2)
+    return severity == b"I" or bool(_NATIVE_NOISE.search(match.group(3)))
   return line.startswith(_PLAIN_NOISE)
 
 

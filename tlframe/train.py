@@ -125,18 +125,17 @@ def _run(options, strategy):
       "final/validation_accuracy": (metrics["validation"] or {}).get("accuracy", float("nan"))})
   writers.close()
 
-  if chief:
-    _write_model(options.model_dir, trainer.head, options, backbone, label_names, calibration)
-    if options.export:
-      export_start = time.monotonic()
-      metrics["export_dir"] = export_lib.export_model(options.model_dir,
-                                                      precision=options.precision)
-      metrics["timings"]["export_s"] = time.monotonic() - export_start
-    metrics["timings"]["total_s"] = time.monotonic() - start
-    fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
-                             metrics)
-  else:
+  metrics["timings"]["total_s"] = time.monotonic() - start  # the export's time is apart
+  if not chief:
     tf.io.gfile.rmtree(out_dir)
+    return metrics
+  _write_model(options.model_dir, trainer.head, options, backbone, label_names, calibration)
+  if options.export:
+    export_start = time.monotonic()
+    metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=options.precision)
+    metrics["timings"]["export_s"] = time.monotonic() - export_start
+  fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
+                           metrics)
   return metrics
 
 
