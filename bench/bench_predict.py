@@ -32,12 +32,11 @@ import numpy as np
 
 import tlframe  # pylint: disable=unused-import  (before TensorFlow: oneDNN on)
 from tlframe import backbone as backbone_lib
-from tlframe import export
 from tlframe import prediction
-from tlframe import records
 from tlframe import samples
-from tlframe import train
 from tlframe.classifier import Classifier
+from bench_common import build_model  # pylint: disable=g-bad-import-order
+from bench_common import cpu_model  # pylint: disable=g-bad-import-order
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
@@ -49,28 +48,6 @@ flags.DEFINE_integer("single_images", 48, "Files classified one by one at batch 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 32
-
-
-def cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-  except OSError:
-    names = []
-  return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
-
-
-def build_model(work_dir):
-  """A model dir with an export: the default head on crops of 4 sample photos."""
-  image_dir = os.path.join(work_dir, "train_images")
-  samples.write_photo_crops(image_dir, samples.load_sample_photos(samples.SAMPLE_PHOTOS[:4]), 12)
-  records_dir = os.path.join(work_dir, "records")
-  records.convert(records_dir, image_dir=image_dir, validation_percentage=25, test_percentage=0)
-  model_dir = os.path.join(work_dir, "model")
-  train.train(train.TrainOptions(records_dir=records_dir, model_dir=model_dir))
-  if not export.latest_version(os.path.join(model_dir, export.EXPORT_DIRNAME)):
-    export.export_model(model_dir)
-  return model_dir
 
 
 def backbone_rates(handle, image_size):
