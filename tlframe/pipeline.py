@@ -13,8 +13,11 @@ TF-Hub image convention) by one of three resize modes:
 - "crop_or_pad": no resizing: crop the centre or pad with black. For images
   that are already about the right size (tiles, crops, icons).
 
-A record whose image cannot be decoded (written by another tool, or corrupted
-on disk) is skipped and counted in a `SkipCounter` instead of ending the run.
+A record whose image does not decode (bytes another tool wrote) is skipped
+and counted in a `SkipCounter` instead of ending the run. A damaged shard is
+not skipped: a record failing its checksum (flipped bytes, a truncated file)
+raises DataLossError while iterating. Check shards first with
+`records.check_shards`, which names the shard, the offset and the fix.
 """
 
 import threading
