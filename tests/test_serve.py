@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tlframe import batching
 from tlframe import export
 from tlframe import train
 from test_train_helpers import make_records, save_tiny_backbone
@@ -376,3 +377,57 @@ def test_bad_model_flag_is_one_line_and_exit_2(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: no saved_model.pb")
   assert "Traceback" not in result.stderr
+
+
+class _Recorder:
+  """A model stand-in for the batcher alone: doubles `x`, refuses negatives, records batches."""
+
+  def __init__(self, delay_s=0.0):
+    self.batches = []
+    self.delay_s = delay_s
+
+  def __call__(self, group, inputs):
+    self.batches.append((group, len(inputs["x"])))
+    time.sleep(self.delay_s)
+    if (inputs["x"] < 0).any():
+      raise ValueError("negative input")
+    return {"y": inputs["x"] * 2}
+
+
+def test_batcher_merges_queued_requests_up_to_the_limit_and_isolates_a_failure():
+  model = _Recorder(delay_s=0.05)
+  batcher = batching.DynamicBatcher(model, max_batch_size=8, batch_timeout_s=0.2)
+  first = batcher.submit("a", {"x": np.array([1.0])}, 1)  # runs alone after its timeout
+  time.sleep(0.25)
+  # Queued while the first batch runs: 3 + 4 fit in 8, the next 3 do not.
+  futures = [batcher.submit("a", {"x": np.array([10.0, 11.0, 12.0])}, 3),
+             batcher.submit("a", {"x": np.array([20.0, -1.0, 22.0, 23.0])}, 4),
+             batcher.submit("a", {"x": np.array([30.0, 31.0, 32.0])}, 3),
+             batcher.submit("b", {"x": np.array([40.0])}, 1)]
+  batcher.close()  # drains the queue
+  assert first.result()["y"].tolist() == [2.0]
+  np.testing.assert_array_equal(futures[0].result()["y"], [20.0, 22.0, 24.0])
+  with pytest.raises(ValueError, match="negative"):
+    futures[1].result()
+  np.testing.assert_array_equal(futures[2].result()["y"], [60.0, 62.0, 64.0])
+  np.testing.assert_array_equal(futures[3].result()["y"], [80.0])
+  # The merged call failed, so its two requests reran alone; groups never mix.
+  assert model.batches == [("a", 1), ("a", 7), ("a", 3), ("a", 4), ("a", 3), ("b", 1)]
+  with pytest.raises(batching.ShuttingDown):
+    batcher.submit("a", {"x": np.array([1.0])}, 1)
+
+
+def test_batcher_waits_at_most_the_timeout_from_the_oldest_request():
+  model = _Recorder()
+  batcher = batching.DynamicBatcher(model, max_batch_size=64, batch_timeout_s=0.3)
+  start = time.monotonic()
+  future = batcher.submit("a", {"x": np.array([1.0, 2.0])}, 2)
+  future.result(timeout=5)
+  waited = time.monotonic() - start
+  cancelled = batcher.submit("a", {"x": np.array([5.0])}, 1)
+  assert cancelled.cancel()  # a client that went away: dropped, never run
+  kept = batcher.submit("a", {"x": np.array([6.0])}, 1)
+  assert kept.result(timeout=5)["y"].tolist() == [12.0]
+  batcher.close()
+  assert 0.3 <= waited < 3.0
+  assert model.batches == [("a", 2), ("a", 1)]

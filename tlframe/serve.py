@@ -296,6 +296,8 @@ def parse_predict_request(body_bytes, servable):
     raise RequestError(400, "JSON Parse error: the body is not UTF-8") from None
   except json.JSONDecodeError as e:
     raise RequestError(400, f"JSON Parse error: {e.msg} at offset: {e.pos}") from None
+  except RecursionError:
+    raise RequestError(400, "JSON Parse error: nested too deeply") from None
   if not isinstance(body, dict):
     raise RequestError(400, f"JSON Value: {_short_json(body)} Is not object")
   if "instances" in body and "inputs" in body:
@@ -430,7 +432,9 @@ class _ServerState:
     raise RequestError(404, f"Servable not found for request: {servable_id}")
 
   async def predict(self, body):
-    signature, inputs, row_format = parse_predict_request(body, self.servable)
+    # Parsing megabytes of JSON (float pixels) would stall the event loop's other requests.
+    signature, inputs, row_format = await asyncio.to_thread(parse_predict_request, body,
+                                                            self.servable)
     images = inputs.get(IMAGE_BYTES_INPUT)
     if images is not None:
       check_image_headers(images, self.max_pixels)
