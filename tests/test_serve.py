@@ -150,8 +150,7 @@ def _assert_prediction(prediction, want):
                              atol=1e-5)
 
 
-def test_predictions_over_http_equal_bin_predicts_and_the_exports(server, model_dir, photos,
-                                                                  expected, tmp_path):
+def test_predictions_over_http_equal_the_export_called_in_process(server, photos, expected):
   names = list(photos)
   status, answer = server.predict({"instances": [_b64(photos[name]) for name in names]})
   assert status == 200, answer
@@ -159,7 +158,16 @@ def test_predictions_over_http_equal_bin_predicts_and_the_exports(server, model_
   for name, prediction in zip(names, answer["predictions"]):
     assert set(prediction) == set(export.OUTPUTS)
     _assert_prediction(prediction, expected[name])
-  # bin/predict on the same images, as files.
+  # The model learned the photos: each of the four is its own class.
+  for name in ("chelsea", "coffee", "rocket", "astronaut"):
+    assert expected[name]["labels"].decode() == name
+
+
+@pytest.mark.slow
+def test_predictions_over_http_equal_bin_predicts(server, model_dir, photos, tmp_path):
+  names = list(photos)
+  status, answer = server.predict({"instances": [_b64(photos[name]) for name in names]})
+  assert status == 200, answer
   for name, data in photos.items():
     (tmp_path / "images").mkdir(exist_ok=True)
     (tmp_path / "images" / (name if "." in name else f"{name}.jpg")).write_bytes(data)
@@ -177,9 +185,6 @@ def test_predictions_over_http_equal_bin_predicts_and_the_exports(server, model_
     # All four classes: the same probability for each (ties may be listed in either order).
     assert {top["label"]: top["probability"] for top in row["top_k"]} == pytest.approx(
         dict(zip(prediction["top_k_labels"], prediction["top_k_probabilities"])), abs=1e-5)
-  # The model learned the photos: each of the four is its own class.
-  for name in ("chelsea", "coffee", "rocket", "astronaut"):
-    assert expected[name]["labels"].decode() == name
 
 
 def test_columnar_keyed_and_pixel_requests_agree_with_rows(server, photos, expected):
@@ -371,6 +376,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(model_dir, photos
   assert int(drained.group(1)) == int(drained.group(2)) == len(answered)
 
 
+@pytest.mark.slow
 def test_bad_model_flag_is_one_line_and_exit_2(tmp_path):
   result = subprocess.run([sys.executable, SERVE, f"--model={tmp_path}"], capture_output=True,
                           text=True, timeout=120)
