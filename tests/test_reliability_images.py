@@ -103,7 +103,8 @@ def test_training_and_prediction_see_the_same_upright_pixels(cat, skimage_photos
           jpeg_with_orientation(photo, orientation))
   out = tmp_path / "out"
   records.convert(str(out), image_dir=str(image_dir), validation_percentage=0, test_percentage=0)
-  for serialized in tf.data.TFRecordDataset(records.split_file_pattern(str(out), "train")):
+  for serialized in tf.data.TFRecordDataset(
+      tf.io.gfile.glob(records.split_file_pattern(str(out), "train"))):
     feature = tf.train.Example.FromString(serialized.numpy()).features.feature
     stored_as = imageformat.decode_image(feature["image/encoded"].bytes_list.value[0]).shape
     assert (feature["image/height"].int64_list.value[0],
@@ -124,13 +125,13 @@ def test_training_and_prediction_see_the_same_upright_pixels(cat, skimage_photos
   records.convert(str(tmp_path / "small"), image_dir=str(image_dir), validation_percentage=0,
                   test_percentage=0, max_side=200)
   for serialized in tf.data.TFRecordDataset(
-      records.split_file_pattern(str(tmp_path / "small"), "train")):
+      tf.io.gfile.glob(records.split_file_pattern(str(tmp_path / "small"), "train"))):
     feature = tf.train.Example.FromString(serialized.numpy()).features.feature
     name = feature["image/filename"].bytes_list.value[0].decode()
     encoded = feature["image/encoded"].bytes_list.value[0]
     assert int(imageformat.exif_orientation(encoded)) == 1
     height, width = imageformat.decode_image(encoded).shape[:2]
-    assert (height > width) == (name.startswith("cat/o") and int(name[-5]) >= 5), name
+    assert (height > width) == (int(name[-5]) >= 5), name  # both photos are landscape
 
 
 def with_frame_size(data, height, width):
@@ -153,7 +154,8 @@ def test_lying_and_partial_jpegs_are_skipped_as_such_without_libjpeg_noise(cat, 
   files = {
       "cat/lying_header.jpg": with_frame_size(tiny.getvalue(), 9000, 9000),
       "cat/cut_then_closed.jpg": whole[:len(whole) // 2] + b"\xff\xd9",
-      "cat/cut_header.jpg": whole[:300],
+      "cat/cut_header.jpg": whole[:100],
+      "cat/cut_scan.jpg": whole[:400],
       "cat/good.jpg": jpeg_with_orientation(cat, 1),
       "cup/good.jpg": whole,
   }
@@ -171,7 +173,9 @@ def test_lying_and_partial_jpegs_are_skipped_as_such_without_libjpeg_noise(cat, 
   assert reasons["cat/lying_header.jpg"].startswith(partial)
   assert reasons["cat/cut_then_closed.jpg"].startswith(partial)
   assert reasons["cat/cut_header.jpg"] == "corrupt or truncated JPEG header"
-  assert len(reasons) == 3
+  assert reasons["cat/cut_scan.jpg"] == ("does not decode: jpeg::Uncompress failed. Invalid JPEG "
+                                         "data or crop window.")
+  assert len(reasons) == 4
   assert "Improper call to JPEG library" not in result.stderr
   assert "Corrupt JPEG data" not in result.stderr.replace(partial, "")  # only in our own lines
 
@@ -183,8 +187,9 @@ def test_classify_calls_a_jpeg_bomb_what_it_is(cat, tmp_path):
   bomb.write_bytes(with_frame_size(small.getvalue(), 65000, 65000))
   message = ("65000x65000 = 4225000000 pixels is over the limit of 100000000 (a decompression "
              "bomb?)")
-  with pytest.raises(UserError, match=rf"^--image {bomb}: {message.replace('(', '.').replace(')', '.')}$"):
+  with pytest.raises(UserError) as error:
     imagenet.read_image(str(bomb))
+  assert str(error.value) == f"--image {bomb}: {message}"
   result = subprocess.run([sys.executable, str(REPO_ROOT / "bin" / "classify"), f"--image={bomb}"],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2

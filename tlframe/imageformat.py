@@ -13,6 +13,7 @@ nothing (`decode_checked`).
 
 import contextlib
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -57,9 +58,18 @@ class ImageError(ValueError):
 
 
 def op_error_text(error):
-  """The one line a user needs from a TensorFlow op error (no function-node prefix)."""
+  """The one line a user needs from a TensorFlow op error, eager or from a tf.function.
+
+  Drops the node and op names ({{function_node ...}}, [[{{node ...}}]], [Op:...])
+  and a tf.function's "Graph execution error" preamble with its stack.
+  """
   message = getattr(error, "message", None) or str(error)
-  return message.split("}}")[-1].strip().splitlines()[0] if message else type(error).__name__
+  message = re.sub(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]( name: \S*)?", "", message)
+  for line in message.splitlines():
+    line = line.strip()
+    if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
+      return line
+  return type(error).__name__
 
 
 # ---------------------------------------------------------------------------
