@@ -1,7 +1,8 @@
 """Fixtures (no tests) shared by the export, predict and evaluate tests: one trained model.
 
-Import the fixtures into a test module (`from production_fixtures import trained_model`);
-being session-scoped, the model is trained and exported once per test run.
+Import the fixture into a test module (`from production_fixtures import trained_model`).
+A fixture imported into several modules is a separate fixture in each, so the
+model itself is kept here: it is trained and exported once per test run.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ from tlframe import samples
 from tlframe import train
 
 CLASSES = ("astronaut", "chelsea", "coffee", "rocket")
+_TRAINED = []  # the one TrainedModel of this test run
 
 
 @dataclasses.dataclass
@@ -33,6 +35,12 @@ def trained_model(tmp_path_factory, skimage_photos, builtin_backbone_dirs):
 
   Records: 12 crops per class, 160 px, split by hash into train / validation / test.
   """
+  if not _TRAINED:
+    _TRAINED.append(_train(tmp_path_factory, skimage_photos))
+  return _TRAINED[0]
+
+
+def _train(tmp_path_factory, skimage_photos):
   tmp = tmp_path_factory.mktemp("production")
   photos = {name: skimage_photos[name] for name in CLASSES}
   image_dir = os.path.join(tmp, "images")
