@@ -288,6 +288,8 @@ def test_bad_requests_get_their_status_and_message_and_the_next_one_succeeds(ser
   for method, path, body, want_status, words in cases:
     status, answer = server.request(method, path or f"{server.api}:predict", body)
     assert (status, words) == (want_status, words) and words in answer["error"], (body, answer)
+    # One line for a person: no TensorFlow node names or stack.
+    assert not re.search(r"\n|\{\{|\[Op:|Graph execution", answer["error"]), answer["error"]
     status, answer = server.predict(good)
     assert status == 200 and answer["predictions"][0]["labels"] == "chelsea", answer
 
