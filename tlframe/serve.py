@@ -102,7 +102,8 @@ class Servable:
     try:
       self._model = tf.saved_model.load(export_dir)
     except (OSError, ValueError, tf.errors.OpError) as e:
-      raise UserError(f"--model: {export_dir} does not load as a SavedModel: {e}") from None
+      raise UserError(f"--model: {export_dir} does not load as a SavedModel ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0][:200]}); export the model again") from None
     self.signatures = dict(self._model.signatures)
     if DEFAULT_SIGNATURE not in self.signatures:
       raise UserError(f"--model: {export_dir} has no {DEFAULT_SIGNATURE!r} signature "
@@ -406,12 +407,9 @@ async def _discard_body(request, read=0):
 class _ServerState:
   """What the handlers share: the servable, its batcher, metrics and the drain flag."""
 
-  def __init__(self, servable, model_name, max_batch_size, batch_timeout_ms, max_request_bytes,
-               max_pixels):
+  def __init__(self, servable, model_name, max_request_bytes, max_pixels):
     self.servable = servable
     self.model_name = model_name
-    self.max_batch_size = max_batch_size
-    self.batch_timeout_s = batch_timeout_ms / 1000
     self.max_request_bytes = max_request_bytes
     self.max_pixels = max_pixels
     self.metrics = _Metrics()
@@ -474,15 +472,14 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
                max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """The FastAPI app serving `servable` as `model_name`; run it with `run_server`."""
-  state = _ServerState(servable, model_name, max_batch_size, batch_timeout_ms, max_request_bytes,
-                       max_pixels)
+  state = _ServerState(servable, model_name, max_request_bytes, max_pixels)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
     del app  # unused
     state.batcher = batching.DynamicBatcher(
-        lambda group, inputs: servable.run(group[0], inputs), max_batch_size=max_batch_size, batch_timeout_s=state.batch_timeout_s,
-        on_batch=state.metrics.on_batch)
+        lambda group, inputs: servable.run(group[0], inputs), max_batch_size=max_batch_size,
+        batch_timeout_s=batch_timeout_ms / 1000, on_batch=state.metrics.on_batch)
     yield
     # uvicorn has answered every accepted request by now; the queue is empty.
     state.draining.set()
