@@ -18,8 +18,13 @@ Guarantees:
   count, sha256, per-file results) is written next, and only then is the shard
   renamed into place. A rerun verifies finished shards against their sidecars,
   skips them, and rewrites the rest, producing byte-identical output.
-- Bad files (truncated, empty, not an image, unreadable, decompression bombs)
-  are skipped with a reason in the manifest; the rest still converts.
+- Bad files (truncated, empty, not an image, unreadable, decompression bombs,
+  JPEGs that decode only partially) are skipped with a reason in the manifest;
+  the rest still converts. Classes are counted after decoding.
+- One run at a time per output directory (`locking.DirectoryLock`); a write
+  that fails (disk full, read-only) is one UserError, with temp files removed
+  and finished shards kept for the rerun.
+- `check_shards` verifies a finished directory's shards before training.
 """
 
 import collections
