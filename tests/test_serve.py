@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tlframe import batching
 from tlframe import export
+from tlframe import serve
 from tlframe import train
 from test_train_helpers import make_records, save_tiny_backbone
 
@@ -439,3 +440,20 @@ def test_batcher_waits_at_most_the_timeout_from_the_oldest_request():
   batcher.close()
   assert 0.3 <= waited < 3.0
   assert model.batches == [("a", 2), ("a", 1)]
+
+
+def test_floats_are_written_as_tf_serving_writes_them():
+  """json_tensor.cc: printf %g (6 digits) if it reads back as the same float32, else %.9g."""
+  rng = np.random.default_rng(0)
+  values = np.concatenate([rng.random(3000), rng.normal(0, 30, 3000),
+                           10.0 ** rng.uniform(-40, 38, 3000),
+                           [0.0, 1.0, 0.2, 0.5250508, 1e6, 1234567.0, 1e-45, 3e38]]).astype(np.float32)
+
+  def printf(value):
+    text = f"{float(value):g}"
+    return float(text) if np.float32(text) == value else float(f"{float(value):.9g}")
+
+  answer = serve.format_predict_response({"probabilities": values.reshape([-1, 4])}, True)
+  written = np.array(answer["predictions"]).ravel()
+  assert written.tolist() == [printf(value) for value in values]
+  assert json.dumps(written[-8:-2].tolist()) == "[0.0, 1.0, 0.2, 0.525050819, 1000000.0, 1234567.0]"

@@ -73,6 +73,8 @@ _PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:predict", r
 _STATUS_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?", re.IGNORECASE)
 
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Doubles hold the powers of ten 1e0 .. 1e22 exactly.
+_EXACT_POWERS_OF_TEN = 22
 
 
 class RequestError(Exception):
@@ -313,10 +315,37 @@ def parse_predict_request(body_bytes, servable):
   return signature, _columnar_inputs(body["inputs"], specs), False
 
 
+def _tf_serving_floats(array):
+  """float32 values as the numbers TF Serving writes for them (json_tensor.cc's WriteDecimal).
+
+  That is printf's %g (six significant digits) where it reads back as the same
+  float32, else nine digits. Rounded in numpy, so that a 1000-class output
+  costs no Python loop; only values beyond 1e-14 .. 1e27, where a power of ten
+  is no exact double, are formatted one by one.
+  """
+  wide = array.astype(np.float64)
+  finite = np.isfinite(wide) & (wide != 0)
+  exponent = np.floor(np.log10(np.abs(np.where(finite, wide, 1.0))))
+
+  def rounded(digits):
+    power = np.clip(digits - 1 - exponent, -_EXACT_POWERS_OF_TEN, _EXACT_POWERS_OF_TEN)
+    return np.where(power >= 0, np.round(wide * 10.0**power) / 10.0**power,
+                    np.round(wide / 10.0**-power) * 10.0**-power)
+
+  six = rounded(6)
+  values = np.where(finite, np.where(six.astype(np.float32) == array, six, rounded(9)), wide)
+  inexact = finite & ((exponent < 8 - _EXACT_POWERS_OF_TEN) | (exponent > 5 + _EXACT_POWERS_OF_TEN))
+  for index in zip(*np.nonzero(inexact)):
+    value = float(wide[index])
+    text = f"{value:g}"
+    values[index] = float(text if np.float32(text) == array[index] else f"{value:.9g}")
+  return values
+
+
 def _json_values(array):
-  """An output array as JSON lists; float32 written shortest, as TF Serving writes it."""
+  """An output array as JSON lists, numbers as TF Serving writes them."""
   if array.dtype == np.float32:
-    return array.astype(str).astype(np.float64).tolist()
+    return _tf_serving_floats(array).tolist()
   if array.dtype == object:
     return np.array([value.decode("utf-8", "replace") for value in array.ravel()],
                     dtype=object).reshape(array.shape).tolist()
