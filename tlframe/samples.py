@@ -6,7 +6,8 @@ them mirrored, make a small class-per-folder image set that needs no network:
 `bin/make_sample_images` writes it for the README's demo.
 
 Larger real data sets for benchmarks (oxford_flowers12) live in
-`benchmark_data_dir()`; tests that need them skip where it is missing.
+`benchmark_data_dir()` (tlframe.datasets, which fetches them: bench/get_data);
+tests that need them skip where it is missing.
 """
 
 import os
@@ -16,17 +17,11 @@ import tensorflow as tf
 
 from tlframe import fileio
 from tlframe import records
+from tlframe.datasets import DATA_DIR_ENV, TEST_SPLIT_FILENAME, benchmark_data_dir  # pylint: disable=unused-import
 from tlframe.errors import UserError
 
 SAMPLE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "brick", "grass", "gravel")
-DATA_DIR_ENV = "TLFRAME_DATA_DIR"
 _JPEG_QUALITY = 90
-
-
-def benchmark_data_dir():
-  """`$TLFRAME_DATA_DIR`, else `../shared/data` beside this checkout; it may not exist."""
-  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.dirname(checkout), "shared", "data")
 
 
 def make_flowers12_records(flowers_dir, records_dir):
@@ -35,7 +30,7 @@ def make_flowers12_records(flowers_dir, records_dir):
   So bin/train's validation accuracy on these records is the data set's test accuracy.
   """
   return records.convert(str(records_dir), image_dir=str(flowers_dir),
-                         validation_filelist=os.path.join(flowers_dir, "TEST_SPLIT.txt"),
+                         validation_filelist=os.path.join(flowers_dir, TEST_SPLIT_FILENAME),
                          test_percentage=0)
 
 
