@@ -37,9 +37,9 @@ import numpy as np
 import tlframe  # pylint: disable=unused-import  (before TensorFlow: oneDNN on)
 from tlframe import classifier as classifier_lib
 from tlframe import export
-from tlframe import records
 from tlframe import samples
-from tlframe import train
+from bench_common import build_model  # pylint: disable=g-bad-import-order
+from bench_common import cpu_model  # pylint: disable=g-bad-import-order
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A model or export dir to serve; default: train one on "
@@ -52,28 +52,6 @@ CLIENTS = (1, 4, 16)
 IMAGES_PER_REQUEST = (1, 8)
 OFFLINE_BATCH_SIZE = 32
 SINGLE_IMAGE_CALLS = 50
-
-
-def cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-  except OSError:
-    names = []
-  return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
-
-
-def build_model(work_dir):
-  image_dir = os.path.join(work_dir, "train_images")
-  samples.write_photo_crops(image_dir, samples.load_sample_photos(samples.SAMPLE_PHOTOS[:4]), 12)
-  records.convert(os.path.join(work_dir, "records"), image_dir=image_dir,
-                  validation_percentage=25, test_percentage=0)
-  model_dir = os.path.join(work_dir, "model")
-  train.train(train.TrainOptions(records_dir=os.path.join(work_dir, "records"),
-                                 model_dir=model_dir))
-  if not export.latest_version(os.path.join(model_dir, export.EXPORT_DIRNAME)):
-    export.export_model(model_dir)
-  return model_dir
 
 
 def write_images(image_dir):
