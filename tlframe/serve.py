@@ -413,7 +413,9 @@ async def _read_body(request, max_bytes):
   too_large = RequestError(413, f"the request body is over --max_request_bytes={max_bytes}; "
                            "send fewer images per request")
   if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-    await _discard_body(request)
+    # A client waiting for "100 Continue" (curl does for large bodies) sends nothing more.
+    if request.headers.get("expect", "").lower() != "100-continue":
+      await _discard_body(request)
     raise too_large
   chunks = []
   size = 0
