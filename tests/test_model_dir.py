@@ -42,7 +42,7 @@ def _own_feature_cache(tmp_path, monkeypatch):
 
 def _options(records_dir, model_dir, backbone, **overrides):
   values = dict(records_dir=records_dir, model_dir=str(model_dir), backbone=backbone,
-                loss="hinge", batch_size=8, epochs=10, checkpoint_every_epochs=5,
+                loss="hinge", l2=1e-3, batch_size=8, epochs=10, checkpoint_every_epochs=5,
                 export=False)
   values.update(overrides)
   return train.TrainOptions(**values)

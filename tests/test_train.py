@@ -35,7 +35,7 @@ def small_task(tmp_path_factory, skimage_photos):
 
 def _options(records_dir, model_dir, backbone, **overrides):
   values = dict(records_dir=records_dir, model_dir=str(model_dir), backbone=backbone,
-                loss="hinge", batch_size=8, epochs=30,
+                loss="hinge", l2=1e-3, batch_size=8, epochs=30,
                 checkpoint_every_epochs=10, log_every_steps=2, export=False)
   values.update(overrides)
   return train.TrainOptions(**values)
@@ -71,6 +71,8 @@ def test_train_writes_the_model_dir(trained):
   labels = open(os.path.join(model_dir, "labels.txt")).read().split()
   assert labels == ["astronaut", "chelsea", "coffee", "rocket"]
   assert glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-30.index"))
+  confusion = tf.io.decode_png(open(os.path.join(model_dir, "confusion_matrix.png"), "rb").read())
+  assert confusion.shape[0] > 4 and confusion.shape[1] > 4
   # The saved head alone reproduces the run's validation predictions.
   head, config = head_lib.load_head(model_dir)
   assert config.labels == labels and config.image_size == 64
@@ -130,14 +132,15 @@ def test_tensorboard_event_files_hold_the_expected_tags(small_task, tmp_path):
   assert metadata[0] == "label\tfilename" and len(metadata) == len(features) + 1 > 4
 
 
-def test_tune_l2_picks_from_the_grid_and_retrains(small_task, tmp_path):
+def test_unset_l2_is_cross_validated_and_the_head_retrained(small_task, tmp_path):
   records_dir, backbone = small_task
   grid = (1e-4, 1e-2, 10.0)
-  options = _options(records_dir, tmp_path / "model", backbone, tune_l2=True, l2_grid=grid,
+  options = _options(records_dir, tmp_path / "model", backbone, l2=None, l2_grid=grid,
                      cv_folds=3)
   metrics = train.train(options)
   cv = metrics["cross_validation"]
-  assert [row["l2"] for row in cv["rows"]] == list(grid)
+  tried = [row["l2"] for row in cv["rows"]]
+  assert tried == sorted(tried) and set(grid) <= set(tried) and cv["grid"] == tried
   # l2=10 shrinks the weights towards 0: the held-out loss rises towards 1 (hinge at 0).
   by_l2 = {row["l2"]: row for row in cv["rows"]}
   assert by_l2[10.0]["loss"] > 2 * max(by_l2[1e-4]["loss"], by_l2[1e-2]["loss"])
@@ -146,6 +149,25 @@ def test_tune_l2_picks_from_the_grid_and_retrains(small_task, tmp_path):
   assert cv["best_l2"] == best["l2"] and metrics["l2"] == cv["best_l2"]
   assert metrics["options"]["l2"] == cv["best_l2"]  # the final head was retrained with it
   assert all(row["loss_std"] >= 0 and row["accuracy_std"] >= 0 for row in cv["rows"])
+
+
+def test_the_l2_search_widens_until_the_best_is_inside():
+  """Many examples, weak noisy features: the best l2 is far above a grid that ends at 1e-3."""
+  rng = np.random.default_rng(0)
+  num_examples, dim = 1500, 48
+  labels = rng.integers(0, 3, num_examples).astype(np.int32)
+  centers = rng.normal(size=(3, dim)).astype(np.float32) * 0.15
+  features = (centers[labels] + rng.normal(size=(num_examples, dim))).astype(np.float32)
+  options = train.TrainOptions(records_dir="r", model_dir="m", l2=None,
+                               l2_grid=(1e-4, 3e-4, 1e-3), epochs=60, loss="softmax")
+  shift, scale = head_lib.normalization_constants(features, options.feature_normalization)
+  best, rows, out_of_fold = tuning.tune_l2(tf.distribute.get_strategy(), options, features,
+                                           labels, 3, shift=shift, scale=scale)
+  tried = [row["l2"] for row in rows]
+  assert tried == sorted(set(tried)) and len(tried) > 3        # one row per value tried
+  assert {1e-4, 3e-4, 1e-3} <= set(tried)
+  assert min(tried) < best < max(tried)                          # inside the widened grid
+  assert best > 1e-3 and out_of_fold.shape == (num_examples, 3)
 
 
 def test_stratified_folds_spread_each_class():
@@ -188,8 +210,8 @@ def _run_train(*args, env=None):
 @pytest.mark.parametrize("flags, message", [
     (["--records_dir={missing}", "--model_dir={tmp}/m"], "does not exist: run bin/make_tfrecords"),
     (["--records_dir={records}", "--model_dir={tmp}/m", "--loss=hnge"], "--loss=hnge is unknown"),
-    (["--records_dir={records}", "--model_dir={tmp}/m", "--tune_l2", "--augment"],
-     "cannot be combined with --augment"),
+    (["--records_dir={records}", "--model_dir={tmp}/m", "--cv_folds=1"],
+     "--cv_folds=1 must be at least 2"),
     (["--records_dir={records}", "--model_dir={tmp}/m", "--strategy=multi_worker"],
      "needs the TF_CONFIG environment variable"),
 ])

@@ -2,7 +2,7 @@
 
 The head is `scores = normalize(features) @ kernel + bias`. It can hold several
 independent heads stacked on a leading "model" axis, so that k-fold
-cross-validation over an l2 grid (train.tune_l2) trains every (l2, fold) pair
+cross-validation over an l2 grid (tuning.tune_l2) trains every (l2, fold) pair
 in the same in-graph loop, one batched matmul per step, instead of one loop per
 pair. A normal run has one model.
 

@@ -5,12 +5,14 @@ The run, top to bottom (`train`):
    whether the run resumes, trains a new head, or is refused (`model_dir`);
 2. one backbone pass over the train and validation records, or its features
    from the shared cache (`features`);
-3. optionally choose l2 by cross-validation (`tuning`);
+3. choose l2 by cross-validation on the cached features unless --l2 fixes it
+   (`tuning`; also before augmented training);
 4. train the head in-graph under the tf.distribute strategy (`trainer`), with
    checkpoints, TensorBoard summaries and early stopping;
 5. fit the probability temperature (`calibration`), measure train,
    validation and test accuracy (the test split is only reported, never used
-   for a choice), and write the model: head, labels, metrics.json;
+   for a choice), and write the model: head, labels, metrics.json and the
+   validation split's confusion matrix as a PNG;
 6. export a SavedModel on image bytes into model_dir/export/<N>/ (`export`).
 """
 
@@ -74,12 +76,14 @@ def _run(options, strategy):
                                                   options.feature_normalization)
 
   cv = None
-  if options.tune_l2:
+  if options.l2 is None:
     cv_start = time.monotonic()
     best_l2, rows, out_of_fold = tuning.tune_l2(strategy, options, train_set.features,
                                                 train_set.labels, len(label_names),
                                                 shift=shift, scale=scale)
     cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
+              grid=[row["l2"] for row in rows],
+              widened=len(rows) > len(set(options.l2_grid)),
               seconds=time.monotonic() - cv_start)
     options = dataclasses.replace(options, l2=best_l2)
 
@@ -120,7 +124,7 @@ def _run(options, strategy):
   if val_set is not None:
     summaries.write_projector(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, "validation"),
                               val_set, label_names)
-  summaries.write_hparams(writers.train, _hparams(options, global_batch), {
+  summaries.write_hparams(writers.train, _hparams(options, global_batch, cv), {
       "final/train_accuracy": metrics["train"]["accuracy"],
       "final/validation_accuracy": (metrics["validation"] or {}).get("accuracy", float("nan"))})
   writers.close()
@@ -136,6 +140,10 @@ def _run(options, strategy):
     metrics["timings"]["export_s"] = time.monotonic() - export_start
   fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
                            metrics)
+  shown = metrics["validation"] or metrics["train"]
+  confusion_png = tf.io.encode_png(summaries.confusion_image(shown["confusion_matrix"]))
+  fileio.atomic_write_bytes(os.path.join(options.model_dir, model_dir_lib.CONFUSION_FILENAME),
+                            confusion_png.numpy())
   return metrics
 
 
@@ -250,10 +258,14 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
                     "probabilities are the head's plain softmax")
 
 
-def _hparams(options, global_batch_size):
-  """The flags that shape the model, as hparams plugin values (str, float, int, bool)."""
+def _hparams(options, global_batch_size, cv):
+  """The flags that shape the model, as hparams plugin values (str, float, int, bool).
+
+  With l2 cross-validated, `l2` is the choice and `l2_grid` the values tried.
+  """
   names = ("backbone", "features", "loss", "l2", "label_smoothing", "class_weight",
            "feature_normalization", "optimizer", "learning_rate", "lr_schedule",
-           "warmup_epochs", "epochs", "patience", "augment", "tune_l2", "strategy", "seed",
+           "warmup_epochs", "epochs", "patience", "augment", "strategy", "seed",
            "resize_mode", "precision")
-  return dict({name: getattr(options, name) for name in names}, batch_size=global_batch_size)
+  return dict({name: getattr(options, name) for name in names}, batch_size=global_batch_size,
+              l2_grid=",".join(f"{l2:.3g}" for l2 in cv["grid"]) if cv else "")

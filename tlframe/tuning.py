@@ -7,10 +7,15 @@ run. The result is data (one row per l2); bin/train prints it.
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tlframe import head as head_lib
 from tlframe import trainer as trainer_lib
 from tlframe.errors import UserError
+
+# How far the l2 search may widen: beyond these the head is unregularized or zero.
+L2_LIMITS = (1e-9, 1e4)
+_WIDENING_RATIO = 10 ** 0.5
 
 
 def stratified_folds(labels, num_folds, seed):
@@ -61,30 +66,49 @@ def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shif
 
 
 def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
-  """k-fold CV over options.l2_grid on cached features.
+  """k-fold CV over options.l2_grid on cached features, widened at an edge.
 
-  Returns (best l2, table rows, [N, C] out-of-fold scores of the best l2).
-  Each row: dict(l2; accuracy and loss over all held-out predictions; their
-  standard deviations across folds, accuracy_std and loss_std). The best has
-  the highest held-out accuracy; ties go to the lower held-out loss, then to
-  the larger l2.
+  Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
+  best l2). Each row: dict(l2; accuracy and loss over all held-out
+  predictions; their standard deviations across folds, accuracy_std and
+  loss_std). The best has the highest held-out accuracy; ties go to the lower
+  held-out loss, then to the larger l2. When the best is the grid's smallest
+  or largest value, the grid grows by two more steps of its own ratio on that
+  side (logged), until the best is inside or l2 reaches L2_LIMITS.
   """
   if len(train_y) < options.cv_folds:
     raise UserError(f"--cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
-                    "lower --cv_folds or drop --tune_l2")
-  grid = list(options.l2_grid)
-  scores = out_of_fold_scores(strategy, options, train_x, train_y, num_classes, shift=shift,
-                              scale=scale, l2_values=grid)
-  losses = head_lib.per_example_loss(options.loss, tf.constant(scores), train_y,
-                                     options.label_smoothing).numpy()           # [G, N]
-  correct = np.argmax(scores, axis=-1) == train_y[None, :]
+                    "lower --cv_folds, or set --l2 to skip its cross-validation")
   folds = stratified_folds(train_y, options.cv_folds, options.seed)
-  rows = []
-  for g, l2 in enumerate(grid):
+  grid = sorted(set(options.l2_grid))
+  ratio = grid[1] / grid[0] if len(grid) > 1 else _WIDENING_RATIO
+  rows, scores = {}, {}
+
+  def evaluate(values):
+    new_scores = out_of_fold_scores(strategy, options, train_x, train_y, num_classes,
+                                    shift=shift, scale=scale, l2_values=values)
+    losses = head_lib.per_example_loss(options.loss, tf.constant(new_scores), train_y,
+                                       options.label_smoothing).numpy()       # [G, N]
+    correct = np.argmax(new_scores, axis=-1) == train_y[None, :]
     by_fold = [folds == k for k in range(options.cv_folds)]
-    rows.append(dict(l2=float(l2), accuracy=float(correct[g].mean()),
-                     accuracy_std=float(np.std([correct[g][f].mean() for f in by_fold])),
-                     loss=float(losses[g].mean()),
-                     loss_std=float(np.std([losses[g][f].mean() for f in by_fold]))))
-  best = max(range(len(grid)), key=lambda g: (rows[g]["accuracy"], -rows[g]["loss"], grid[g]))
-  return float(grid[best]), rows, scores[best]
+    for g, l2 in enumerate(values):
+      scores[l2] = new_scores[g]
+      rows[l2] = dict(l2=float(l2), accuracy=float(correct[g].mean()),
+                      accuracy_std=float(np.std([correct[g][f].mean() for f in by_fold])),
+                      loss=float(losses[g].mean()),
+                      loss_std=float(np.std([losses[g][f].mean() for f in by_fold])))
+
+  evaluate(grid)
+  while True:
+    best = max(rows, key=lambda l2: (rows[l2]["accuracy"], -rows[l2]["loss"], l2))
+    low, high = min(rows), max(rows)
+    if best == high and high * ratio <= L2_LIMITS[1]:
+      more = [high * ratio, high * ratio ** 2]
+    elif best == low and low / ratio >= L2_LIMITS[0] and len(rows) > 1:
+      more = [low / ratio ** 2, low / ratio]
+    else:
+      break
+    logging.info("The best l2 (%g) is at the edge of the grid: also trying %s", best,
+                 ", ".join(f"{v:.3g}" for v in more))
+    evaluate([v for v in more if L2_LIMITS[0] <= v <= L2_LIMITS[1]])
+  return float(best), [rows[l2] for l2 in sorted(rows)], scores[best]
