@@ -130,10 +130,15 @@ def test_every_train_option_has_a_flag_and_every_flag_an_option():
 
 
 def _python_programs():
-  return sorted(name for name in os.listdir(os.path.join(REPO, "bin"))
-                if open(os.path.join(REPO, "bin", name), encoding="utf-8").readline()
-                .startswith("#!") and "python" in open(os.path.join(REPO, "bin", name),
-                                                      encoding="utf-8").readline())
+  programs = []
+  for name in sorted(os.listdir(os.path.join(REPO, "bin"))):
+    path = os.path.join(REPO, "bin", name)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        first_line = f.readline()
+      if first_line.startswith("#!") and "python" in first_line:
+        programs.append(name)
+  return programs
 
 
 @pytest.mark.parametrize("program", _python_programs())
