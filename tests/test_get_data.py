@@ -136,8 +136,10 @@ def test_truncated_or_missing_archive_is_one_error(photo_set, tmp_path):
   truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
   with pytest.raises(UserError, match="is not a complete .tar.gz archive"):
     datasets.fetch(manifest, str(tmp_path / "data"), source=str(truncated))
-  with pytest.raises(UserError, match="cannot download"):
+  with pytest.raises(UserError, match="cannot read --source="):
     datasets.fetch(manifest, str(tmp_path / "data"), source=str(tmp_path / "nowhere.tar.gz"))
+  with pytest.raises(UserError, match="cannot download http://127.0.0.1:1/a.tar.gz: .*--source"):
+    datasets.fetch(manifest, str(tmp_path / "data"), source="http://127.0.0.1:1/a.tar.gz")
   assert os.listdir(tmp_path / "data") == []
 
 
@@ -183,7 +185,7 @@ def test_committed_manifest_matches_oxford_flowers12(flowers12_dir, tmp_path):
   """The manifest's sizes and sha256 are those of the source bytes, and an archive of
   them in the source repository's layout lays out exactly as ../shared/data has it."""
   manifest = datasets.load_manifest(str(REPO / "bench" / "oxford_flowers12.json"))
-  assert len(manifest.files) == 960 and len(manifest.test_files()) == 240
+  assert len(manifest.files) == 960 and len(manifest.test_split_text().split()) == 240
   assert manifest.url.startswith("https://codeload.github.com/daniele-gilio/")
   assert datasets.verify_dir(manifest, str(flowers12_dir)) == []
   archive = tmp_path / "source.tar.gz"

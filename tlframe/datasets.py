@@ -58,9 +58,10 @@ class Manifest:
     """`<split>/<class>/<file>` -> `<class>/<file>`."""
     return source_path.split("/", 1)[1]
 
-  def test_files(self):
-    return sorted(self.layout_path(path) for path in self.files
-                  if path.split("/", 1)[0] == self.test_split)
+  def test_split_text(self):
+    """TEST_SPLIT.txt: the test split's `<class>/<file>`, sorted, one a line."""
+    return "".join(f"{self.layout_path(path)}\n" for path in sorted(self.files)
+                   if path.split("/", 1)[0] == self.test_split)
 
 
 def load_manifest(path):
@@ -117,10 +118,9 @@ def verify_dir(manifest, dataset_dir):
     elif _size_and_sha256(path) != (size, sha256):
       problems.append(f"{path} differs from the manifest")
   test_split = os.path.join(dataset_dir, TEST_SPLIT_FILENAME)
-  expected = "".join(f"{name}\n" for name in manifest.test_files())
   try:
     with open(test_split, encoding="utf-8") as f:
-      if f.read() != expected:
+      if f.read() != manifest.test_split_text():
         problems.append(f"{test_split} differs from the manifest")
   except OSError:
     problems.append(f"{test_split} is missing")
@@ -150,7 +150,7 @@ def fetch(manifest, data_dir, *, source=None, overwrite=False):
     with _open_archive(source) as stream:
       _extract(manifest, stream, staging, source)
     with open(os.path.join(staging, TEST_SPLIT_FILENAME), "w", encoding="utf-8") as f:
-      f.write("".join(f"{name}\n" for name in manifest.test_files()))
+      f.write(manifest.test_split_text())
     if os.path.exists(dataset_dir):  # --overwrite: the old copy goes only once the new one is whole
       old = f"{staging}-old"
       os.rename(dataset_dir, old)
@@ -175,6 +175,8 @@ def _open_archive(source):
       length = stream.headers.get("Content-Length")
       total_bytes = int(length) if length and length.isdigit() else None
   except (urllib.error.URLError, OSError, ValueError) as e:
+    if "://" not in source:
+      raise UserError(f"cannot read --source={source}: {_reason(e)}") from None
     raise UserError(f"cannot download {source}: {_reason(e)}; check the network, or download "
                     "the archive yourself and pass --source=FILE") from None
   with stream:
