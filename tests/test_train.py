@@ -279,3 +279,12 @@ def test_early_stopping_keeps_the_best_epoch(small_task, tmp_path):
   scores = head(tf.constant(cached["features"]))
   loss = np.mean(head_lib.softmax_loss(scores, cached["labels"]).numpy())
   assert loss == pytest.approx(losses[metrics["best_epoch"]], rel=1e-4)
+
+
+def test_auto_precision_is_the_default_and_float32_without_native_bfloat16(monkeypatch):
+  assert train.TrainOptions(records_dir="r", model_dir="m").precision == "auto"
+  monkeypatch.setenv("TLFRAME_DISABLE_BF16", "1")
+  assert backbone_lib.resolve_precision("auto") == "float32"
+  monkeypatch.delenv("TLFRAME_DISABLE_BF16")
+  native = bool(backbone_lib._cpu_flags() & {"amx_bf16", "avx512_bf16"})  # pylint: disable=protected-access
+  assert backbone_lib.resolve_precision("auto") == ("bfloat16" if native else "float32")

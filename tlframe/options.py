@@ -50,7 +50,7 @@ class TrainOptions:
   backbone: str = DEFAULT_BACKBONE
   features: str = "feature_vector"
   input_size: int = None
-  precision: str = "float32"
+  precision: str = "auto"   # bfloat16 where the hardware computes it natively, else float32
   resize_mode: str = "center_crop"
   loss: str = "softmax"
   l2: float = None   # None: chosen by cv_folds-fold cross-validation over l2_grid

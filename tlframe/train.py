@@ -113,6 +113,8 @@ def _run(options, strategy):
       best_epoch=int(trainer.best_epoch.numpy()) if val_set is not None else None,
       l2=options.l2, cross_validation=cv, calibration=calibration,
       num_replicas=strategy.num_replicas_in_sync, global_batch_size=global_batch,
+      backbone=dict(handle=options.backbone, input_size=backbone.input_size,
+                    output_dim=backbone.output_dim, precision=backbone.precision),
       skipped_records={split: feature_set.skipped for split, feature_set in
                        feature_sets.items() if feature_set is not None},
       timings=dict(backbone_load_s=backbone_load_seconds,
@@ -136,7 +138,10 @@ def _run(options, strategy):
   _write_model(options.model_dir, trainer.head, options, backbone, label_names, calibration)
   if options.export:
     export_start = time.monotonic()
-    metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=options.precision)
+    # "auto" resolves on the machine that serves the export, not on this one:
+    # the export is float32, which runs everywhere, unless bfloat16 was asked for.
+    precision = "float32" if options.precision == "auto" else options.precision
+    metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=precision)
     metrics["timings"]["export_s"] = time.monotonic() - export_start
   fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
                            metrics)
