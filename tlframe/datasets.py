@@ -132,7 +132,7 @@ def fetch(manifest, data_dir, *, source=None, overwrite=False):
 
   source: the archive's URL (http, https, file) or a local path; default the
   manifest's URL. Returns a dict: dataset_dir, files, downloaded (False when a
-  verified copy was already there).
+  verified copy was already there) and, when downloaded, bytes_read.
   """
   dataset_dir = os.path.join(data_dir, manifest.name)
   if os.path.exists(dataset_dir) and not overwrite:
@@ -149,6 +149,7 @@ def fetch(manifest, data_dir, *, source=None, overwrite=False):
     source = source or manifest.url
     with _open_archive(source) as stream:
       _extract(manifest, stream, staging, source)
+      bytes_read = stream.bytes_read
     with open(os.path.join(staging, TEST_SPLIT_FILENAME), "w", encoding="utf-8") as f:
       f.write(manifest.test_split_text())
     if os.path.exists(dataset_dir):  # --overwrite: the old copy goes only once the new one is whole
@@ -160,7 +161,8 @@ def fetch(manifest, data_dir, *, source=None, overwrite=False):
       os.rename(staging, dataset_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  return dict(dataset_dir=dataset_dir, files=len(manifest.files), downloaded=True)
+  return dict(dataset_dir=dataset_dir, files=len(manifest.files), downloaded=True,
+              bytes_read=bytes_read)
 
 
 @contextlib.contextmanager
