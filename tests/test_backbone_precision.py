@@ -44,7 +44,7 @@ def test_folded_export_matches_unfolded_network(state_dict, photos):
 
 
 def test_fold_is_exact_algebra_per_layer(state_dict):
-  blocks, _ = mobilenet_v2.mobilenet_v2_architecture(state_dict)
+  blocks, _ = mobilenet_v2.mobilenet_v2_architecture(mobilenet_v2.MOBILENET_V2_100_224, state_dict)
   layer = blocks[1].convs[0]  # a depthwise conv with near-zero running variances
   assert layer.depthwise and layer.var.min() < 1e-3
   x = tf.random.stateless_uniform([1, 14, 14, layer.kernel.shape[2]], seed=[3, 4], maxval=2.0)

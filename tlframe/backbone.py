@@ -6,7 +6,9 @@ A handle is one of
 - a directory holding a TF2 SavedModel (local or any TF filesystem);
 - a built-in name (`BUILTIN_NAMES`): built once from published weights into
   `$TLFRAME_CACHE_DIR` (default ~/.cache/tlframe), atomically, so concurrent
-  first uses are safe.
+  first uses are safe;
+- several of these separated by commas (`mobilenet_v2_100_224,efficientnet_lite0`):
+  their features side by side (`ConcatenatedModule`).
 
 Modules are loaded with `tf.saved_model.load`, not `hub.KerasLayer` (a tf-keras
 layer that cannot go into a Keras 3 model); `Backbone.__call__` is callable
@@ -35,12 +37,15 @@ DEFAULT_HANDLE = options.DEFAULT_BACKBONE
 _BUILTINS = {
     "mobilenet_v2_100_224": (mobilenet_v2.MOBILENET_V2_100_224, torch_pth.MOBILENET_V2_WEIGHTS),
     "efficientnet_lite0": (mobilenet_v2.EFFICIENTNET_LITE0, torch_pth.EFFICIENTNET_LITE0_WEIGHTS),
+    "efficientnet_lite1": (mobilenet_v2.EFFICIENTNET_LITE1, torch_pth.EFFICIENTNET_LITE1_WEIGHTS),
+    "efficientnet_lite2": (mobilenet_v2.EFFICIENTNET_LITE2, torch_pth.EFFICIENTNET_LITE2_WEIGHTS),
 }
 BUILTIN_NAMES = options.BUILTIN_BACKBONES
 PRECISIONS = options.PRECISIONS
 FEATURES = options.FEATURES
 FEATURE_VECTOR = "feature_vector"
 CLASSIFICATION = "classification"
+CONCATENATION_SEPARATOR = ","
 # Bump when the built-in export changes, so old cache entries are not reused.
 BUILTIN_FORMAT_VERSION = "v4"
 DISABLE_BF16_ENV = "TLFRAME_DISABLE_BF16"
@@ -300,13 +305,14 @@ def _module_fingerprint(path):
 class Backbone:
   """A frozen image module: float32 [B, S, S, 3] in [0, 1] -> float32 [B, output_dim].
 
-  Attributes: handle, path (SavedModel directory), input_size, output_dim,
-  kind ("feature_vector" | "classification"), precision ("float32" |
-  "bfloat16", as resolved), cache_key (identifies module, size, kind and
-  precision: anything that changes the features).
+  Attributes: handle, path (SavedModel directory; a concatenation's are joined
+  by commas), module (a tf.Module whose `__call__` a SavedModel can hold),
+  input_size, output_dim, kind ("feature_vector" | "classification"),
+  precision ("float32" | "bfloat16", as resolved), cache_key (identifies
+  module, size, kind and precision: anything that changes the features).
   """
 
-  def __init__(self, handle, path, module, input_size, output_dim, kind, precision):
+  def __init__(self, handle, path, module, input_size, output_dim, kind, precision, fingerprint):
     self.handle = handle
     self.path = path
     self.module = module
@@ -315,8 +321,7 @@ class Backbone:
     self.kind = kind
     self.precision = precision
     self._compute_dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
-    self.cache_key = (f"{_module_fingerprint(path)}-{input_size}px-{kind}-{output_dim}d-"
-                      f"{precision}")
+    self.cache_key = f"{fingerprint}-{input_size}px-{kind}-{output_dim}d-{precision}"
 
   def __call__(self, images):
     outputs = self.module(tf.cast(images, self._compute_dtype))
@@ -327,6 +332,38 @@ class Backbone:
             f"{self.output_dim}, kind={self.kind!r}, precision={self.precision!r})")
 
 
+class ConcatenatedModule(tf.Module):
+  """Frozen modules side by side: float32 or bfloat16 [B, S, S, 3] -> float32 [B, sum of dims].
+
+  S is the largest part's input size; each smaller part gets the images resized
+  (antialiased, as the pipeline resizes) to its own size inside the call, so
+  one image size flows through the pipeline. A part runs in bfloat16 when the
+  images are bfloat16 and the part has that entry point, else in float32. It
+  is a tf.Module holding the parts' loaded modules, so an export saves it as it
+  saves one module.
+  """
+
+  def __init__(self, parts, input_size):
+    super().__init__(name="concatenated_backbone")
+    self.parts = [part.module for part in parts]
+    self.part_sizes = [part.input_size for part in parts]
+    self.part_bfloat16 = [part.precision == "bfloat16" for part in parts]
+    self.input_size = input_size
+    for dtype in (tf.float32, tf.bfloat16):
+      self.__call__.get_concrete_function(tf.TensorSpec([None, input_size, input_size, 3], dtype))
+
+  @tf.function
+  def __call__(self, images):
+    features = []
+    for module, size, bfloat16 in zip(self.parts, self.part_sizes, self.part_bfloat16):
+      x = tf.cast(images, tf.float32)
+      if size != self.input_size:
+        x = tf.image.resize(x, [size, size], antialias=True)
+      dtype = tf.bfloat16 if bfloat16 and images.dtype == tf.bfloat16 else tf.float32
+      features.append(tf.cast(module(tf.cast(x, dtype)), tf.float32))
+    return tf.concat(features, axis=1)
+
+
 def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=None,
                   precision="float32"):
   """Resolves and loads `handle` frozen (outside any strategy.scope(); see the module doc).
@@ -334,18 +371,16 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
   input_size: required for modules that accept any image size (e.g. 299 for
   Inception v3); must match a module's fixed size. precision: "float32",
   "bfloat16" or "auto" (bfloat16 where the machine has it natively); a module
-  without a bfloat16 entry runs float32 with a warning.
+  without a bfloat16 entry runs float32 with a warning. A handle of several
+  handles separated by commas loads their concatenation (`ConcatenatedModule`):
+  its input size is the largest part's (or input_size, which parts of any size
+  get).
   """
   _warn_if_onednn_off()
   requested_precision = resolve_precision(precision)
-  path = resolve_handle(handle, features=features)
-  try:
-    module = tf.saved_model.load(path)
-  except (OSError, ValueError, tf.errors.OpError) as e:
-    raise UserError(f"could not load the SavedModel in {path} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}); if it is a cache entry, delete {path}") from None
-  functions = _call_functions(module, path)
-  fixed_size = _first_input_spec(functions[tf.float32]).shape[1]
+  if CONCATENATION_SEPARATOR in handle and not tf.io.gfile.isdir(handle):
+    return _load_concatenation(handle, features, input_size, precision, requested_precision)
+  path, module, functions, fixed_size = _open_module(handle, features)
   if fixed_size is not None and input_size not in (None, fixed_size):
     raise UserError(f"--input_size={input_size} but {handle} takes {fixed_size}x{fixed_size} images; "
                     f"leave it unset or set {fixed_size}")
@@ -353,7 +388,23 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
   if not size:
     raise UserError(f"{handle} accepts any image size: set --input_size (e.g. 299 for Inception v3, "
                     "224 for most modules)")
+  return _backbone(handle, path, module, functions, size, features, precision,
+                   requested_precision)
 
+
+def _open_module(handle, features):
+  """(path, loaded module, its __call__ functions by dtype, its fixed input size or None)."""
+  path = resolve_handle(handle, features=features)
+  try:
+    module = tf.saved_model.load(path)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    raise UserError(f"could not load the SavedModel in {path} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); if it is a cache entry, delete {path}") from None
+  functions = _call_functions(module, path)
+  return path, module, functions, _first_input_spec(functions[tf.float32]).shape[1]
+
+
+def _backbone(handle, path, module, functions, size, features, precision, requested_precision):
   precision_used = requested_precision
   if requested_precision == "bfloat16" and tf.bfloat16 not in functions:
     if handle not in _warned_no_bf16:
@@ -374,4 +425,33 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
   if features == "logits" and kind != CLASSIFICATION:
     raise UserError(f"{handle} is a feature-vector module ({output_dim} outputs); logits need a "
                     "classification module")
-  return Backbone(handle, path, module, size, output_dim, kind, precision_used)
+  return Backbone(handle, path, module, size, output_dim, kind, precision_used,
+                  _module_fingerprint(path))
+
+
+def _load_concatenation(handle, features, input_size, precision, requested_precision):
+  """The Backbone of `ConcatenatedModule` over the comma-separated handles in `handle`."""
+  handles = [part.strip() for part in handle.split(CONCATENATION_SEPARATOR)]
+  if len(handles) < 2 or not all(handles):
+    raise UserError(f"--backbone={handle}: give two or more handles separated by commas, e.g. "
+                    "mobilenet_v2_100_224,efficientnet_lite0")
+  opened = [_open_module(part, features) for part in handles]
+  fixed_sizes = [fixed for _, _, _, fixed in opened if fixed]
+  largest = max(fixed_sizes, default=None)
+  if input_size is not None and largest is not None and (
+      input_size < largest or (input_size != largest and len(fixed_sizes) == len(opened))):
+    raise UserError(f"--input_size={input_size} but the largest part of {handle} takes "
+                    f"{largest}x{largest} images; leave it unset or set {largest}"
+                    + (" or more" if len(fixed_sizes) < len(opened) else ""))
+  size = input_size or largest
+  if len(fixed_sizes) < len(opened) and not input_size:
+    raise UserError(f"a part of {handle} accepts any image size: set --input_size (at least "
+                    f"{largest or 224})")
+  parts = [_backbone(part, path, module, functions, fixed or size, features, precision,
+                     requested_precision)
+           for part, (path, module, functions, fixed) in zip(handles, opened)]
+  module = ConcatenatedModule(parts, size)
+  return Backbone(handle, CONCATENATION_SEPARATOR.join(part.path for part in parts), module, size,
+                  sum(part.output_dim for part in parts), FEATURE_VECTOR,
+                  "bfloat16" if any(p.precision == "bfloat16" for p in parts) else "float32",
+                  "+".join(part.cache_key for part in parts))

@@ -1,11 +1,14 @@
 """MobileNetV2-family ImageNet networks from PyTorch weights, rebuilt in TensorFlow and exported as TF-Hub SavedModels.
 
-Two networks share one builder, as both are stacks of inverted residual blocks
+The networks share one builder, as all are stacks of inverted residual blocks
 (expand 1x1 -> depthwise kxk -> project 1x1, ReLU6):
 - torchvision's MobileNetV2 (`MOBILENET_V2_100_224`), the default backbone;
-- EfficientNet-Lite0 (`EFFICIENTNET_LITE0`), Google's TF-trained network as
-  converted to PyTorch by lukemelas-style code (its MBConv blocks have no
-  squeeze-excitation, so they are exactly such blocks, with 5x5 kernels too).
+- EfficientNet-Lite0, -Lite1 and -Lite2 (`EFFICIENTNET_LITE0/1/2`), Google's
+  TF-trained networks as converted to PyTorch by lukemelas-style code (their
+  MBConv blocks have no squeeze-excitation, so they are exactly such blocks,
+  with 5x5 kernels too). Lite1 and Lite2 scale Lite0's depth by 1.1 and 1.2 and
+  its width by 1.0 and 1.1, keeping the stem (32) and head (1280) channels and
+  the first and last stages fixed, as EfficientNet-Lite does.
 
 Each keeps its source's exact semantics, which differ from Keras defaults in
 ways that matter (measured for MobileNetV2):
@@ -77,10 +80,12 @@ class BlockSpec:
 class Network:
   """What differs between the networks built here."""
 
-  def __init__(self, name, architecture, batch_norm_epsilon, torch_padding, mean, std,
+  def __init__(self, name, architecture, settings, batch_norm_epsilon, torch_padding, mean, std,
                input_size=224):
     self.name = name
-    self.architecture = architecture  # state_dict -> ([BlockSpec], (classifier kernel, bias))
+    # (network, state_dict) -> ([BlockSpec], (classifier kernel, bias))
+    self.architecture = architecture
+    self.settings = settings  # the inverted residual stages
     self.batch_norm_epsilon = batch_norm_epsilon
     self.torch_padding = torch_padding
     self.mean = mean
@@ -105,8 +110,11 @@ def _inverted_residual_blocks(settings, first_index, block_convs):
   for expansion, channels, repeats, first_stride in settings:
     for i in range(repeats):
       stride = first_stride if i == 0 else 1
-      blocks.append(BlockSpec(block_convs(index, expansion, stride),
-                              residual=stride == 1 and in_channels == channels))
+      convs = block_convs(index, expansion, stride)
+      if convs[-1].kernel.shape[-1] != channels:  # the residuals depend on it
+        raise ValueError(f"block {index} projects to {convs[-1].kernel.shape[-1]} channels, "
+                         f"the settings say {channels}: not this network's weights")
+      blocks.append(BlockSpec(convs, residual=stride == 1 and in_channels == channels))
       in_channels, index = channels, index + 1
   return blocks, index
 
@@ -116,9 +124,9 @@ _MOBILENET_V2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4
                           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def mobilenet_v2_architecture(state_dict):
+def mobilenet_v2_architecture(network, state_dict):
   """torchvision's MobileNetV2 layer list, read from its state_dict keys."""
-  conv = _conv_factory(state_dict, MOBILENET_V2_100_224)
+  conv = _conv_factory(state_dict, network)
 
   def block_convs(index, expansion, stride):
     p = f"features.{index}.conv"
@@ -130,20 +138,27 @@ def mobilenet_v2_architecture(state_dict):
             conv(f"{p}.2", f"{p}.3", relu6=False)]
 
   stem = BlockSpec([conv("features.0.0", "features.0.1", stride=2)], residual=False)
-  blocks, index = _inverted_residual_blocks(_MOBILENET_V2_SETTINGS, 1, block_convs)
+  blocks, index = _inverted_residual_blocks(network.settings, 1, block_convs)
   head = BlockSpec([conv(f"features.{index}.0", f"features.{index}.1")], residual=False)
   classifier = (state_dict["classifier.1.weight"].T, state_dict["classifier.1.bias"])
   return [stem] + blocks + [head], classifier
 
 
-# EfficientNet-Lite0's MBConv stages, the same fields (kernel sizes come with the weights).
+# EfficientNet-Lite's MBConv stages, the same fields (kernel sizes come with the
+# weights). Lite1/Lite2: repeats ceil(1.1 / 1.2 x Lite0's) except the first and
+# last stage; Lite2's channels are Lite0's x 1.1 rounded to multiples of 8.
+# (Checked against the weights' shapes: a mismatch fails the build.)
 _EFFICIENTNET_LITE0_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 40, 2, 2), (6, 80, 3, 2),
                                 (6, 112, 3, 1), (6, 192, 4, 2), (6, 320, 1, 1))
+_EFFICIENTNET_LITE1_SETTINGS = ((1, 16, 1, 1), (6, 24, 3, 2), (6, 40, 3, 2), (6, 80, 4, 2),
+                                (6, 112, 4, 1), (6, 192, 5, 2), (6, 320, 1, 1))
+_EFFICIENTNET_LITE2_SETTINGS = ((1, 16, 1, 1), (6, 24, 3, 2), (6, 48, 3, 2), (6, 88, 4, 2),
+                                (6, 120, 4, 1), (6, 208, 5, 2), (6, 352, 1, 1))
 
 
-def efficientnet_lite0_architecture(state_dict):
-  """EfficientNet-Lite0's layer list, read from its lukemelas-style state_dict keys."""
-  conv = _conv_factory(state_dict, EFFICIENTNET_LITE0)
+def efficientnet_lite_architecture(network, state_dict):
+  """An EfficientNet-Lite layer list, read from its lukemelas-style state_dict keys."""
+  conv = _conv_factory(state_dict, network)
 
   def block_convs(index, expansion, stride):
     p = f"_blocks.{index}."
@@ -152,19 +167,27 @@ def efficientnet_lite0_architecture(state_dict):
                      conv(p + "_project_conv", p + "_bn2", relu6=False)]
 
   stem = BlockSpec([conv("_conv_stem", "_bn0", stride=2)], residual=False)
-  blocks, _ = _inverted_residual_blocks(_EFFICIENTNET_LITE0_SETTINGS, 0, block_convs)
+  blocks, _ = _inverted_residual_blocks(network.settings, 0, block_convs)
   head = BlockSpec([conv("_conv_head", "_bn1")], residual=False)
   classifier = (state_dict["_fc.weight"].T, state_dict["_fc.bias"])
   return [stem] + blocks + [head], classifier
 
 
 MOBILENET_V2_100_224 = Network(
-    "mobilenet_v2_100_224", mobilenet_v2_architecture, batch_norm_epsilon=1e-5,
-    torch_padding=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-# Edge models are trained with inception-style normalization: (pixel - 127) / 128.
-EFFICIENTNET_LITE0 = Network(
-    "efficientnet_lite0", efficientnet_lite0_architecture, batch_norm_epsilon=1e-3,
-    torch_padding=False, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    "mobilenet_v2_100_224", mobilenet_v2_architecture, _MOBILENET_V2_SETTINGS,
+    batch_norm_epsilon=1e-5, torch_padding=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _efficientnet_lite(name, settings, input_size):
+  # Edge models are trained with inception-style normalization: (pixel - 127) / 128.
+  return Network(name, efficientnet_lite_architecture, settings, batch_norm_epsilon=1e-3,
+                 torch_padding=False, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                 input_size=input_size)
+
+
+EFFICIENTNET_LITE0 = _efficientnet_lite("efficientnet_lite0", _EFFICIENTNET_LITE0_SETTINGS, 224)
+EFFICIENTNET_LITE1 = _efficientnet_lite("efficientnet_lite1", _EFFICIENTNET_LITE1_SETTINGS, 240)
+EFFICIENTNET_LITE2 = _efficientnet_lite("efficientnet_lite2", _EFFICIENTNET_LITE2_SETTINGS, 260)
 
 
 class _ConvLayer(tf.Module):
@@ -259,7 +282,12 @@ class InvertedResidualNet(tf.Module):
     super().__init__(name=network.name)
     if kind not in (FEATURE_VECTOR, CLASSIFICATION):
       raise ValueError(f"kind must be {FEATURE_VECTOR!r} or {CLASSIFICATION!r}, not {kind!r}")
-    block_specs, (classifier_kernel, classifier_bias) = network.architecture(state_dict)
+    block_specs, (classifier_kernel, classifier_bias) = network.architecture(network, state_dict)
+    used = sum(len(b.convs) for b in block_specs)
+    stored = sum(1 for value in state_dict.values() if np.ndim(value) == 4)
+    if used != stored:
+      raise ValueError(f"{network.name}: the weights hold {stored} convolutions, the network "
+                       f"{used}: not this network's weights")
     self.input_size = network.input_size
     self.kind = kind
     self.fold_batch_norm = fold_batch_norm

