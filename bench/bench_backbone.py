@@ -14,11 +14,14 @@ Tables:
    it starts), against the straightforward export (unfolded, TF's defaults).
 5. oxford_flowers12 test accuracy of a linear SVM (scikit-learn LinearSVC) on
    fp32 vs bf16 features.
+6. Every built-in (MobileNetV2, EfficientNet-Lite0/1/2), folded fp32 feature
+   vector at its own input size: images/s at batch 32, relative to MobileNetV2
+   (`--only_builtins` prints just this table, in about a minute plus builds).
 
 Calls alternate between the variants compared and each keeps its fastest
 call: the machine may be shared, and this way all variants see the same load. Needs the bench extras (`pip install -e .[bench]`).
 
-  python bench/bench_backbone.py [--data_dir=...] [--skip_accuracy] [--skip_threads]
+  python bench/bench_backbone.py [--data_dir=...] [--skip_accuracy] [--skip_threads] [--only_builtins]
 """
 
 import os
@@ -39,6 +42,7 @@ flags.DEFINE_string("data_dir", None,
                     "Folder holding oxford_flowers12; default $TLFRAME_DATA_DIR or ../shared/data.")
 flags.DEFINE_bool("skip_accuracy", False, "Skip the oxford_flowers12 fp32 vs bf16 accuracy table.")
 flags.DEFINE_bool("skip_threads", False, "Skip the oneDNN and thread-count table.")
+flags.DEFINE_bool("only_builtins", False, "Print only the table of every built-in at batch 32.")
 flags.DEFINE_string("settings_child", None,
                     "Internal: 'module_dir,intra,inter': time that SavedModel at batch 32 with "
                     "these threads in this process and print the rate.")
@@ -188,6 +192,23 @@ def process_settings_table(folded_dir, unfolded_dir, rounds=2):
               rows)
 
 
+def builtins_table(tf, backbone, batch=32):
+  """Images/s of every built-in's feature vector (folded fp32) at its own size, side by side."""
+  models = {name: backbone.load_backbone(name) for name in backbone.BUILTIN_NAMES}
+  variants = {}
+  for name, model in models.items():
+    images = tf.random.stateless_uniform([batch, model.input_size, model.input_size, 3], seed=[1, 0])
+    featurize = tf.function(lambda x, m=model: m(x))
+    variants[name] = lambda _, f=featurize, x=images: f(x)
+  rates = best_rates(variants, lambda _: None, lambda b: b, [batch])
+  base = rates[backbone.DEFAULT_HANDLE, batch]
+  print(f"Built-in backbones, feature vector, folded float32, batch {batch} (images/s, fastest "
+        f"call; vs {backbone.DEFAULT_HANDLE})")
+  print_table(["backbone", "input", "features", "images/s", f"vs {backbone.DEFAULT_HANDLE}"],
+              [[name, f"{m.input_size} px", m.output_dim, f"{rates[name, batch]:.1f}",
+                f"{rates[name, batch] / base:.2f}x"] for name, m in models.items()])
+
+
 def data_dir():
   from tlframe import samples  # pylint: disable=g-import-not-at-top
   return pathlib.Path(FLAGS.data_dir or samples.benchmark_data_dir())
@@ -234,20 +255,26 @@ def main(argv):
   del argv
   # tlframe first: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
   from tlframe import backbone, mobilenet_v2, torch_pth  # pylint: disable=g-import-not-at-top
+  import bench_common  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if FLAGS.settings_child:
     settings_child(tf, FLAGS.settings_child)
     return
   backbone.configure_threads()
   builtin = backbone.ensure_builtin(backbone.DEFAULT_HANDLE)
-  print(f"TensorFlow {tf.__version__}; oneDNN: {backbone.onednn_enabled()}; CPU bf16 support: "
-        f"{backbone.bfloat16_supported()}; cache {builtin}\n")
+  print(f"{bench_common.cpu_model()}; TensorFlow {tf.__version__}; oneDNN: "
+        f"{backbone.onednn_enabled()}; CPU bf16 support: {backbone.bfloat16_supported()}; "
+        f"cache {builtin}\n")
+  if FLAGS.only_builtins:
+    builtins_table(tf, backbone)
+    return
   folded_dir = os.path.join(builtin, "feature_vector")
   with tempfile.TemporaryDirectory() as tmp:
     unfolded_dir = export_unfolded(backbone, mobilenet_v2, torch_pth, tmp)
     speed_tables(tf, backbone, folded_dir, unfolded_dir)
     if not FLAGS.skip_threads:
       process_settings_table(folded_dir, unfolded_dir)
+  builtins_table(tf, backbone)
   if not FLAGS.skip_accuracy:
     accuracy_table(tf, backbone)
 
