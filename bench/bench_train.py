@@ -195,7 +195,9 @@ def keras_tutorial(images, labels, test_images, test_labels, backbone, num_class
     return dataset.batch(32).map(lambda a, b: (tf.cast(a, tf.float32) / 255, b))
 
   start = time.monotonic()
-  model.fit(batches(images, labels, True), epochs=KERAS_TUTORIAL_EPOCHS, verbose=0)
+  # shuffle=False: the dataset reshuffles itself each epoch (Keras cannot shuffle a dataset).
+  model.fit(batches(images, labels, True), epochs=KERAS_TUTORIAL_EPOCHS, shuffle=False,
+            verbose=0)
   seconds = time.monotonic() - start
   _, accuracy = model.evaluate(batches(test_images, test_labels, False), verbose=0)
   return float(accuracy), seconds

@@ -19,6 +19,7 @@ bench extras (`pip install -e .[bench]`: matplotlib).
 import argparse
 import json
 import os
+import textwrap
 
 import matplotlib
 matplotlib.use("Agg")  # files only, no display
@@ -31,8 +32,9 @@ COLOURS = {"tlframe": "#1f5fa8", "LinearSVC": "#e08a1e", "Keras tutorial": "#7a7
 
 
 def caption(figure, results):
-  """The run's machine, date and command along the picture's bottom edge."""
-  figure.text(0.01, 0.012, f"{results['cpu']} · {results['date']} · {results['command']}",
+  """The run's machine, date and command along the picture's bottom edge (wrapped to fit)."""
+  text = f"{results['cpu']} · {results['date']} · {results['command']}"
+  figure.text(0.01, 0.012, textwrap.fill(text, int(figure.get_figwidth() * 17)),
               fontsize=7, color="#555555", ha="left", va="bottom")
 
 
@@ -125,7 +127,7 @@ def confusion_matrix(results, path):
   axes.set_ylabel("true class")
   axes.set_title(f"oxford_flowers12 test photos ({counts.sum()}): bin/train default flags, "
                  f"{100 * run['accuracy']:.1f}%", fontsize=10)
-  figure.tight_layout(rect=(0, 0.03, 1, 1))
+  figure.tight_layout(rect=(0, 0.05, 1, 1))
   caption(figure, results)
   figure.savefig(path, dpi=DPI)
   plt.close(figure)
