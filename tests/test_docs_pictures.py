@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +33,6 @@ def test_readme_shows_each_picture_and_each_decodes():
 
 
 def test_plots_regenerates_them_from_the_bench_numbers(tmp_path):
-  pytest.importorskip("matplotlib")
   results = os.path.join(DOCS, "bench_train.json")
   with open(results) as f:
     numbers = json.load(f)
