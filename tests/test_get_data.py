@@ -77,8 +77,11 @@ def photo_set(tmp_path_factory, skimage_photos):
 def http_root(tmp_path_factory):
   """(folder, base URL) of a local HTTP server on 127.0.0.1 serving that folder."""
   root = tmp_path_factory.mktemp("served")
-  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-  handler.log_message = lambda *args: None
+  class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request lines in the test output
+      pass
+
+  handler = functools.partial(QuietHandler, directory=str(root))
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
