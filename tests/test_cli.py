@@ -32,7 +32,7 @@ def assert_one_error_line(result, *fragments):
 def test_help_exits_0_without_tensorflow_noise():
   result = run_bin("train", "--help")
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "--records_dir" in result.stdout and "--tune_l2" in result.stdout
+  assert "--records_dir" in result.stdout and "--l2_grid" in result.stdout
   assert not NATIVE_LOG_LINE.search(result.stdout + result.stderr), result.stderr
 
 
