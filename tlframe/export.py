@@ -17,7 +17,10 @@ The layout, signatures and JSON are fixed in docs/production.md:
 Every image goes through the training pipeline's own pieces,
 `imageformat.decode_image` and `pipeline.preprocess` in the model's resize
 mode, so the export sees the pixels training saw. T is the temperature in
-`<model_dir>/calibration.json` (tlframe.calibration), 1 without it.
+`<model_dir>/calibration.json` (tlframe.calibration), 1 without it. A head
+trained with flipped features (head_config.json's `flip_features`) scores each
+image as the mean of its scores and its left-right mirror's, as evaluation
+did (`features.average_flip_scores`); `average_flips` in the JSON says so.
 
 With `tflite=True` the version dir also holds `tflite/model.tflite` (float32
 input [1, S, S, 3] in [0, 1], already resized; outputs `classes`,
@@ -78,7 +81,8 @@ SIGNATURES = {
 class ClassifierModule(tf.Module):
   """The backbone and the head behind the export's signatures."""
 
-  def __init__(self, backbone, head, labels, temperature, resize_mode, labels_file):
+  def __init__(self, backbone, head, labels, temperature, resize_mode, labels_file, *,
+               average_flips=False):
     super().__init__(name="tlframe_classifier")
     pipeline.check_resize_mode(resize_mode)
     self.image_size = backbone.input_size
@@ -91,11 +95,12 @@ class ClassifierModule(tf.Module):
     self._backbone = backbone
     self._label_names = np.asarray(labels, dtype=object)
     self._temperature = float(temperature)
+    self.average_flips = bool(average_flips)
     self._image_spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
 
   def outputs(self, images, backbone=None):
     """float32 [B, S, S, 3] in [0, 1] -> the signatures' output dict."""
-    scores = self.head((backbone or self._backbone)(images))
+    scores = self.scores(images, backbone or self._backbone)
     probabilities = tf.nn.softmax(scores / self._temperature, axis=-1)
     # top_k orders ties like argmax does (lower index first), so classes = top 1.
     top = tf.math.top_k(scores, k=self.top_k)
@@ -109,6 +114,14 @@ class ClassifierModule(tf.Module):
         "top_k_labels": tf.gather(label_names, top.indices),
         "top_k_probabilities": tf.gather(probabilities, top.indices, batch_dims=1),
     }
+
+  def scores(self, images, backbone):
+    """[B, C] head scores; with average_flips, the mean over each image and its mirror."""
+    if not self.average_flips:
+      return self.head(backbone(images))
+    both = self.head(backbone(tf.concat([images, tf.image.flip_left_right(images)], axis=0)))
+    original, mirrored = tf.split(both, 2, axis=0)
+    return (original + mirrored) / 2
 
   def _decode_and_resize(self, image_bytes):
     return pipeline.preprocess(imageformat.decode_image(image_bytes), self.image_size,
@@ -203,7 +216,9 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     tf.io.gfile.makedirs(tmp)
     records.write_labels(tmp, config.labels)
     module = ClassifierModule(backbone, head, config.labels, calibration["temperature"],
-                              config.resize_mode, os.path.join(tmp, records.LABELS_FILENAME))
+                              config.resize_mode, os.path.join(tmp, records.LABELS_FILENAME),
+                              # HeadConfig of models trained before flips has no such field.
+                              average_flips=getattr(config, "flip_features", False))
     tf.saved_model.save(module, tmp, signatures=module.signatures())
     tf.io.gfile.remove(os.path.join(tmp, records.LABELS_FILENAME))  # saved as assets/labels.txt
     tflite_path = None
@@ -213,7 +228,8 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     info = dict(
         format_version=FORMAT_VERSION, tlframe_version=tlframe.__version__,
         backbone=config.backbone, features=config.features, image_size=config.image_size,
-        resize_mode=config.resize_mode, precision=backbone.precision, loss=config.loss,
+        resize_mode=config.resize_mode, average_flips=module.average_flips,
+        precision=backbone.precision, loss=config.loss,
         labels=list(config.labels), num_classes=len(config.labels), top_k=module.top_k,
         calibration=dict(method=calibration["method"],
                          temperature=float(calibration["temperature"]),

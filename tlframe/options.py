@@ -15,7 +15,7 @@ from tlframe.errors import UserError
 # Choices of the stages (head, pipeline, backbone, trainer).
 LOSSES = ("hinge", "squared_hinge", "softmax")
 FEATURE_NORMALIZATIONS = ("none", "l2", "standardize")
-RESIZE_MODES = ("center_crop", "letterbox", "crop_or_pad")
+RESIZE_MODES = ("center_crop", "imagenet_crop", "letterbox", "crop_or_pad")
 PRECISIONS = ("float32", "bfloat16", "auto")
 FEATURES = ("feature_vector", "logits")
 BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0", "efficientnet_lite1",

@@ -3,11 +3,14 @@
 Reads the records `tlframe.records` writes (`imageformat`'s TF-Slim keys),
 decodes each image with `imageformat.decode_image` (the one decoder the
 converter and the export use too), and brings it to `image_size` x `image_size` float32 in [0, 1] (the
-TF-Hub image convention) by one of three resize modes:
+TF-Hub image convention) by one of four resize modes:
 
 - "center_crop": resize the shorter side to `image_size` keeping the aspect
   ratio, then crop the centre square. The evaluation default: what ImageNet
   backbones were trained to see.
+- "imagenet_crop": resize the shorter side to image_size * 256/224, then crop
+  the centre image_size square (`imagenet.imagenet_eval_crop`): the crop the
+  ImageNet backbones were evaluated with, trimming 1/8 of the square's edges.
 - "letterbox": resize the longer side to `image_size` keeping the aspect ratio
   and pad the rest with black. Keeps all content; for objects near the edges.
 - "crop_or_pad": no resizing: crop the centre or pad with black. For images
@@ -26,6 +29,7 @@ from absl import logging
 import tensorflow as tf
 
 from tlframe import imageformat
+from tlframe import imagenet
 from tlframe.errors import UserError
 from tlframe.options import RESIZE_MODES
 
@@ -56,6 +60,10 @@ def preprocess(image_uint8, image_size=224, resize_mode="center_crop"):
   SavedModel signature on raw bytes.
   """
   check_resize_mode(resize_mode)
+  if resize_mode == "imagenet_crop":
+    image = imagenet.imagenet_eval_crop(image_uint8, image_size)
+    image.set_shape([image_size, image_size, 3])
+    return image
   image = tf.image.convert_image_dtype(image_uint8, tf.float32)
   if resize_mode == "center_crop":
     # Cropping the centre square first, then resizing it, equals resizing the
