@@ -11,10 +11,11 @@ sha256]` for every file to keep.
 only the files the manifest lists, checks each one's size before and sha256
 after writing it, and lays them out as the benches and tests read them:
 `<data_dir>/<name>/<class>/<file>` plus `TEST_SPLIT.txt` (`<class>/<file>`
-lines). The archive is untrusted: an entry with an absolute path or `..` and a
-link or device where a listed file should be stop the run; nothing is written
-outside a staging folder, which becomes the data set folder only when every
-file is verified. An existing data set folder is verified and kept, never
+lines). The archive is untrusted: an entry with an absolute path or `..`, a
+link pointing out of the archive, and a link or device in place of a listed
+file stop the run. Files are written only to the paths the manifest gives,
+inside a staging folder that becomes the data set folder once every file is
+verified. An existing data set folder is verified and kept, never
 replaced unless asked.
 """
 
@@ -47,6 +48,7 @@ def benchmark_data_dir():
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
+  """One data set's manifest (see the module doc), as load_manifest reads it."""
   name: str
   url: str
   root: str
