@@ -118,6 +118,17 @@ def test_center_crop_matches_an_independent_resize(skimage_photos, tmp_path):
   assert np.abs(ours - resized[:, left:left + 224]).mean() < 0.01
 
 
+def test_imagenet_crop_is_the_central_224_of_the_256_resize(skimage_photos):
+  photo = skimage_photos["chelsea"]  # 300x451 -> 256x384, then the central 224x224
+  ours = pipeline.preprocess(tf.constant(photo), 224, "imagenet_crop").numpy()
+  assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+  resized = np.asarray(Image.fromarray(photo).resize((384, 256), Image.BILINEAR)) / 255.0
+  assert np.abs(ours - resized[16:240, 80:304]).mean() < 0.01
+  # Tighter than center_crop: the same middle, magnified 256/224.
+  center = pipeline.preprocess(tf.constant(photo), 224, "center_crop").numpy()
+  assert np.abs(ours - center).mean() > 0.02
+
+
 def test_letterbox_keeps_everything_and_pads_black(layout_records):
   out, _ = layout_outputs(layout_records, "letterbox")
   wide = out["wide"]
