@@ -134,8 +134,10 @@ class ClassifierModule(tf.Module):
       return tf.map_fn(lambda image: pipeline.preprocess(image, size, self.resize_mode),
                        images, fn_output_signature=self._image_spec)
 
-    # preprocess leaves an S x S image as it is in every resize mode (resizing to
-    # the same size is exact), so a batch already at size skips the per-image loop.
+    if self.resize_mode == "imagenet_crop":
+      return tf.ensure_shape(each_image(), [None, size, size, 3])  # it crops S x S images too
+    # The other modes leave an S x S image as it is (resizing to the same size is
+    # exact), so a batch already at size skips the per-image loop.
     shape = tf.shape(images)
     resized = tf.cond(tf.logical_and(shape[1] == size, shape[2] == size),
                       lambda: tf.clip_by_value(images, 0.0, 1.0), each_image)

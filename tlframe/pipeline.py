@@ -72,14 +72,29 @@ def preprocess(image_uint8, image_size=224, resize_mode="center_crop"):
     side = tf.minimum(shape[0], shape[1])
     image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2,
                                           side, side)
-    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    image = _resize_unless_at_size(
+        image, lambda: tf.image.resize(image, [image_size, image_size], antialias=True),
+        image_size)
   elif resize_mode == "letterbox":
-    image = tf.image.resize_with_pad(image, image_size, image_size, antialias=True)
+    image = _resize_unless_at_size(
+        image, lambda: tf.image.resize_with_pad(image, image_size, image_size, antialias=True),
+        image_size)
   else:
     image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
   image = tf.clip_by_value(image, 0.0, 1.0)
   image.set_shape([image_size, image_size, 3])
   return image
+
+
+def _resize_unless_at_size(image, resize, image_size):
+  """resize() of an image, skipped when it is already image_size square.
+
+  Resizing to the same size is exact, and the antialiased resize is most of
+  the pipeline's CPU time: data sets stored at the backbone's size skip it.
+  """
+  shape = tf.shape(image)
+  at_size = tf.logical_and(shape[0] == image_size, shape[1] == image_size)
+  return tf.cond(at_size, lambda: image, resize)
 
 
 def augment_image(image_uint8, seed, image_size=224, resize_mode="center_crop"):
