@@ -112,3 +112,13 @@ def test_temperature_lowers_ece_on_flowers12_test_split(flowers12_dir, tmp_path)
     assert after <= before + _ECE_NOISE, (loss, temperature, before, after)
     assert after < 0.05
     assert np.mean(test_scores.argmax(1) == test_labels) >= 0.9
+
+
+def test_nothing_to_fit_when_every_held_out_example_is_right():
+  """The NLL of a perfectly separated set falls without end as T shrinks: no temperature."""
+  scores = np.array([[3.0, 0.0], [0.0, 2.0], [5.0, 1.0]])
+  result = calibration.calibrate(scores, np.array([0, 1, 0]), "validation")
+  assert result["method"] == "none" and result["temperature"] == 1.0
+  assert result["ece_after"] == result["ece_before"] and "all 3" in result["reason"]
+  wrong_once = calibration.calibrate(scores, np.array([0, 1, 1]), "validation")
+  assert wrong_once["method"] == "temperature"

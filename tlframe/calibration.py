@@ -121,9 +121,20 @@ def expected_calibration_error(probabilities, labels, num_bins=DEFAULT_NUM_BINS)
 
 
 def calibrate(scores, labels, fitted_on, num_bins=DEFAULT_NUM_BINS):
-  """Fits T on held-out ([N, C] scores, [N] labels); returns calibration.json's dict."""
+  """Fits T on held-out ([N, C] scores, [N] labels); returns calibration.json's dict.
+
+  When every held-out example is right, the NLL has no minimum (it keeps falling
+  as T shrinks, towards probabilities of exactly 1): there is nothing to fit,
+  and the dict says so with method "none" and T = 1.
+  """
   if fitted_on not in FITTED_ON:
     raise UserError(f"fitted_on must be one of {', '.join(FITTED_ON)}, not {fitted_on!r}")
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  if np.all(np.argmax(scores, axis=-1) == labels):
+    ece = expected_calibration_error(softmax(scores), labels, num_bins)
+    return dict(method="none", temperature=1.0, fitted_on=fitted_on, num_bins=num_bins,
+                ece_before=ece, ece_after=ece,
+                reason=f"all {len(labels)} held-out examples are right: nothing to fit")
   temperature = fit_temperature(scores, labels)
   return dict(method="temperature", temperature=temperature, fitted_on=fitted_on,
               num_bins=num_bins,

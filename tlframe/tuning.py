@@ -15,6 +15,10 @@ from tlframe.errors import UserError
 
 # How far the l2 search may widen: beyond these the head is unregularized or zero.
 L2_LIMITS = (1e-9, 1e4)
+# Held-out losses this close (relative) are a tie, which the larger l2 wins: on
+# data the head separates, the loss is flat over small l2 (to 5 digits from
+# 1e-7 to 1e-4), and the least regularized head is chosen by noise.
+LOSS_TOLERANCE = 1e-3
 _WIDENING_RATIO = 10 ** 0.5
 
 
@@ -65,15 +69,24 @@ def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shif
   return scores.numpy()[held_out_model, np.arange(len(train_y))[None, :]]
 
 
+def best_l2(rows):
+  """The l2 of the rows (dicts of l2, accuracy, loss) that tune_l2 chooses."""
+  top = max(row["accuracy"] for row in rows)
+  contenders = [row for row in rows if row["accuracy"] == top]
+  lowest = min(row["loss"] for row in contenders)
+  return max(row["l2"] for row in contenders if row["loss"] <= lowest * (1 + LOSS_TOLERANCE))
+
+
 def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   """k-fold CV over options.l2_grid on cached features, widened at an edge.
 
   Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
   best l2). Each row: dict(l2; accuracy and loss over all held-out
   predictions; their standard deviations across folds, accuracy_std and
-  loss_std). The best has the highest held-out accuracy; ties go to the lower
-  held-out loss, then to the larger l2. When the best is the grid's smallest
-  or largest value, the grid grows by two more steps of its own ratio on that
+  loss_std). The best (`best_l2`) has the highest held-out accuracy and,
+  among those, is the largest l2 whose held-out loss is within
+  LOSS_TOLERANCE of the lowest. When the best is the grid's smallest or
+  largest value, the grid grows by two more steps of its own ratio on that
   side (logged), until the best is inside or l2 reaches L2_LIMITS.
   """
   if len(train_y) < options.cv_folds:
@@ -100,7 +113,7 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
 
   evaluate(grid)
   while True:
-    best = max(rows, key=lambda l2: (rows[l2]["accuracy"], -rows[l2]["loss"], l2))
+    best = best_l2(rows.values())
     low, high = min(rows), max(rows)
     if best == high and high * ratio <= L2_LIMITS[1]:
       more = [high * ratio, high * ratio ** 2]
