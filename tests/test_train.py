@@ -292,3 +292,21 @@ def test_auto_precision_is_the_default_and_float32_without_native_bfloat16(monke
   monkeypatch.delenv("TLFRAME_DISABLE_BF16")
   native = bool(backbone_lib._cpu_flags() & {"amx_bf16", "avx512_bf16"})  # pylint: disable=protected-access
   assert backbone_lib.resolve_precision("auto") == ("bfloat16" if native else "float32")
+
+
+def test_flip_features_train_on_mirrors_and_export_averages_them(small_task, tmp_path):
+  records_dir, backbone = small_task
+  options = _options(records_dir, tmp_path / "model", backbone, flip_features=True, export=True)
+  metrics = train.train(options)
+  assert json.load(open(tmp_path / "model" / "head_config.json"))["flip_features"]
+  export_info = json.load(open(os.path.join(metrics["export_dir"], "tlframe_export.json")))
+  assert export_info["average_flips"]
+  # Scores on the validation split are the mean over each image and its mirror.
+  head, _ = head_lib.load_head(options.model_dir)
+  mirrored = features_lib.cached_features(
+      backbone_lib.load_backbone(backbone), records_dir, "validation", batch_size=32,
+      image_size=64, resize_mode="center_crop", num_classes=4, flip=True)
+  averaged = (head(tf.constant(mirrored.features)) +
+              head(tf.constant(mirrored.flipped_features))).numpy() / 2
+  accuracy = np.mean(np.argmax(averaged, axis=1) == mirrored.labels)
+  assert accuracy == pytest.approx(metrics["validation"]["accuracy"])

@@ -219,8 +219,7 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     records.write_labels(tmp, config.labels)
     module = ClassifierModule(backbone, head, config.labels, calibration["temperature"],
                               config.resize_mode, os.path.join(tmp, records.LABELS_FILENAME),
-                              # HeadConfig of models trained before flips has no such field.
-                              average_flips=getattr(config, "flip_features", False))
+                              average_flips=config.flip_features)
     tf.saved_model.save(module, tmp, signatures=module.signatures())
     tf.io.gfile.remove(os.path.join(tmp, records.LABELS_FILENAME))  # saved as assets/labels.txt
     tflite_path = None

@@ -149,6 +149,7 @@ class HeadConfig:
   image_size: int
   resize_mode: str
   label_smoothing: float = 0.0
+  flip_features: bool = False   # scores are averaged over each image and its mirror
 
   def write(self, model_dir):
     fileio.atomic_write_json(os.path.join(model_dir, HEAD_CONFIG_FILENAME),

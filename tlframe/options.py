@@ -67,6 +67,7 @@ class TrainOptions:
   batch_size: int = None   # None: FEATURES_BATCH_SIZE, or AUGMENTED_BATCH_SIZE with augment
   patience: int = 0
   augment: bool = False
+  flip_features: bool = False
   l2_grid: tuple = DEFAULT_L2_GRID
   cv_folds: int = 5
   strategy: str = "default"
@@ -140,6 +141,9 @@ def check(options):
     bad("--patience, --warmup_epochs and --num_thumbnails_per_class must be >= 0")
   if options.warmup_epochs >= options.epochs:
     bad(f"--warmup_epochs={options.warmup_epochs} must be less than --epochs={options.epochs}")
+  if options.flip_features and options.augment:
+    bad("--flip_features adds mirrored images to cached features; --augment already trains on "
+        "random flips: use one of them")
   if options.cv_folds < 2:
     bad(f"--cv_folds={options.cv_folds} must be at least 2")
   if options.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):

@@ -72,8 +72,10 @@ def _run(options, strategy):
   backbone_load_seconds = time.monotonic() - load_start
   feature_sets = _feature_sets(options, backbone, len(label_names))
   train_set, val_set = feature_sets["train"], feature_sets["validation"]
-  shift, scale = head_lib.normalization_constants(train_set.features,
-                                                  options.feature_normalization)
+  # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
+  # originals only, so that no image's mirror sits in the folds that hold it out.
+  train_x, train_y = train_set.training_examples()
+  shift, scale = head_lib.normalization_constants(train_x, options.feature_normalization)
 
   cv = None
   if options.l2 is None:
@@ -162,7 +164,8 @@ def _feature_sets(options, backbone, num_classes):
     feature_sets[split] = features_lib.cached_features(
         backbone, options.records_dir, split, batch_size=options.extract_batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
-        num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class)
+        num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
+        flip=options.flip_features)
     if not len(feature_sets[split].labels):
       feature_sets[split] = None  # every record of the split failed to decode (logged)
   if feature_sets["train"] is None:
@@ -177,9 +180,9 @@ def _feature_sets(options, backbone, num_classes):
 def _fit_head(options, strategy, backbone, train_set, val_set, label_names, normalization,
               writers, out_dir):
   """Trains (or resumes) the head; returns (trainer, global batch size, epochs run now)."""
-  num_train = len(train_set.labels)
-  weights_by_class = trainer_lib.class_weights(train_set.labels, len(label_names),
-                                               options.class_weight)
+  train_x, train_y = train_set.training_examples()
+  num_train = len(train_y)
+  weights_by_class = trainer_lib.class_weights(train_y, len(label_names), options.class_weight)
   global_batch = trainer_lib.effective_batch_size(options, num_train,
                                                   strategy.num_replicas_in_sync)
   trainer = trainer_lib.HeadTrainer(
@@ -198,13 +201,12 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
           weights_by_class, image_size=backbone.input_size, resize_mode=options.resize_mode,
           seed=options.seed * 100003 + first_epoch)
   else:
-    example_weights = weights_by_class[train_set.labels][None, :]
-    normalized = trainer.normalize(train_set.features)
+    example_weights = weights_by_class[train_y][None, :]
+    normalized = trainer.normalize(train_x)
 
     def make_iterator(first_epoch):
-      return trainer_lib.feature_batches(strategy, normalized, train_set.labels,
-                                         example_weights, global_batch, options.seed,
-                                         first_epoch, options.epochs)
+      return trainer_lib.feature_batches(strategy, normalized, train_y, example_weights,
+                                         global_batch, options.seed, first_epoch, options.epochs)
 
   def on_checkpoint(epoch):
     if val_set is not None:
@@ -225,10 +227,9 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
 
 
 def _scores(trainer, feature_set):
-  """[N, C] scores of the trained head on a FeatureSet."""
-  _, _, scores = trainer.evaluate(tf.constant(feature_set.features),
-                                  tf.constant(feature_set.labels))
-  return scores[0].numpy()
+  """[N, C] scores of the trained head on a FeatureSet (averaged with the mirrors' if any)."""
+  return features_lib.average_flip_scores(
+      lambda features: trainer.head(tf.constant(features)).numpy(), feature_set)
 
 
 def _evaluate(trainer, feature_set, label_names):
@@ -245,6 +246,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
       num_features=backbone.output_dim, num_classes=len(label_names), labels=label_names,
       backbone=options.backbone, features=options.features, image_size=backbone.input_size,
       resize_mode=options.resize_mode, label_smoothing=options.label_smoothing,
+      flip_features=options.flip_features,
   ).write(model_dir)
   # A plain (unmirrored) copy, so the export loads it without a strategy.
   final_head = head_lib.LinearHead(backbone.output_dim, len(label_names),
