@@ -139,18 +139,17 @@ class SkipCounter:
     logging.warning("Skipping a record whose image does not decode: %r", filename)
 
 
-def _decode_or_flag(encoded):
-  """(image, ok): a decode error becomes ok=False with a dummy image, not an exception.
+def try_map(value, fn, placeholder):
+  """A one-element dataset of (fn(value), True), or (placeholder, False) where fn fails.
 
-  tf.data has no per-element try/except, so each image is decoded in its own
-  one-element dataset whose errors are dropped; `take(1)` of that followed by a
-  dummy then yields the image when it decoded and the dummy when it did not.
+  tf.data has no per-element try/except, so `fn` runs in its own one-element
+  dataset whose errors are dropped; `take(1)` of that followed by the
+  placeholder then yields the result when `fn` succeeded and the placeholder
+  when it raised (an undecodable image, an unreadable file).
   """
-  decoded = (tf.data.Dataset.from_tensors(encoded)
-             .map(lambda data: (imageformat.decode_image(data), True))
-             .ignore_errors())
-  failed = tf.data.Dataset.from_tensors((tf.zeros([1, 1, 3], tf.uint8), False))
-  return decoded.concatenate(failed).take(1)
+  result = tf.data.Dataset.from_tensors(value).map(lambda v: (fn(v), True)).ignore_errors()
+  failed = tf.data.Dataset.from_tensors((placeholder, False))
+  return result.concatenate(failed).take(1)
 
 
 def _list_files(file_pattern):
@@ -207,7 +206,7 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
 
   def parse_and_decode(serialized, element_seed):
     encoded, label, filename = imageformat.parse_example(serialized)
-    return _decode_or_flag(encoded).map(
+    return try_map(encoded, imageformat.decode_image, tf.zeros([1, 1, 3], tf.uint8)).map(
         lambda image, ok: (image, label, filename, element_seed, ok))
 
   dataset = dataset.interleave(parse_and_decode, cycle_length=tf.data.AUTOTUNE,

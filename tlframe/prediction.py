@@ -41,7 +41,7 @@ class Row:
 def list_images(spec):
   """The image files `spec` names (DIR | GLOB | LIST file | one image), in a stable order."""
   if tf.io.gfile.isdir(spec):
-    files, _ = records._walk_files(spec)  # pylint: disable=protected-access
+    files, _ = records.walk_files(spec)
     paths = [path for path in files if path.lower().endswith(records.IMAGE_EXTENSIONS)
              and not os.path.basename(path).startswith(".")]
     what = f"folder {spec} holds no image files ({', '.join(records.IMAGE_EXTENSIONS)})"
@@ -63,18 +63,11 @@ def list_images(spec):
 
 
 def _load(path, image_size, resize_mode):
-  """(image [S, S, 3] float32, ok): a file that does not read or decode gives ok=False.
-
-  tf.data has no per-element try/except: the file is loaded in a one-element
-  dataset whose errors are dropped, followed by a placeholder; the first of
-  the two is the image when it loaded and the placeholder when it did not.
-  """
-  loaded = (tf.data.Dataset.from_tensors(path)
-            .map(lambda p: (pipeline.preprocess(imageformat.decode_image(tf.io.read_file(p)),
-                                                image_size, resize_mode), True))
-            .ignore_errors())
-  failed = tf.data.Dataset.from_tensors((tf.zeros([image_size, image_size, 3]), False))
-  return loaded.concatenate(failed).take(1)
+  """(image [S, S, 3] float32, ok): a file that does not read or decode gives ok=False."""
+  return pipeline.try_map(
+      path, lambda p: pipeline.preprocess(imageformat.decode_image(tf.io.read_file(p)),
+                                          image_size, resize_mode),
+      tf.zeros([image_size, image_size, 3]))
 
 
 def image_batches(paths, batch_size, image_size, resize_mode):

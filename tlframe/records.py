@@ -221,7 +221,7 @@ def _has_image_extension(name):
 Source = collections.namedtuple("Source", "path key label split")
 
 
-def _walk_files(root):
+def walk_files(root):
   """(files, [(directory, why not walked)]) under `root`, recursively.
 
   tf.io.gfile.walk follows a symlink to an ancestor forever, hence this walk,
@@ -256,7 +256,7 @@ def list_image_dir(image_dir):
   """Sources of a class-per-sub-folder tree, plus (skipped, ignored) entries for the manifest."""
   if not tf.io.gfile.isdir(image_dir):
     raise UserError(f"--image_dir {image_dir}: no such directory")
-  files, unwalked = _walk_files(image_dir)
+  files, unwalked = walk_files(image_dir)
   sources, ignored = [], []
   skipped = [{"path": _relative_key(image_dir, directory), "reason": reason}
              for directory, reason in unwalked]
