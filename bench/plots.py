@@ -44,7 +44,7 @@ def kshot_accuracy(results, path):
   figure, axes = plt.subplots(figsize=(7, 4.4))
   lines = [("tlframe", "tune_l2",
             f"tlframe default head ({results['default_loss']}, l2 cross-validated)"),
-           ("LinearSVC", "LinearSVC", "scikit-learn LinearSVC (C=1), same features"),
+           ("LinearSVC", "LinearSVC", "scikit-learn LinearSVC (C cross-validated), same features"),
            ("Keras tutorial", "Keras tutorial",
             "Keras tutorial: model.fit through the frozen backbone, 10 epochs")]
   for colour, key, label in lines:

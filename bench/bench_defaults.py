@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""The defaults, chosen by measurement: each backbone and option against a cross-validated LinearSVC.
+
+  .venv/bin/python bench/bench_defaults.py [--data_dir DIR] [--work_dir DIR] [--seeds 3]
+
+For each data set and each feature option (backbone, resize mode, flip
+features), one backbone pass over train and test, then for k = 5, 10, 20
+training images per class (and all of them) over --seeds random subsets:
+- tlframe's default head on those features (softmax, l2 cross-validated by
+  tuning.tune_l2, as bin/train does; with flip features, trained on both views
+  and scored by their average), and
+- scikit-learn's LinearSVC with C cross-validated (GridSearchCV, stratified
+  folds over C = 1e-5..1) on the same features: the classic baseline.
+Prints test accuracy (mean over seeds, and its spread), seconds of each, and
+the backbone pass's images/s (taken under whatever else runs on the machine:
+compare rates within one run).
+
+Data sets: oxford_flowers12 (its TEST_SPLIT.txt is the test split; 60 train
+images per class) and scikit-image's LFW subset (100 face / 100 not-face
+photos, 25x25 grayscale, half held out by file-name hash), a second real set
+of another kind: 2 classes, tiny low-resolution images.
+Needs the bench extras (`pip install -e .[bench]`: scikit-learn, scikit-image).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
+from tlframe import backbone as backbone_lib  # pylint: disable=wrong-import-position
+from tlframe import features as features_lib  # pylint: disable=wrong-import-position
+from tlframe import head as head_lib  # pylint: disable=wrong-import-position
+from tlframe import options as options_lib  # pylint: disable=wrong-import-position
+from tlframe import records  # pylint: disable=wrong-import-position
+from tlframe import samples  # pylint: disable=wrong-import-position
+from tlframe import trainer as trainer_lib  # pylint: disable=wrong-import-position
+from tlframe import tuning  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench_common import cpu_model  # pylint: disable=wrong-import-position
+from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
+
+K_SHOTS = (5, 10, 20, None)   # None: every training image
+MOBILENET, LITE0 = "mobilenet_v2_100_224", "efficientnet_lite0"
+# (backbone, resize mode, flip features): every built-in at the default crop,
+# the concatenation of the two fastest, then the crop and flip options.
+FEATURE_OPTIONS = (
+    (MOBILENET, "center_crop", False),
+    (LITE0, "center_crop", False),
+    ("efficientnet_lite1", "center_crop", False),
+    ("efficientnet_lite2", "center_crop", False),
+    (f"{MOBILENET},{LITE0}", "center_crop", False),
+    (LITE0, "imagenet_crop", False),
+    (LITE0, "letterbox", False),
+    (LITE0, "center_crop", True),
+)
+
+
+def flowers12_records(data_dir, work_dir):
+  flowers_dir = pathlib.Path(data_dir) / "oxford_flowers12"
+  if not flowers_dir.is_dir():
+    return None
+  records_dir = work_dir / "flowers12-records"
+  if not (records_dir / records.MANIFEST_FILENAME).exists():
+    samples.make_flowers12_records(flowers_dir, records_dir)
+  return str(records_dir)
+
+
+def lfw_records(work_dir):
+  """scikit-image's LFW subset as records: face / not_face, half of each held out."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  records_dir = work_dir / "lfw-records"
+  if (records_dir / records.MANIFEST_FILENAME).exists():
+    return str(records_dir)
+  images = skimage.data.lfw_subset()   # [200, 25, 25] float in [0, 1]: 100 faces, then 100 not
+  image_dir = work_dir / "lfw-images"
+  for index, image in enumerate(images):
+    label = "face" if index < 100 else "not_face"
+    (image_dir / label).mkdir(parents=True, exist_ok=True)
+    png = tf.io.encode_png(tf.cast(tf.round(image[..., None] * 255), tf.uint8))
+    tf.io.write_file(str(image_dir / label / f"{index:03d}.png"), png)
+  records.convert(str(records_dir), image_dir=str(image_dir), validation_percentage=50,
+                  test_percentage=0)
+  return str(records_dir)
+
+
+def feature_sets(records_dir, backbone, resize_mode, flip):
+  """(train, test FeatureSet, images/s of the pass or None when both came from the cache)."""
+  extract = dict(backbone=backbone, records_dir=records_dir, batch_size=32,
+                 image_size=backbone.input_size, resize_mode=resize_mode,
+                 num_classes=len(records.read_labels(records_dir)), flip=flip)
+  train = features_lib.cached_features(split="train", **extract)
+  test = features_lib.cached_features(split="validation", **extract)
+  if train.from_cache or test.from_cache:
+    return train, test, None
+  images = (len(train.labels) + len(test.labels)) * (2 if flip else 1)
+  return train, test, images / (train.extract_seconds + test.extract_seconds)
+
+
+def default_head(train, rows, test, num_classes):
+  """(test accuracy, seconds, chosen l2) of bin/train's default head on train's `rows`."""
+  start = time.monotonic()
+  subset = dataclasses.replace(
+      train, features=train.features[rows], labels=train.labels[rows],
+      flipped_features=None if train.flipped_features is None else train.flipped_features[rows])
+  options = options_lib.TrainOptions(records_dir="", model_dir="")
+  strategy = tf.distribute.get_strategy()
+  x, y = subset.training_examples()
+  shift, scale = head_lib.normalization_constants(x, options.feature_normalization)
+  l2, _, _ = tuning.tune_l2(strategy, options, subset.features, subset.labels, num_classes,
+                            shift=shift, scale=scale)
+  options = dataclasses.replace(options, l2=l2)
+  batch = trainer_lib.effective_batch_size(options, len(y), 1)
+  trainer = trainer_lib.HeadTrainer(
+      strategy, options, num_features=x.shape[1], num_classes=num_classes,
+      steps_per_epoch=len(y) // batch, global_batch_size=batch, normalization=(shift, scale))
+  weights = np.ones([1, len(y)], np.float32)
+  normalized = trainer.normalize(x)
+  trainer.fit(lambda first: trainer_lib.feature_batches(strategy, normalized, y, weights, batch,
+                                                        options.seed, first, options.epochs))
+  scores = features_lib.average_flip_scores(
+      lambda f: trainer.evaluate(tf.constant(f), tf.constant(test.labels))[2][0].numpy(), test)
+  accuracy = float(np.mean(np.argmax(scores, axis=1) == test.labels))
+  return accuracy, time.monotonic() - start, l2
+
+
+def subset_rows(labels, k, seed):
+  if k is None:
+    return np.arange(len(labels))
+  rng = np.random.default_rng(seed)
+  return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == label))[:k]
+                                 for label in np.unique(labels)]))
+
+
+def spread(values):
+  return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def bench_set(name, records_dir, seeds, option_list):
+  labels = records.read_labels(records_dir)
+  print(f"\n## {name}: {len(labels)} classes\n")
+  print("| backbone | resize | flip | images/s | k | tlframe default (%) | l2 chosen | "
+        "LinearSVC, C CV'd (%) | C chosen | head s | SVC s |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  results = []
+  for handle, resize_mode, flip in option_list:
+    backbone = backbone_lib.load_backbone(handle, precision="float32")
+    train, test, rate = feature_sets(records_dir, backbone, resize_mode, flip)
+    per_class = np.bincount(train.labels).min()
+    for k in K_SHOTS:
+      if k is not None and k >= per_class:
+        continue
+      runs = [(default_head(train, rows, test, len(labels)),
+               cross_validated_svc(train.features[rows], train.labels[rows], test.features,
+                                   test.labels))
+              for rows in (subset_rows(train.labels, k, seed)
+                           for seed in range(seeds if k is not None else 1))]
+      ours = [run[0][0] for run in runs]
+      svc = [run[1][0] for run in runs]
+      row = dict(data=name, backbone=handle, resize_mode=resize_mode, flip=flip,
+                 images_per_second=rate, k=k or int(per_class), tlframe=ours, svc=svc,
+                 l2=[run[0][2] for run in runs], svc_c=[run[1][2] for run in runs],
+                 head_seconds=float(np.mean([run[0][1] for run in runs])),
+                 svc_seconds=float(np.mean([run[1][1] for run in runs])))
+      results.append(row)
+      print(f"| {handle} | {resize_mode} | {'yes' if flip else 'no'} | "
+            f"{'cached' if rate is None else f'{rate:.0f}'} | {row['k']} | {spread(ours)} | "
+            f"{' '.join(f'{v:g}' for v in row['l2'])} | {spread(svc)} | "
+            f"{' '.join(f'{v:g}' for v in row['svc_c'])} | {row['head_seconds']:.1f} | "
+            f"{row['svc_seconds']:.1f} |", flush=True)
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
+                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
+                           "../shared/data).")
+  parser.add_argument("--work_dir", default=None,
+                      help="Where records go (default: a temp dir, removed). The features are "
+                           "cached in $TLFRAME_CACHE_DIR, so a rerun on the same work dir "
+                           "skips the backbone passes.")
+  parser.add_argument("--seeds", type=int, default=3,
+                      help="Random k-shot subsets per k (all images: one run).")
+  parser.add_argument("--only", default=None,
+                      help="Comma-separated indices into the option list, to rerun a few.")
+  parser.add_argument("--json_out", default=None, help="Also write the rows to this JSON file.")
+  args = parser.parse_args()
+  option_list = FEATURE_OPTIONS if args.only is None else [
+      FEATURE_OPTIONS[int(i)] for i in args.only.split(",")]
+  print(f"CPU: {cpu_model()}; TensorFlow {tf.__version__}; float32 backbones")
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    work_dir = pathlib.Path(args.work_dir or tmp)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    flowers = flowers12_records(args.data_dir, work_dir)
+    if flowers is None:
+      print(f"(oxford_flowers12 not found under {args.data_dir}: skipped)")
+    else:
+      results += bench_set("oxford_flowers12", flowers, args.seeds, option_list)
+    results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
+                         option_list)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(dict(rows=results, cpu=cpu_model(), date=datetime.date.today().isoformat(),
+                     command=" ".join(["bench/bench_defaults.py"] + sys.argv[1:])), f, indent=2)
+    print(f"\nWrote {args.json_out}")
+
+
+if __name__ == "__main__":
+  main()
