@@ -25,6 +25,11 @@ Guarantees:
   that fails (disk full, read-only) is one UserError, with temp files removed
   and finished shards kept for the rerun.
 - `check_shards` verifies a finished directory's shards before training.
+
+A conversion is a plan (`plan_conversion`: every file's split, shard and
+position, before any decoding), shards written from it (`write_shard`, here by
+`convert`, or on Apache Beam by `records_beam`), and a finish common to both
+(`write_conversion`): so both write the same bytes.
 """
 
 import collections

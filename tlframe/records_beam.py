@@ -133,16 +133,21 @@ class _ProgressLog:
     self._thread.start()
     return self
 
-  def __exit__(self, *unused_exc_info):
+  def __exit__(self, exc_type, unused_exc, unused_traceback):
     self._stop.set()
     self._thread.join()
+    if exc_type is None:
+      self._count()  # the last line: all done, with the rate
 
   def _watch(self):
     while not self._stop.wait(_PROGRESS_POLL_SECONDS):
-      try:
-        done = sum(1 for path in tf.io.gfile.glob(self._pattern)
-                   if posixpath.basename(path) in self._names)
-      except tf.errors.OpError:
-        continue  # a listing that failed now may work next time; progress is only a log
-      if done > self._progress.done:
-        self._progress.update(done - self._progress.done)
+      self._count()
+
+  def _count(self):
+    try:
+      done = sum(1 for path in tf.io.gfile.glob(self._pattern)
+                 if posixpath.basename(path) in self._names)
+    except tf.errors.OpError:
+      return  # a listing that failed now may work next time; progress is only a log
+    if done > self._progress.done:
+      self._progress.update(done - self._progress.done)
