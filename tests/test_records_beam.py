@@ -1,6 +1,7 @@
 """make_tfrecords on Apache Beam: the DirectRunner (2 processes) writes what the local one does."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import pytest
 from test_records import MAKE_TFRECORDS, read_examples, run_make_tfrecords
 from test_records import photo_tree, zoo  # pylint: disable=unused-import  (fixtures)
 from tlframe import records
+from tlframe.errors import UserError
 
 pytest.importorskip("apache_beam", reason="the beam extra: pip install 'tlframe[beam]'")
+from tlframe import records_beam  # pylint: disable=wrong-import-position
 
 BEAM_ARGS = ("--", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
 CONVERSION = {"validation_percentage": 25, "test_percentage": 25, "shard_size": 3}
@@ -70,6 +73,25 @@ def test_beam_direct_runner_writes_what_the_local_converter_writes(zoo_and_photo
   # The sidecars the pipeline left make the local converter's rerun a no-op.
   records.convert(str(beam), image_dir=str(zoo_and_photos), **CONVERSION)
   assert shard_bytes(beam) == shard_bytes(local)
+
+
+def test_a_failed_pipeline_is_one_user_error_and_the_rerun_completes(photo_tree, tmp_path):
+  conversion = {"image_dir": str(photo_tree), "validation_percentage": 0, "test_percentage": 0}
+  output_dir = tmp_path / "beam"
+  in_the_way = output_dir / "train-00000-of-00001.tfrecord"  # the shard's name, as a folder
+  (in_the_way / "file").mkdir(parents=True)
+  # One process (Beam's default): the failure, not the workers, is what this tests.
+  with pytest.raises(UserError, match=r"^the DirectRunner pipeline failed: .*Is a directory.* "
+                     r"rerun the same command \(the finished shards are kept\)$") as error:
+    records_beam.convert(str(output_dir), "DirectRunner", **conversion)
+  assert "\n" not in str(error.value)
+  assert not (output_dir / "manifest.json").exists()
+
+  shutil.rmtree(in_the_way)
+  manifest = records_beam.convert(str(output_dir), "DirectRunner", **conversion)
+  assert manifest == records.convert(str(tmp_path / "local"), **conversion)
+  assert shard_bytes(output_dir) == shard_bytes(tmp_path / "local")
+  assert not list(output_dir.glob(".*.tmp-*"))  # the failed run's temp files are gone
 
 
 def test_runner_flag_errors_are_one_line_and_exit_2(tmp_path):

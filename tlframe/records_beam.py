@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from tlframe import fileio
 from tlframe import records
+from tlframe.errors import UserError
 from tlframe.progress import Progress
 
 # The shards the pipeline writes, one JSON line each, beside the sidecars. A
@@ -82,8 +83,14 @@ def _write_shards(output_dir, runner, options, labels, decoding, todo):
        | "Convert" >> beam.Map(_convert, **decoding)
        | "GroupByShard" >> beam.GroupByKey()
        | "Write" >> beam.Map(_write, output_dir=output_dir, labels=labels))
-  with _ProgressLog(output_dir, todo):
-    pipeline.run().wait_until_finish()
+  try:
+    with _ProgressLog(output_dir, todo):
+      pipeline.run().wait_until_finish()
+  except Exception as e:  # pylint: disable=broad-except  (each runner fails in its own type)
+    # The runner has logged the worker's error and traceback; a rerun cleans up.
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f"the {runner} pipeline failed: {cause}; fix that and rerun the same "
+                    "command (the finished shards are kept)") from None
   tf.io.gfile.remove(plan_path)
   sidecars = {shard.name: records.read_sidecar(output_dir, shard) for shard in todo}
   missing = [name for name, sidecar in sidecars.items() if sidecar is None]
