@@ -46,6 +46,7 @@ def shard_bytes(output_dir):
   return {path.name: path.read_bytes() for path in sorted(output_dir.glob("*.tfrecord"))}
 
 
+@pytest.mark.slow  # three processes start TensorFlow and Beam: ~30 s of CPU
 def test_beam_direct_runner_writes_what_the_local_converter_writes(zoo_and_photos, zoo, tmp_path):
   local, beam = tmp_path / "local", tmp_path / "beam"
   records.convert(str(local), image_dir=str(zoo_and_photos), **CONVERSION)
@@ -86,6 +87,7 @@ def test_a_failed_pipeline_is_one_user_error_and_the_rerun_completes(photo_tree,
     records_beam.convert(str(output_dir), "DirectRunner", **conversion)
   assert "\n" not in str(error.value)
   assert not (output_dir / "manifest.json").exists()
+  assert not (output_dir / records.PROGRESS_DIRNAME / "beam_plan.jsonl").exists()
 
   shutil.rmtree(in_the_way)
   manifest = records_beam.convert(str(output_dir), "DirectRunner", **conversion)

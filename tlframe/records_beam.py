@@ -88,9 +88,11 @@ def _write_shards(output_dir, runner, options, labels, decoding, todo):
       pipeline.run().wait_until_finish()
   except Exception as e:  # pylint: disable=broad-except  (each runner fails in its own type)
     # The runner has logged the worker's error and traceback; a rerun cleans up.
+    tf.io.gfile.remove(plan_path)
     cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise UserError(f"the {runner} pipeline failed: {cause}; fix that and rerun the same "
                     "command (the finished shards are kept)") from None
+  # Not on Ctrl-C: a job on a service (Dataflow) goes on without this process.
   tf.io.gfile.remove(plan_path)
   sidecars = {shard.name: records.read_sidecar(output_dir, shard) for shard in todo}
   missing = [name for name, sidecar in sidecars.items() if sidecar is None]
