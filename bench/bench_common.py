@@ -1,6 +1,7 @@
-"""Helpers (no benchmark) shared by the bench scripts: the CPU's name and a demo model."""
+"""Helpers (no benchmark) shared by the bench scripts: the CPU's name, a demo model, input folders."""
 
 import os
+import pathlib
 import re
 
 from tlframe import export
@@ -30,3 +31,26 @@ def build_model(work_dir):
   if not export.latest_version(os.path.join(model_dir, export.EXPORT_DIRNAME)):
     export.export_model(model_dir)
   return model_dir
+
+
+def image_dir_for_bench(data_dir, work_dir):
+  """(folder, description): oxford_flowers12 in `data_dir` if there, else 600 generated crops."""
+  flowers = pathlib.Path(data_dir) / "oxford_flowers12"
+  if flowers.is_dir():
+    return flowers, "oxford_flowers12 (real photos, 224x224 JPEG)"
+  root = pathlib.Path(work_dir) / "generated"
+  photos = samples.load_sample_photos(("chelsea", "coffee", "rocket", "astronaut"))
+  samples.write_photo_crops(str(root), photos, per_class=150)
+  return root, "generated crops of scikit-image photos (JPEG, 150-576 px)"
+
+
+def scaled_copy(image_dir, copies, work_dir):
+  """`copies` symlinked copies of every image, under new names (so new split keys)."""
+  root = pathlib.Path(work_dir) / f"x{copies}"
+  for path in sorted(image_dir.rglob("*")):
+    if path.is_file() and path.suffix.lower() in records.IMAGE_EXTENSIONS:
+      folder = root / path.relative_to(image_dir).parent
+      folder.mkdir(parents=True, exist_ok=True)
+      for copy in range(copies):
+        (folder / f"c{copy}_{path.name}").symlink_to(path)
+  return root

@@ -35,8 +35,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
+import bench_common  # pylint: disable=g-import-not-at-top
 from tlframe import pipeline  # pylint: disable=g-import-not-at-top
-from tlframe import records  # pylint: disable=g-import-not-at-top
 from tlframe import samples  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -52,17 +52,6 @@ MAKE_TFRECORDS = REPO_ROOT / "bin" / "make_tfrecords"
 _RATE_LINE = re.compile(r"files: (\d+)/\d+ \(100%\), ([\d.]+) files/s")
 
 
-def image_dir_for_bench(work_dir):
-  """oxford_flowers12 if present, else 600 generated crops of scikit-image photos."""
-  flowers = pathlib.Path(FLAGS.data_dir) / "oxford_flowers12"
-  if flowers.is_dir():
-    return flowers, "oxford_flowers12 (real photos, 224x224 JPEG)"
-  root = work_dir / "generated"
-  photos = samples.load_sample_photos(("chelsea", "coffee", "rocket", "astronaut"))
-  samples.write_photo_crops(str(root), photos, per_class=150)
-  return root, "generated crops of scikit-image photos (JPEG, 150-576 px)"
-
-
 def large_photos(work_dir, count=64):
   """`count` 2048x1536 JPEGs (upscaled, noisy scikit-image photos): camera-sized decodes."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -74,18 +63,6 @@ def large_photos(work_dir, count=64):
     noisy = np.clip(base + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8)
     (root / name).mkdir(parents=True, exist_ok=True)
     Image.fromarray(noisy).save(root / name / f"{i:04d}.jpg", quality=90)
-  return root
-
-
-def scaled_copy(image_dir, copies, work_dir):
-  """`copies` symlinked copies of every image, under new names (so new split keys)."""
-  root = work_dir / f"x{copies}"
-  for path in sorted(image_dir.rglob("*")):
-    if path.is_file() and path.suffix.lower() in records.IMAGE_EXTENSIONS:
-      folder = root / path.relative_to(image_dir).parent
-      folder.mkdir(parents=True, exist_ok=True)
-      for copy in range(copies):
-        (folder / f"c{copy}_{path.name}").symlink_to(path)
   return root
 
 
@@ -156,8 +133,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   work_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
   try:
-    image_dir, description = image_dir_for_bench(work_dir)
-    big_dir = scaled_copy(image_dir, FLAGS.scale_up, work_dir)
+    image_dir, description = bench_common.image_dir_for_bench(FLAGS.data_dir, work_dir)
+    big_dir = bench_common.scaled_copy(image_dir, FLAGS.scale_up, work_dir)
     large_dir = large_photos(work_dir)
     print(f"Data: {description}; {os.cpu_count()} CPU cores, load average "
           f"{os.getloadavg()[0]:.1f} at start\n")

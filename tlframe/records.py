@@ -25,6 +25,11 @@ Guarantees:
   that fails (disk full, read-only) is one UserError, with temp files removed
   and finished shards kept for the rerun.
 - `check_shards` verifies a finished directory's shards before training.
+
+A conversion is a plan (`plan_conversion`: every file's split, shard and
+position, before any decoding), shards written from it (`write_shard`, here by
+`convert`, or on Apache Beam by `records_beam`), and a finish common to both
+(`write_conversion`): so both write the same bytes.
 """
 
 import collections
@@ -490,35 +495,52 @@ def _file_sha256(path):
   return digest.hexdigest()
 
 
-def _sidecar_path(output_dir, shard_name):
-  return _join(_join(output_dir, PROGRESS_DIRNAME), shard_name + ".json")
+def progress_path(output_dir, name):
+  """`name` in `output_dir`'s folder of conversion state (sidecars; kept for resuming)."""
+  return _join(_join(output_dir, PROGRESS_DIRNAME), name)
+
+
+def sidecar_path(output_dir, shard_name):
+  """Where `write_shard` puts the sidecar of shard `shard_name`."""
+  return progress_path(output_dir, shard_name + ".json")
+
+
+def read_sidecar(output_dir, shard):
+  """The sidecar `write_shard` wrote for `shard` with this same plan, else None."""
+  path = sidecar_path(output_dir, shard.name)
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    sidecar = fileio.read_json(path)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
+  return sidecar if sidecar.get("fingerprint") == shard.fingerprint else None
 
 
 def _finished_shard(output_dir, shard):
   """The sidecar of a shard a previous run completed with this same plan, else None."""
   shard_path = _join(output_dir, shard.name)
-  sidecar_path = _sidecar_path(output_dir, shard.name)
-  if not (tf.io.gfile.exists(shard_path) and tf.io.gfile.exists(sidecar_path)):
+  if not tf.io.gfile.exists(shard_path):
     return None
-  try:
-    sidecar = fileio.read_json(sidecar_path)
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    return None
-  if sidecar.get("fingerprint") != shard.fingerprint or sidecar.get("sha256") != _file_sha256(
-      shard_path):
+  sidecar = read_sidecar(output_dir, shard)
+  if sidecar is None or sidecar.get("sha256") != _file_sha256(shard_path):
     return None
   return sidecar
 
 
-def _write_shard(output_dir, shard, results, label_index, progress):
-  """Writes one shard from its sources' results: temp file, sidecar, then rename."""
+def write_shard(output_dir, shard, results, labels):
+  """Writes one shard: temp file, sidecar, then rename; returns the sidecar.
+
+  `results` yields `convert_image`'s result for each of `shard.sources`, in
+  their order. Writing a shard twice (a retried worker) gives the same bytes.
+  """
+  label_index = {label: i for i, label in enumerate(labels)}
   shard_path = _join(output_dir, shard.name)
   temp_path = fileio.temp_path_for(shard_path)
   files, skipped = [], []
   with tf.io.TFRecordWriter(temp_path) as writer:
-    for source in shard.sources:
-      result = next(results)
-      progress.update(1)
+    # Sources first: zip stops there without taking the next shard's first result.
+    for source, result in zip(shard.sources, results):
       if result["encoded"] is None:
         logging.warning("Skipping %s: %s", source.path, result["reason"])
         # No sha256 of a skipped file: it may be anything a list named (/etc/shadow).
@@ -532,7 +554,7 @@ def _write_shard(output_dir, shard, results, label_index, progress):
                     "reencoded": result["reencoded"]})
   sidecar = {"fingerprint": shard.fingerprint, "split": shard.split, "records": len(files),
              "sha256": _file_sha256(temp_path), "files": files, "skipped": skipped}
-  fileio.atomic_write_json(_sidecar_path(output_dir, shard.name), sidecar)
+  fileio.atomic_write_json(sidecar_path(output_dir, shard.name), sidecar)
   tf.io.gfile.rename(temp_path, shard_path, overwrite=True)
   return sidecar
 
@@ -729,6 +751,28 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
   `max_side` downscales larger images; `max_pixels` rejects bigger headers
   before decoding. `num_workers` never changes the output.
   """
+  if num_workers < 1:
+    raise UserError("--num_workers must be positive")
+  plan = plan_conversion(
+      image_dir=image_dir, filelist=filelist, validation_filelist=validation_filelist,
+      test_filelist=test_filelist, labels=labels, validation_percentage=validation_percentage,
+      test_percentage=test_percentage, shard_size=shard_size, max_side=max_side,
+      max_pixels=max_pixels)
+  return write_conversion(output_dir, plan, lambda todo: _write_shards_locally(
+      output_dir, todo, plan.labels, num_workers, max_pixels, max_side))
+
+
+# What a conversion will write, decided before any image is decoded: the
+# manifest's options, the class names, whether --labels gave them, the shards
+# (each with its sources in order), and the files already skipped or ignored.
+Plan = collections.namedtuple("Plan", "options labels labels_given shards skipped ignored")
+
+
+def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
+                    test_filelist=None, labels=None, validation_percentage=10.0,
+                    test_percentage=10.0, shard_size=DEFAULT_SHARD_SIZE, max_side=None,
+                    max_pixels=imageformat.DEFAULT_MAX_PIXELS):
+  """The `Plan` of a conversion (arguments as `convert`'s): lists, labels, splits and shards."""
   split_filelists = {split: path for split, path in
                      (("validation", validation_filelist), ("test", test_filelist)) if path}
   for split in split_filelists:
@@ -740,8 +784,8 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
           validation_percentage + test_percentage <= 100):
     raise UserError("--validation_percentage and --test_percentage must be >= 0 and sum to "
                     f"at most 100 (got {validation_percentage} and {test_percentage})")
-  if shard_size < 1 or num_workers < 1 or max_pixels < 1 or (max_side is not None and max_side < 1):
-    raise UserError("--shard_size, --num_workers, --max_pixels and --max_side must be positive")
+  if shard_size < 1 or max_pixels < 1 or (max_side is not None and max_side < 1):
+    raise UserError("--shard_size, --max_pixels and --max_side must be positive")
 
   sources, skipped, ignored = _collect_sources(image_dir, filelist, split_filelists)
   if ignored:
@@ -762,14 +806,25 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
   # Decoding options only: the sources and labels are in the fingerprint already.
   shards = _plan_shards(sources_by_split, labels, {"max_side": max_side, "max_pixels": max_pixels},
                         shard_size)
+  return Plan(options, labels, labels_given, shards, skipped, ignored)
 
+
+def write_conversion(output_dir, plan, write_shards):
+  """Carries out `plan` in `output_dir`; returns the manifest (also written).
+
+  `write_shards(todo)` writes the shards that no previous run finished (each
+  with `write_shard`, in this process or on other machines) and returns their
+  sidecars by shard name. The rest is the same however the shards are
+  written: the lock, resuming, the checks after decoding, labels.txt, the
+  manifest, and the one error for a failed write.
+  """
   with locking.DirectoryLock(output_dir, what="make_tfrecords"):
-    sidecars = {}
     try:
-      sidecars = _write_shards(output_dir, shards, labels, num_workers, max_pixels, max_side)
-      _check_classes_after_decoding(output_dir, labels, labels_given, sidecars)
-      manifest = _manifest(options, labels, shards, sidecars, skipped, ignored)
-      write_labels(output_dir, labels)
+      sidecars, todo = _finished_and_todo(output_dir, plan.shards)
+      sidecars.update(write_shards(todo))
+      _check_classes_after_decoding(output_dir, plan.labels, plan.labels_given, sidecars)
+      manifest = _manifest(plan, sidecars)
+      write_labels(output_dir, plan.labels)
       fileio.atomic_write_json(_join(output_dir, MANIFEST_FILENAME), manifest)
     except (tf.errors.OpError, OSError) as e:
       _remove_temp_files(output_dir)
@@ -778,26 +833,41 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
   return manifest
 
 
-def _write_shards(output_dir, shards, labels, num_workers, max_pixels, max_side):
-  """Writes the shards a previous run did not finish; returns every shard's sidecar by name."""
+def _finished_and_todo(output_dir, shards):
+  """(the sidecars of shards a previous run finished, by name; the other shards).
+
+  Clears the way first: outputs this plan does not write, temp files, and the
+  stale sidecars of the shards still to write (so that a sidecar there means
+  its shard is done).
+  """
   tf.io.gfile.makedirs(_join(output_dir, PROGRESS_DIRNAME))
   _remove_stale_outputs(output_dir, shards)
   sidecars, todo = {}, []
   for shard in shards:
     sidecar = _finished_shard(output_dir, shard)
-    if sidecar is None:
-      todo.append(shard)
-    else:
+    if sidecar is not None:
       sidecars[shard.name] = sidecar
+      continue
+    todo.append(shard)
+    if tf.io.gfile.exists(sidecar_path(output_dir, shard.name)):
+      tf.io.gfile.remove(sidecar_path(output_dir, shard.name))
   if sidecars:
     logging.info("Resuming: %d of %d shards are already complete", len(sidecars), len(shards))
+  return sidecars, todo
+
+
+def _write_shards_locally(output_dir, todo, labels, num_workers, max_pixels, max_side):
+  """Writes `todo` here, decoding in `num_workers` processes; returns their sidecars by name."""
   progress = Progress(sum(len(shard.sources) for shard in todo), what="files")
-  label_index = {label: i for i, label in enumerate(labels)}
-  results = _ordered_results((s.path for shard in todo for s in shard.sources), num_workers,
-                             max_pixels, max_side)
-  for shard in todo:
-    sidecars[shard.name] = _write_shard(output_dir, shard, results, label_index, progress)
-  return sidecars
+  results = _counted(_ordered_results((s.path for shard in todo for s in shard.sources),
+                                      num_workers, max_pixels, max_side), progress)
+  return {shard.name: write_shard(output_dir, shard, results, labels) for shard in todo}
+
+
+def _counted(results, progress):
+  for result in results:
+    progress.update(1)
+    yield result
 
 
 def _check_classes_after_decoding(output_dir, labels, labels_given, sidecars):
@@ -821,7 +891,7 @@ def _check_classes_after_decoding(output_dir, labels, labels_given, sidecars):
     return
   for name, sidecar in sidecars.items():
     if any(entry["label"] in empty for entry in sidecar["skipped"]):
-      tf.io.gfile.remove(_sidecar_path(output_dir, name))
+      tf.io.gfile.remove(sidecar_path(output_dir, name))
   if len(converted) < 2:
     raise UserError(f"found {len(converted)} class(es) with readable images "
                     f"({', '.join(sorted(converted))}); need at least 2. No readable image in: "
@@ -833,12 +903,12 @@ def _check_classes_after_decoding(output_dir, labels, labels_given, sidecars):
                   "or leave the class out with --labels, then rerun")
 
 
-def _manifest(options, labels, shards, sidecars, skipped, ignored):
-  splits = {split: {"examples": 0, "shards": [], "per_class": {label: 0 for label in labels}}
+def _manifest(plan, sidecars):
+  splits = {split: {"examples": 0, "shards": [], "per_class": {label: 0 for label in plan.labels}}
             for split in SPLITS}
   files = []
-  skipped = list(skipped)
-  for shard in shards:
+  skipped = list(plan.skipped)
+  for shard in plan.shards:
     sidecar = sidecars[shard.name]
     split = splits[shard.split]
     split["examples"] += sidecar["records"]
@@ -850,12 +920,12 @@ def _manifest(options, labels, shards, sidecars, skipped, ignored):
     skipped.extend(dict(entry, split=shard.split) for entry in sidecar["skipped"])
   return {
       "format_version": MANIFEST_VERSION,
-      "options": options,
-      "labels": labels,
+      "options": plan.options,
+      "labels": plan.labels,
       "num_examples": sum(split["examples"] for split in splits.values()),
       "splits": splits,
       "skipped": skipped,
-      "ignored": ignored,
+      "ignored": plan.ignored,
       "files": files,
   }
 
