@@ -6,8 +6,8 @@
 For each data set and each feature option (backbone, resize mode, flip
 features), one backbone pass over train and test, then for k = 5, 10, 20
 training images per class (and all of them) over --seeds random subsets:
-- tlframe's default head on those features (softmax, l2 cross-validated by
-  tuning.tune_l2, as bin/train does; with flip features, trained on both views
+- tlframe's default head on those features (softmax, l2 and the feature
+  normalization cross-validated by tuning.tune_head, as bin/train does; with flip features, trained on both views
   and scored by their average), and
 - scikit-learn's LinearSVC with C cross-validated (GridSearchCV, stratified
   folds over C = 1e-5..1) on the same features: the classic baseline.
@@ -108,7 +108,7 @@ def feature_sets(records_dir, backbone, resize_mode, flip):
 
 
 def default_head(train, rows, test, num_classes):
-  """(test accuracy, seconds, chosen l2) of bin/train's default head on train's `rows`."""
+  """(test accuracy, seconds, "l2 normalization" chosen) of bin/train's default head on `rows`."""
   start = time.monotonic()
   subset = dataclasses.replace(
       train, features=train.features[rows], labels=train.labels[rows],
@@ -116,10 +116,11 @@ def default_head(train, rows, test, num_classes):
   options = options_lib.TrainOptions(records_dir="", model_dir="")
   strategy = tf.distribute.get_strategy()
   x, y = subset.training_examples()
-  shift, scale = head_lib.normalization_constants(x, options.feature_normalization)
-  l2, _, _ = tuning.tune_l2(strategy, options, subset.features, subset.labels, num_classes,
-                            shift=shift, scale=scale)
-  options = dataclasses.replace(options, l2=l2)
+  normalization, l2, _, _, _ = tuning.tune_head(
+      strategy, options, subset.features, subset.labels, num_classes,
+      normalization_constants=lambda name: head_lib.normalization_constants(x, name))
+  options = dataclasses.replace(options, l2=l2, feature_normalization=normalization)
+  shift, scale = head_lib.normalization_constants(x, normalization)
   batch = trainer_lib.effective_batch_size(options, len(y), 1)
   trainer = trainer_lib.HeadTrainer(
       strategy, options, num_features=x.shape[1], num_classes=num_classes,
@@ -131,7 +132,7 @@ def default_head(train, rows, test, num_classes):
   scores = features_lib.average_flip_scores(
       lambda f: trainer.evaluate(tf.constant(f), tf.constant(test.labels))[2][0].numpy(), test)
   accuracy = float(np.mean(np.argmax(scores, axis=1) == test.labels))
-  return accuracy, time.monotonic() - start, l2
+  return accuracy, time.monotonic() - start, f"{l2:g} {normalization[:4]}"
 
 
 def subset_rows(labels, k, seed):
@@ -149,7 +150,7 @@ def spread(values):
 def bench_set(name, records_dir, seeds, option_list):
   labels = records.read_labels(records_dir)
   print(f"\n## {name}: {len(labels)} classes\n")
-  print("| backbone | resize | flip | images/s | k | tlframe default (%) | l2 chosen | "
+  print("| backbone | resize | flip | images/s | k | tlframe default (%) | l2, normalization chosen | "
         "LinearSVC, C CV'd (%) | C chosen | head s | SVC s |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   results = []
@@ -175,7 +176,7 @@ def bench_set(name, records_dir, seeds, option_list):
       results.append(row)
       print(f"| {handle} | {resize_mode} | {'yes' if flip else 'no'} | "
             f"{'cached' if rate is None else f'{rate:.0f}'} | {row['k']} | {spread(ours)} | "
-            f"{' '.join(f'{v:g}' for v in row['l2'])} | {spread(svc)} | "
+            f"{', '.join(row['l2'])} | {spread(svc)} | "
             f"{' '.join(f'{v:g}' for v in row['svc_c'])} | {row['head_seconds']:.1f} | "
             f"{row['svc_seconds']:.1f} |", flush=True)
   return results

@@ -35,8 +35,8 @@ def small_task(tmp_path_factory, skimage_photos):
 
 def _options(records_dir, model_dir, backbone, **overrides):
   values = dict(records_dir=records_dir, model_dir=str(model_dir), backbone=backbone,
-                loss="hinge", l2=1e-3, batch_size=8, epochs=30,
-                checkpoint_every_epochs=10, log_every_steps=2, export=False)
+                loss="hinge", l2=1e-3, feature_normalization="standardize", batch_size=8,
+                epochs=30, checkpoint_every_epochs=10, log_every_steps=2, export=False)
   values.update(overrides)
   return train.TrainOptions(**values)
 
@@ -163,7 +163,8 @@ def test_the_l2_search_widens_until_the_best_is_inside():
   centers = rng.normal(size=(3, dim)).astype(np.float32) * 0.15
   features = (centers[labels] + rng.normal(size=(num_examples, dim))).astype(np.float32)
   options = train.TrainOptions(records_dir="r", model_dir="m", l2=None,
-                               l2_grid=(1e-4, 3e-4, 1e-3), epochs=60, loss="softmax")
+                               l2_grid=(1e-4, 3e-4, 1e-3), epochs=60, loss="softmax",
+                               feature_normalization="standardize")
   shift, scale = head_lib.normalization_constants(features, options.feature_normalization)
   best, rows, out_of_fold = tuning.tune_l2(tf.distribute.get_strategy(), options, features,
                                            labels, 3, shift=shift, scale=scale)
@@ -172,6 +173,51 @@ def test_the_l2_search_widens_until_the_best_is_inside():
   assert {1e-4, 3e-4, 1e-3} <= set(tried)
   assert min(tried) < best < max(tried)                          # inside the widened grid
   assert best > 1e-3 and out_of_fold.shape == (num_examples, 3)
+
+
+def _scaled_task(informative_scale, noise_scale, seed=0):
+  """3 classes told apart by 8 dimensions, next to 120 noise dimensions, each at its scale."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(3), 40).astype(np.int32)
+  centers = rng.normal(size=(3, 8)) * 1.5
+  informative = (centers[labels] + rng.normal(size=(len(labels), 8))) * informative_scale
+  noise = rng.normal(size=(len(labels), 120)) * noise_scale
+  return np.concatenate([informative, noise], axis=1).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("informative_scale, noise_scale, expected", [
+    (1.0, 0.01, "none"),         # standardizing would blow the faint noise up to the signal's size
+    (0.01, 1.0, "standardize"),  # unstandardized, l2 penalizes the faint signal's large weights
+])
+def test_auto_normalization_is_cross_validated_with_l2(informative_scale, noise_scale,
+                                                       expected):
+  features, labels = _scaled_task(informative_scale, noise_scale)
+  options = train.TrainOptions(records_dir="r", model_dir="m", l2=None, epochs=60,
+                               l2_grid=(1e-3, 1e-2, 0.1, 1.0), loss="softmax")
+  assert options.feature_normalization == "auto"   # the default
+  normalization, l2, rows, scores, _ = tuning.tune_head(
+      tf.distribute.get_strategy(), options, features, labels, 3,
+      normalization_constants=lambda name: head_lib.normalization_constants(features, name))
+  assert normalization == expected
+  by_normalization = {name: [row for row in rows if row["feature_normalization"] == name]
+                      for name in ("standardize", "none")}
+  assert all(len(found) >= 4 for found in by_normalization.values())  # a grid for each
+  best = max(rows, key=lambda row: (row["accuracy"], -row["loss"]))
+  assert best["accuracy"] == max(row["accuracy"] for row in by_normalization[normalization])
+  assert any(row["l2"] == l2 for row in by_normalization[normalization])
+  assert scores.shape == (len(labels), 3)
+
+
+def test_auto_normalization_with_a_fixed_l2_compares_at_that_l2():
+  features, labels = _scaled_task(1.0, 0.01)
+  options = train.TrainOptions(records_dir="r", model_dir="m", l2=0.01, epochs=60)
+  normalization, l2, rows, _, widened = tuning.tune_head(
+      tf.distribute.get_strategy(), options, features, labels, 3,
+      normalization_constants=lambda name: head_lib.normalization_constants(features, name))
+  assert l2 == 0.01 and not widened
+  assert sorted((row["feature_normalization"], row["l2"]) for row in rows) == [
+      ("none", 0.01), ("standardize", 0.01)]
+  assert normalization == "none"
 
 
 def test_stratified_folds_spread_each_class():

@@ -14,7 +14,11 @@ from tlframe.errors import UserError
 
 # Choices of the stages (head, pipeline, backbone, trainer).
 LOSSES = ("hinge", "squared_hinge", "softmax")
-FEATURE_NORMALIZATIONS = ("none", "l2", "standardize")
+FEATURE_NORMALIZATIONS = ("auto", "none", "l2", "standardize")
+# What "auto" cross-validates between: standardizing suits some backbones'
+# features (MobileNetV2's), and amplifies the near-constant dimensions of others
+# (EfficientNet-Lite's), whose raw features do better (bench/bench_defaults.py).
+AUTO_NORMALIZATIONS = ("standardize", "none")
 RESIZE_MODES = ("center_crop", "imagenet_crop", "letterbox", "crop_or_pad")
 PRECISIONS = ("float32", "bfloat16", "auto")
 FEATURES = ("feature_vector", "logits")
@@ -57,7 +61,7 @@ class TrainOptions:
   l2: float = None   # None: chosen by cv_folds-fold cross-validation over l2_grid
   label_smoothing: float = 0.0
   class_weight: str = "none"
-  feature_normalization: str = "standardize"
+  feature_normalization: str = "auto"   # cross-validated with l2 among AUTO_NORMALIZATIONS
   optimizer: str = "adam"
   learning_rate: float = 0.003
   momentum: float = 0.9

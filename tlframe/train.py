@@ -75,19 +75,22 @@ def _run(options, strategy):
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
   # originals only, so that no image's mirror sits in the folds that hold it out.
   train_x, train_y = train_set.training_examples()
-  shift, scale = head_lib.normalization_constants(train_x, options.feature_normalization)
+
+  def normalization_constants(normalization):
+    return head_lib.normalization_constants(train_x, normalization)
 
   cv = None
-  if options.l2 is None:
+  if options.l2 is None or options.feature_normalization == "auto":
     cv_start = time.monotonic()
-    best_l2, rows, out_of_fold = tuning.tune_l2(strategy, options, train_set.features,
-                                                train_set.labels, len(label_names),
-                                                shift=shift, scale=scale)
-    cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
-              grid=[row["l2"] for row in rows],
-              widened=len(rows) > len(set(options.l2_grid)),
-              seconds=time.monotonic() - cv_start)
-    options = dataclasses.replace(options, l2=best_l2)
+    normalization, best_l2, rows, out_of_fold, widened = tuning.tune_head(
+        strategy, options, train_set.features, train_set.labels, len(label_names),
+        normalization_constants=normalization_constants)
+    if rows:  # none when too few examples to hold out any (and --l2 was given)
+      cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
+                best_normalization=normalization, grid=sorted({row["l2"] for row in rows}),
+                widened=widened, seconds=time.monotonic() - cv_start)
+    options = dataclasses.replace(options, l2=best_l2, feature_normalization=normalization)
+  shift, scale = normalization_constants(options.feature_normalization)
 
   writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME))
   summaries.write_input_grids(writers.train, train_set.thumbnails, train_set.thumbnail_labels,

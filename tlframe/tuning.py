@@ -1,15 +1,20 @@
-"""Cross-validation of the l2 penalty on cached features.
+"""Cross-validation of the l2 penalty, and of the feature normalization, on cached features.
 
 All (l2, fold) pairs train together as one stacked head (head.LinearHead's
 model axis) in one in-graph loop, so the whole grid costs about one training
-run. The result is data (one row per l2); bin/train prints it.
+run. With --feature_normalization=auto, that is done once per candidate
+normalization (options.AUTO_NORMALIZATIONS). The result is data (one row per
+normalization and l2); bin/train prints it.
 """
+
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from tlframe import head as head_lib
+from tlframe import options as options_lib
 from tlframe import trainer as trainer_lib
 from tlframe.errors import UserError
 
@@ -77,7 +82,44 @@ def best_l2(rows):
   return max(row["l2"] for row in contenders if row["loss"] <= lowest * (1 + LOSS_TOLERANCE))
 
 
-def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
+def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization_constants):
+  """The cross-validated feature normalization and l2: (normalization, l2, rows, scores, widened).
+
+  Candidates: options_lib.AUTO_NORMALIZATIONS when options.feature_normalization
+  is "auto", else that one; l2: options.l2_grid (widened at an edge, see
+  tune_l2) when options.l2 is None, else options.l2 alone. The choice follows
+  tune_l2's rule over all candidates' rows: the highest held-out accuracy,
+  then the lowest held-out loss (the larger l2 within LOSS_TOLERANCE). Each
+  row also names its `feature_normalization`; scores are the choice's [N, C]
+  out-of-fold scores. `normalization_constants(name)` gives the (shift, scale)
+  of that normalization of the training features.
+  """
+  candidates = (options_lib.AUTO_NORMALIZATIONS if options.feature_normalization == "auto"
+                else (options.feature_normalization,))
+  if options.l2 is not None and len(train_y) < options.cv_folds:
+    # Too few examples to hold any out, and l2 is given: the first candidate, unvalidated.
+    return candidates[0], options.l2, [], None, False
+  results = []
+  for normalization in candidates:
+    candidate = dataclasses.replace(options, feature_normalization=normalization)
+    if options.l2 is not None:  # a fixed l2: one grid value, never widened
+      candidate = dataclasses.replace(candidate, l2_grid=(options.l2,))
+    shift, scale = normalization_constants(normalization)
+    l2, rows, scores = tune_l2(strategy, candidate, train_x, train_y, num_classes, shift=shift,
+                               scale=scale, widen=options.l2 is None)
+    rows = [dict(row, feature_normalization=normalization) for row in rows]
+    chosen = next(row for row in rows if row["l2"] == l2)
+    results.append((chosen["accuracy"], -chosen["loss"], normalization, l2, rows, scores))
+  accuracy, loss, normalization, l2, _, scores = max(results, key=lambda result: result[:2])
+  if len(candidates) > 1:
+    logging.info("Feature normalization by cross-validation: %s (held-out accuracy %.4f, "
+                 "loss %.4f)", normalization, accuracy, -loss)
+  rows = [row for result in results for row in result[4]]
+  widened = any(len(result[4]) > len(set(options.l2_grid)) for result in results)
+  return normalization, l2, rows, scores, widened
+
+
+def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale, widen=True):
   """k-fold CV over options.l2_grid on cached features, widened at an edge.
 
   Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
@@ -87,7 +129,8 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   among those, is the largest l2 whose held-out loss is within
   LOSS_TOLERANCE of the lowest. When the best is the grid's smallest or
   largest value, the grid grows by two more steps of its own ratio on that
-  side (logged), until the best is inside or l2 reaches L2_LIMITS.
+  side (logged), until the best is inside or l2 reaches L2_LIMITS (unless
+  not `widen`).
   """
   if len(train_y) < options.cv_folds:
     raise UserError(f"--cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
@@ -115,6 +158,8 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   while True:
     best = best_l2(rows.values())
     low, high = min(rows), max(rows)
+    if not widen:
+      break
     if best == high and high * ratio <= L2_LIMITS[1]:
       more = [high * ratio, high * ratio ** 2]
     elif best == low and low / ratio >= L2_LIMITS[0] and len(rows) > 1:
