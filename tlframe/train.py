@@ -165,7 +165,7 @@ def _feature_sets(options, backbone, num_classes):
         backbone, options.records_dir, split, batch_size=options.extract_batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
         num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
-        flip=options.flip_features)
+        flip=options.flip_features, feature_cache_dir=options.feature_cache_dir)
     if not len(feature_sets[split].labels):
       feature_sets[split] = None  # every record of the split failed to decode (logged)
   if feature_sets["train"] is None:
