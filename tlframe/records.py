@@ -744,6 +744,11 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
     raise UserError("--shard_size, --num_workers, --max_pixels and --max_side must be positive")
 
   sources, skipped, ignored = _collect_sources(image_dir, filelist, split_filelists)
+  if num_workers > 1 and any(source.path.startswith("ram://") for source in sources):
+    # TensorFlow's ram:// filesystem lives in one process: workers would find no file there.
+    logging.info("Reading the ram:// inputs in this process: --num_workers=%d is not used",
+                 num_workers)
+    num_workers = 1
   if ignored:
     logging.warning("Ignored %d files that are not named like images: %s (all are listed in "
                     "the manifest)", len(ignored), _some([entry["path"] for entry in ignored]))
