@@ -31,6 +31,7 @@ from tlframe.classifier import Classifier
 from tlframe.errors import UserError
 
 CLASSES = ("astronaut", "chelsea", "coffee", "rocket")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ram_dir():
@@ -204,3 +205,23 @@ def test_atomic_writes_on_ram():
   with tf.io.gfile.GFile(f"{target}/saved_model.pb", "rb") as f:
     assert f.read() == b"graph"
   assert _files_under(tmp) == ["saved_model.pb"]  # kept for the caller to retry or remove
+
+
+def test_a_filesystem_tensorflow_lacks_is_one_line_naming_tensorflow_io(tmp_path):
+  if "hdfs" in tf.io.gfile.get_registered_schemes():
+    pytest.skip("this TensorFlow has hdfs:// (tensorflow-io loaded)")
+  with pytest.raises(UserError, match=r"^--records_dir=hdfs://namenode/records: TensorFlow .* "
+                     r"has no hdfs:// filesystem \(it has .*gs://.*\); .*tensorflow-io"):
+    train.train(train.TrainOptions(records_dir="hdfs://namenode/records", model_dir=str(tmp_path)))
+  with pytest.raises(UserError, match="no s3:// filesystem"):
+    Classifier.load("s3://bucket/model")
+  # The programs say so before any work, for any flag that names such a path.
+  env = dict(os.environ, PYTHONPATH=REPO)
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "bin", "make_tfrecords"), f"--image_dir={tmp_path}",
+       "--output_dir=s3://bucket/records"], capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert errors[0].startswith("error: --output_dir=s3://bucket/records: TensorFlow ")
+  assert "tensorflow-io" in errors[0]

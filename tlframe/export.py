@@ -173,6 +173,7 @@ def resolve_export_dir(path):
   `path` itself when it holds saved_model.pb; else the highest numbered
   `path/<N>/` (TF Serving's model base path) or `path/export/<N>/` (a model dir).
   """
+  fileio.check_filesystem(path)
   if tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
     return path
   for base in (path, os.path.join(path, EXPORT_DIRNAME)):

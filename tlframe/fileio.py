@@ -22,9 +22,42 @@ import uuid
 
 import tensorflow as tf
 
+from tlframe.errors import UserError
+
 
 # Filesystems whose rename of a directory is one atomic step ("" is a local path).
 _ATOMIC_DIRECTORY_RENAME_SCHEMES = ("", "file", "hdfs", "viewfs")
+# Filesystems that TensorFlow itself lacks and tensorflow-io adds when imported.
+_TENSORFLOW_IO_SCHEMES = ("s3", "hdfs", "viewfs", "har", "az")
+
+
+def check_filesystem(path, flag=None):
+  """UserError when `path` is on a filesystem this TensorFlow lacks (s3:// without tensorflow-io).
+
+  `flag` names where the path came from, for the message.
+  """
+  if "://" not in path:
+    return
+  scheme = path.split("://", 1)[0]
+  registered = tf.io.gfile.get_registered_schemes()
+  if scheme in registered:
+    return
+  fix = "check the path"
+  if scheme in _TENSORFLOW_IO_SCHEMES:
+    try:
+      import tensorflow_io  # pylint: disable=g-import-not-at-top,unused-import  (registers them)
+      fix = (f"the tensorflow-io installed does not load into TensorFlow {tf.__version__}: "
+             "install its release built for this TensorFlow, or use a mounted local path")
+    except ImportError:
+      fix = (f"{scheme}:// comes with tensorflow-io: pip install tensorflow-io (its release built "
+             f"for TensorFlow {tf.__version__}), or use a mounted local path")
+    registered = tf.io.gfile.get_registered_schemes()
+    if scheme in registered:
+      return
+  known = ", ".join(f"{name}://" for name in sorted(registered) if name)
+  where = f"{flag}={path}" if flag else path
+  raise UserError(f"{where}: TensorFlow {tf.__version__} here has no {scheme}:// filesystem (it "
+                  f"has {known} and local paths); {fix}")
 
 
 def temp_path_for(path):

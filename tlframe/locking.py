@@ -115,6 +115,7 @@ class DirectoryLock:
       time.sleep(_LOCK_FILE_SETTLE_SECONDS)
       held = _read_lock_file(self.path)
     except tf.errors.OpError as e:
+      fileio.check_filesystem(self.directory)
       raise UserError(f"{self.directory}: cannot create the lock file {self.path}: {e.message}; "
                       "check the path and its permissions") from None
     if held is None or held.get("token") != token:

@@ -255,6 +255,7 @@ def walk_files(root):
 def list_image_dir(image_dir):
   """Sources of a class-per-sub-folder tree, plus (skipped, ignored) entries for the manifest."""
   if not tf.io.gfile.isdir(image_dir):
+    fileio.check_filesystem(image_dir, "--image_dir")
     raise UserError(f"--image_dir {image_dir}: no such directory")
   files, unwalked = walk_files(image_dir)
   sources, ignored = [], []

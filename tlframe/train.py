@@ -47,6 +47,7 @@ def train(options):
   """Trains a head as `options` say; writes model_dir; returns the metrics dict."""
   options_lib.check(options)
   if not tf.io.gfile.isdir(options.records_dir):
+    fileio.check_filesystem(options.records_dir, "--records_dir")
     raise UserError(f"--records_dir={options.records_dir} does not exist: run "
                     "bin/make_tfrecords first")
   strategy = distribution.make_strategy(options.strategy)
