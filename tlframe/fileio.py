@@ -143,7 +143,8 @@ def publish_directory(tmp, target, last_name):
     tf.io.gfile.makedirs(posixpath.join(target, directory))
   if files:
     move(files[-1])
-  tf.io.gfile.rmtree(tmp)
+  if tf.io.gfile.exists(tmp):  # the folders left; on an object store maybe nothing
+    tf.io.gfile.rmtree(tmp)
 
 
 def read_json(path):

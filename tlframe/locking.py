@@ -187,6 +187,8 @@ def _is_stale(holder):
   """Whether the holder ran on this host under a PID that no longer runs."""
   if holder["host"] != socket.gethostname() or not isinstance(holder["pid"], int):
     return False
+  if fcntl is None:  # Windows: os.kill(pid, 0) would end that process, not test it
+    return False
   try:
     os.kill(holder["pid"], 0)
   except ProcessLookupError:
