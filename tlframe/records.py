@@ -441,6 +441,12 @@ def _chunks(iterable, size):
 
 def _ordered_results(paths, num_workers, max_pixels, max_side):
   """convert_image over `paths`, in order, with at most a small window in flight."""
+  paths = list(paths)  # the plan's own strings: 8 bytes a path
+  if num_workers > 1 and any(path.startswith("ram://") for path in paths):
+    # TensorFlow's ram:// filesystem lives in one process: workers would find no file there.
+    logging.info("Reading the ram:// inputs in this process: --num_workers=%d is not used",
+                 num_workers)
+    num_workers = 1
   if num_workers <= 1:
     for path in paths:
       yield convert_image(path, max_pixels, max_side)
@@ -745,11 +751,6 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
     raise UserError("--shard_size, --num_workers, --max_pixels and --max_side must be positive")
 
   sources, skipped, ignored = _collect_sources(image_dir, filelist, split_filelists)
-  if num_workers > 1 and any(source.path.startswith("ram://") for source in sources):
-    # TensorFlow's ram:// filesystem lives in one process: workers would find no file there.
-    logging.info("Reading the ram:// inputs in this process: --num_workers=%d is not used",
-                 num_workers)
-    num_workers = 1
   if ignored:
     logging.warning("Ignored %d files that are not named like images: %s (all are listed in "
                     "the manifest)", len(ignored), _some([entry["path"] for entry in ignored]))
