@@ -95,7 +95,8 @@ def test_training_and_export_on_ram(ram_run):
       metrics["test"]["num_examples"]) == 48
   written = fileio.read_json(f"{model_dir}/{model_dir_lib.METRICS_FILENAME}")
   assert written["validation"]["accuracy"] == metrics["validation"]["accuracy"]
-  assert tf.io.gfile.glob(f"{ram_run['base']}/feature_cache/*.npz")  # the cache is on ram:// too
+  cache = f"{ram_run['base']}/feature_cache"  # the feature cache is on ram:// too
+  assert tf.io.gfile.glob(f"{cache}/*.npz") + tf.io.gfile.glob(f"{cache}/*/*.npz")
   assert tf.io.gfile.glob(f"{model_dir}/checkpoints/*.index")
   assert tf.io.gfile.glob(f"{model_dir}/logs/train/events.out.tfevents.*")
   assert not tf.io.gfile.exists(f"{model_dir}/{locking.LOCK_FILENAME}")
