@@ -208,7 +208,8 @@ def _check_filesystems():
   tensorflow-io), rather than a "no such directory" later. http(s):// is a TF-Hub handle."""
   for flag in flags.FLAGS._flags().values():  # pylint: disable=protected-access
     for value in flag.value if isinstance(flag.value, list) else [flag.value]:
-      if isinstance(value, str) and "://" in value and not value.startswith(("http://", "https://")):
+      if (isinstance(value, str) and "://" in value
+          and not value.startswith(("http://", "https://"))):
         from tlframe import fileio  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
         try:
           fileio.check_filesystem(value, f"--{flag.name}")
