@@ -21,12 +21,11 @@ pass.
 import hashlib
 import os
 import platform
-import shutil
-import uuid
 
 import tensorflow as tf
 from absl import logging
 
+from tlframe import fileio
 from tlframe import mobilenet_v2
 from tlframe import options
 from tlframe import torch_pth
@@ -77,29 +76,27 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
   """
   if name not in BUILTIN_NAMES:
     raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")
-  if os.path.isdir(export_dir):
+  if tf.io.gfile.isdir(export_dir):
     if exist_ok:
       return export_dir
     raise UserError(f"{export_dir} already exists; delete it or choose another export directory")
-  parent = os.path.dirname(os.path.abspath(export_dir))
-  os.makedirs(parent, exist_ok=True)
+  tmp = fileio.temp_path_for(export_dir if "://" in export_dir else os.path.abspath(export_dir))
+  tf.io.gfile.makedirs(os.path.dirname(tmp))
   network, weights = _BUILTINS[name]
   data = torch_pth.find_weights(weights, weights_file=weights_file,
                                 download_dir=os.path.join(cache_dir(), "downloads"))
   state_dict = torch_pth.load_state_dict(data, source=weights.filename)
-  tmp = os.path.join(parent, f".{os.path.basename(export_dir)}.tmp-{uuid.uuid4().hex[:12]}")
   try:
     logging.info("Building %s into %s", name, export_dir)
     mobilenet_v2.export_saved_models(network, state_dict, tmp, CLASS_NAMES_FILE,
                                      fold_batch_norm=fold_batch_norm)
     try:
-      os.rename(tmp, export_dir)
-    except OSError:
-      if not os.path.isdir(export_dir):
-        raise
+      fileio.publish_directory(tmp, export_dir, last_name=f"{FEATURE_VECTOR}/saved_model.pb")
+    except tf.errors.AlreadyExistsError:
       logging.info("%s was built concurrently by another process; using that one", export_dir)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.rmtree(tmp)
   return export_dir
 
 

@@ -153,6 +153,7 @@ def _parse_flags(argv):
   except flags.Error as e:
     _fail(_describe_flag_error(e, argv))
   _expand_home_in_flags()
+  _check_filesystems()
   return remaining
 
 
@@ -200,6 +201,20 @@ def _origin_in_flagfiles(name, argv):
       if line.strip().startswith("--flagfile="):
         pending.append(line.strip().split("=", 1)[1])
   return None
+
+
+def _check_filesystems():
+  """One line now for a flag's path on a filesystem this TensorFlow lacks (s3:// without
+  tensorflow-io), rather than a "no such directory" later. http(s):// is a TF-Hub handle."""
+  for flag in flags.FLAGS._flags().values():  # pylint: disable=protected-access
+    for value in flag.value if isinstance(flag.value, list) else [flag.value]:
+      if (isinstance(value, str) and "://" in value
+          and not value.startswith(("http://", "https://"))):
+        from tlframe import fileio  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+        try:
+          fileio.check_filesystem(value, f"--{flag.name}")
+        except UserError as e:
+          _fail(str(e))
 
 
 def _expand_home_in_flags():

@@ -51,6 +51,8 @@ from tlframe.errors import UserError
 
 EXPORT_DIRNAME = "export"
 EXPORT_INFO_FILENAME = "tlframe_export.json"
+# Written last into a version dir: its presence means the export is complete.
+SAVED_MODEL_FILENAME = "saved_model.pb"
 FORMAT_VERSION = 1
 MAX_TOP_K = 5
 TFLITE_DIRNAME = "tflite"
@@ -171,7 +173,8 @@ def resolve_export_dir(path):
   `path` itself when it holds saved_model.pb; else the highest numbered
   `path/<N>/` (TF Serving's model base path) or `path/export/<N>/` (a model dir).
   """
-  if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+  fileio.check_filesystem(path)
+  if tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
     return path
   for base in (path, os.path.join(path, EXPORT_DIRNAME)):
     latest = latest_version(base)
@@ -183,9 +186,16 @@ def resolve_export_dir(path):
 
 
 def latest_version(export_base):
-  """The highest numbered version dir under `export_base`, or None."""
-  versions = _versions(export_base)
-  return os.path.join(export_base, str(max(versions))) if versions else None
+  """The highest numbered complete version dir under `export_base`, or None.
+
+  Complete: it holds saved_model.pb, which an export on an object store moves
+  in last (`fileio.publish_directory`).
+  """
+  for version in sorted(_versions(export_base), reverse=True):
+    path = os.path.join(export_base, str(version))
+    if tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
+      return path
+  return None
 
 
 def _versions(export_base):
@@ -252,12 +262,10 @@ def _publish(tmp, export_base):
     version = max(_versions(export_base), default=0) + 1
     target = os.path.join(export_base, str(version))
     try:
-      tf.io.gfile.rename(tmp, target)
+      fileio.publish_directory(tmp, target, last_name=SAVED_MODEL_FILENAME)
       return target
-    except tf.errors.OpError:
-      if not tf.io.gfile.exists(target):
-        raise
-      # Another export took this number meanwhile: take the next one.
+    except tf.errors.AlreadyExistsError:
+      pass  # another export took this number meanwhile: take the next one
 
 
 # ---------------------------------------------------------------------------

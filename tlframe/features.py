@@ -7,7 +7,8 @@ digests what the features depend on: the backbone's `cache_key` (module, size,
 kind, precision), the record shards (absolute path, size, modification time),
 the labels, image size and resize mode. A rerun with other head settings, or a
 run into another model dir on the same records, finds the file and skips the
-backbone; changing the records or the backbone changes the key. Files are
+backbone (`feature_cache_dir` puts the cache elsewhere, on any tf.io.gfile
+filesystem: gs://, ram://, ...); changing the records or the backbone changes the key. Files are
 written atomically, so two processes filling the same entry at once are safe
 (the last rename wins, with the same content); an unreadable entry is logged
 with its path and recomputed.
@@ -210,9 +211,14 @@ def _rows_to_show(batch_labels, shown_per_class, limit):
   return rows
 
 
-def cache_dir():
-  """Where feature files are cached: `$TLFRAME_CACHE_DIR/features`."""
-  return os.path.join(backbone_lib.cache_dir(), CACHE_DIRNAME)
+def cache_dir(feature_cache_dir=""):
+  """Where feature files are cached: `feature_cache_dir`, or `$TLFRAME_CACHE_DIR/features`."""
+  return feature_cache_dir or os.path.join(backbone_lib.cache_dir(), CACHE_DIRNAME)
+
+
+def _absolute(path):
+  """`path` made absolute when local; a URL (gs://, ram://, ...) is already."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
@@ -221,7 +227,7 @@ def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
   shards = []
   for path in sorted(tf.io.gfile.glob(records.split_file_pattern(records_dir, split))):
     stat = tf.io.gfile.stat(path)
-    shards.append([os.path.abspath(path), stat.length, stat.mtime_nsec])
+    shards.append([_absolute(path), stat.length, stat.mtime_nsec])
   identity = dict(version=_FORMAT_VERSION, backbone=backbone.cache_key, shards=shards,
                   labels=records.read_labels(records_dir), image_size=image_size,
                   resize_mode=resize_mode, thumbnails=num_thumbnails_per_class,
@@ -232,16 +238,18 @@ def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
 
 
 def cached_features(backbone, records_dir, split, *, batch_size, image_size, resize_mode,
-                    num_classes, num_thumbnails_per_class=16, flip=False):
+                    num_classes, num_thumbnails_per_class=16, flip=False, feature_cache_dir=""):
   """The split's FeatureSet from the cache if its key matches, else a backbone pass.
 
   `flip`: the set also holds the mirrored images' features (one cache entry
-  holding both, keyed apart from the entry without them).
+  holding both, keyed apart from the entry without them). `feature_cache_dir`:
+  the cache folder, on any TensorFlow filesystem (default: `cache_dir()`).
   """
   key = cache_key(backbone, records_dir, split, image_size=image_size,
                   resize_mode=resize_mode, num_thumbnails_per_class=num_thumbnails_per_class,
                   flip=flip)
-  path = os.path.join(cache_dir(), f"{split}-{key}.npz")
+  directory = cache_dir(feature_cache_dir)
+  path = os.path.join(directory, f"{split}-{key}.npz")
   start = time.monotonic()
   if tf.io.gfile.exists(path):
     loaded = _read(path)
@@ -260,7 +268,7 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
   logging.info("%s features: %d x %d in %.1f s", split, *feature_set.features.shape,
                feature_set.extract_seconds)
   try:
-    tf.io.gfile.makedirs(cache_dir())
+    tf.io.gfile.makedirs(directory)
     _write(path, feature_set)
   except (OSError, tf.errors.OpError) as e:
     # The features are in memory: this run goes on, only later ones pay the pass again.

@@ -3,18 +3,27 @@
   with locking.DirectoryLock(output_dir, what="make_tfrecords"):
     ...  # nobody else holding a DirectoryLock on output_dir runs this now
 
-The lock is `fcntl.flock` on `<dir>/.tlframe.lock`, which also holds the
-holder's PID, host, program and start time, so the second run's error can say
-who holds it. The kernel releases a flock when its holder exits in any way
-(an exception, kill -9, a crash), so a lock is never left stale by a dead
-holder; the file itself is removed on a clean release and harmlessly reused
-after a crash.
+The lock is the file `<dir>/.tlframe.lock`, which holds the holder's PID, host,
+program and start time, so the second run's error can say who holds it.
 
-Where it works: local disks, and NFSv4 (Linux maps flock to NFS byte-range
-locks). Not on TensorFlow's remote filesystems (gs://, s3://, hdfs://), which
-have no lock primitive: there the lock is skipped with a warning, and keeping
-two runs off one remote directory is up to the user. Not on Windows (no fcntl)
-either, also with a warning.
+Local directories (and NFSv4, where Linux maps flock to NFS byte-range locks):
+the lock is `fcntl.flock` on that file. The kernel releases a flock when its
+holder exits in any way (an exception, kill -9, a crash), so a lock is never
+left stale by a dead holder; the file itself is removed on a clean release and
+harmlessly reused after a crash.
+
+TensorFlow's other filesystems (gs://, s3://, hdfs://, ram://) have no lock
+primitive: there the lock is the file's existence. A run writes the file under
+a temporary name and renames it into place without overwriting, then reads it
+back to check that it is its own (two runs that start within the same moment
+on an object store, whose rename is a check, a copy and a delete, could both
+pass the check: the last copy stands, and the run that reads back another's
+file gives way). A clean release removes the file. A holder that died without
+releasing (kill -9, a lost machine) leaves it behind: a later run on the same
+host takes it over when that PID no longer runs; anywhere else the error says
+which file to remove once that run is known to be gone.
+
+Not on Windows (no fcntl): the lock is skipped there with a warning.
 """
 
 import datetime
@@ -22,9 +31,12 @@ import json
 import os
 import socket
 import time
+import uuid
 
 from absl import logging
+import tensorflow as tf
 
+from tlframe import fileio
 from tlframe.errors import UserError
 
 try:
@@ -34,6 +46,9 @@ except ImportError:  # Windows
 
 LOCK_FILENAME = ".tlframe.lock"
 _HOLDER_READ_TRIES = 20
+# How long a run on a filesystem without locks waits before reading its lock
+# file back: longer than an object store's check-and-copy of a small file.
+_LOCK_FILE_SETTLE_SECONDS = 0.5
 
 
 class DirectoryLock:
@@ -49,12 +64,14 @@ class DirectoryLock:
     self.what = what
     self.path = os.path.join(directory, LOCK_FILENAME)
     self._fd = None
+    self._token = None  # the lock file's mark of this holder, on filesystems without locks
 
   def acquire(self):
-    if "://" in self.directory or fcntl is None:
-      where = "remote filesystems" if "://" in self.directory else "this platform"
-      logging.warning("%s: not locked (no file locks on %s); make sure no other run uses it "
-                      "at the same time", self.directory, where)
+    if "://" in self.directory:
+      return self._acquire_lock_file()
+    if fcntl is None:
+      logging.warning("%s: not locked (no file locks on this platform); make sure no other "
+                      "run uses it at the same time", self.directory)
       return self
     try:
       os.makedirs(self.directory, exist_ok=True)
@@ -74,17 +91,63 @@ class DirectoryLock:
         else:
           os.close(fd)
       os.ftruncate(self._fd, 0)
-      os.write(self._fd, json.dumps({
-          "pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
-          "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      }).encode("utf-8"))
+      os.write(self._fd, json.dumps(_holder_fields(self.what)).encode("utf-8"))
     except OSError as e:
       self.release()
       raise UserError(f"{self.directory}: cannot create the lock file {self.path}: "
                       f"{e.strerror}; check the path and its permissions and free space") from None
     return self
 
+  def _acquire_lock_file(self):
+    """The lock as a file created without overwriting, for gs://, s3://, hdfs://, ram://."""
+    token = uuid.uuid4().hex
+    try:
+      tf.io.gfile.makedirs(self.directory)
+      while not self._create_lock_file(json.dumps(dict(_holder_fields(self.what), token=token))):
+        held = _read_lock_file(self.path)
+        if held is None and not tf.io.gfile.exists(self.path):
+          continue  # released meanwhile
+        if held is None or not _is_stale(held):
+          raise self._held_error(held)
+        logging.warning("%s: taking over the lock of %s, which no longer runs", self.directory,
+                        _describe(held))
+        tf.io.gfile.remove(self.path)
+      time.sleep(_LOCK_FILE_SETTLE_SECONDS)
+      held = _read_lock_file(self.path)
+    except tf.errors.OpError as e:
+      fileio.check_filesystem(self.directory)
+      raise UserError(f"{self.directory}: cannot create the lock file {self.path}: {e.message}; "
+                      "check the path and its permissions") from None
+    if held is None or held.get("token") != token:
+      raise self._held_error(held)
+    self._token = token
+    return self
+
+  def _create_lock_file(self, text):
+    """Writes the lock file unless it exists; whether it did."""
+    tmp = fileio.temp_path_for(self.path)
+    try:
+      with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+      tf.io.gfile.rename(tmp, self.path, overwrite=False)
+      return True
+    except tf.errors.AlreadyExistsError:
+      return False
+    finally:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)
+
+  def _held_error(self, held):
+    holder = _describe(held) if held else "another run"
+    return UserError(f"{self.directory} is in use by {holder}; wait for that run to end or use "
+                     f"another directory (if that run is gone, remove {self.path})")
+
   def release(self):
+    if self._token is not None:
+      held = _read_lock_file(self.path)
+      if held is not None and held.get("token") == self._token:
+        tf.io.gfile.remove(self.path)
+      self._token = None
     if self._fd is not None:
       try:
         os.remove(self.path)  # still holding the lock: nobody else removes it meanwhile
@@ -100,6 +163,41 @@ class DirectoryLock:
     self.release()
 
 
+def _holder_fields(what):
+  return {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+          "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _describe(holder):
+  """'make_tfrecords (PID 123 on host, since ...)'."""
+  return f"{holder['what']} (PID {holder['pid']} on {holder['host']}, since {holder['since']})"
+
+
+def _read_lock_file(path):
+  """The holder fields of a lock file on a filesystem without locks; None if gone or unreadable."""
+  try:
+    holder = fileio.read_json(path)
+  except (tf.errors.OpError, ValueError):
+    return None
+  fields = ("pid", "host", "what", "since")
+  return holder if isinstance(holder, dict) and all(name in holder for name in fields) else None
+
+
+def _is_stale(holder):
+  """Whether the holder ran on this host under a PID that no longer runs."""
+  if holder["host"] != socket.gethostname() or not isinstance(holder["pid"], int):
+    return False
+  if fcntl is None:  # Windows: os.kill(pid, 0) would end that process, not test it
+    return False
+  try:
+    os.kill(holder["pid"], 0)
+  except ProcessLookupError:
+    return True
+  except OSError:
+    pass  # it runs, as another user
+  return False
+
+
 def _same_file(fd, path):
   try:
     return os.path.samestat(os.fstat(fd), os.stat(path))
@@ -112,9 +210,7 @@ def _read_holder(fd):
   # The holder writes right after locking: give it a moment to have done so.
   for _ in range(_HOLDER_READ_TRIES):
     try:
-      holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-      return (f"{holder['what']} (PID {holder['pid']} on {holder['host']}, "
-              f"since {holder['since']})")
+      return _describe(json.loads(os.pread(fd, 4096, 0).decode("utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
       time.sleep(0.05)
   return "another run (its PID and host are not in the lock file)"

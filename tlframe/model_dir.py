@@ -38,7 +38,8 @@ OUTPUTS = (RUN_OPTIONS_FILENAME, CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILEN
 _MODEL_IDENTITY = ("records", "backbone", "features", "input_size", "precision", "resize_mode")
 # How a run is carried out, not what it computes: a change still resumes.
 _NOT_IN_RUN_IDENTITY = ("strategy", "checkpoint_every_epochs", "extract_batch_size",
-                        "log_every_steps", "num_thumbnails_per_class", "overwrite", "export")
+                        "log_every_steps", "num_thumbnails_per_class", "overwrite", "export",
+                        "feature_cache_dir")
 
 
 def records_identity(records_dir):

@@ -78,6 +78,7 @@ class TrainOptions:
   seed: int = 0
   checkpoint_every_epochs: int = 25
   extract_batch_size: int = 32
+  feature_cache_dir: str = ""   # "": $TLFRAME_CACHE_DIR/features
   log_every_steps: int = 10
   num_thumbnails_per_class: int = 16
   overwrite: bool = False

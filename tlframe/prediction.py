@@ -17,6 +17,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tlframe import fileio
 from tlframe import imageformat
 from tlframe import pipeline
 from tlframe import records
@@ -40,6 +41,7 @@ class Row:
 
 def list_images(spec):
   """The image files `spec` names (DIR | GLOB | LIST file | one image), in a stable order."""
+  fileio.check_filesystem(spec, "--images")
   if tf.io.gfile.isdir(spec):
     files, _ = records.walk_files(spec)
     paths = [path for path in files if path.lower().endswith(records.IMAGE_EXTENSIONS)

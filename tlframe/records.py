@@ -260,6 +260,7 @@ def walk_files(root):
 def list_image_dir(image_dir):
   """Sources of a class-per-sub-folder tree, plus (skipped, ignored) entries for the manifest."""
   if not tf.io.gfile.isdir(image_dir):
+    fileio.check_filesystem(image_dir, "--image_dir")
     raise UserError(f"--image_dir {image_dir}: no such directory")
   files, unwalked = walk_files(image_dir)
   sources, ignored = [], []
@@ -445,6 +446,12 @@ def _chunks(iterable, size):
 
 def _ordered_results(paths, num_workers, max_pixels, max_side):
   """convert_image over `paths`, in order, with at most a small window in flight."""
+  paths = list(paths)  # the plan's own strings: 8 bytes a path
+  if num_workers > 1 and any(path.startswith("ram://") for path in paths):
+    # TensorFlow's ram:// filesystem lives in one process: workers would find no file there.
+    logging.info("Reading the ram:// inputs in this process: --num_workers=%d is not used",
+                 num_workers)
+    num_workers = 1
   if num_workers <= 1:
     for path in paths:
       yield convert_image(path, max_pixels, max_side)

@@ -47,6 +47,7 @@ def train(options):
   """Trains a head as `options` say; writes model_dir; returns the metrics dict."""
   options_lib.check(options)
   if not tf.io.gfile.isdir(options.records_dir):
+    fileio.check_filesystem(options.records_dir, "--records_dir")
     raise UserError(f"--records_dir={options.records_dir} does not exist: run "
                     "bin/make_tfrecords first")
   strategy = distribution.make_strategy(options.strategy)
@@ -168,7 +169,7 @@ def _feature_sets(options, backbone, num_classes):
         backbone, options.records_dir, split, batch_size=options.extract_batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
         num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
-        flip=options.flip_features)
+        flip=options.flip_features, feature_cache_dir=options.feature_cache_dir)
     if not len(feature_sets[split].labels):
       feature_sets[split] = None  # every record of the split failed to decode (logged)
   if feature_sets["train"] is None:
