@@ -195,6 +195,8 @@ def main():
                       help="Random k-shot subsets per k (all images: one run).")
   parser.add_argument("--only", default=None,
                       help="Comma-separated indices into the option list, to rerun a few.")
+  parser.add_argument("--datasets", default="oxford_flowers12,lfw",
+                      help="Comma-separated: oxford_flowers12, lfw.")
   parser.add_argument("--json_out", default=None, help="Also write the rows to this JSON file.")
   args = parser.parse_args()
   option_list = FEATURE_OPTIONS if args.only is None else [
@@ -204,13 +206,15 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = pathlib.Path(args.work_dir or tmp)
     work_dir.mkdir(parents=True, exist_ok=True)
+    datasets = args.datasets.split(",")
     flowers = flowers12_records(args.data_dir, work_dir)
-    if flowers is None:
+    if "oxford_flowers12" in datasets and flowers is None:
       print(f"(oxford_flowers12 not found under {args.data_dir}: skipped)")
-    else:
+    elif "oxford_flowers12" in datasets:
       results += bench_set("oxford_flowers12", flowers, args.seeds, option_list)
-    results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
-                         option_list)
+    if "lfw" in datasets:
+      results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
+                           option_list)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(dict(rows=results, cpu=cpu_model(), date=datetime.date.today().isoformat(),
