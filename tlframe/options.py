@@ -18,7 +18,8 @@ FEATURE_NORMALIZATIONS = ("auto", "none", "l2", "standardize")
 # What "auto" cross-validates between: standardizing suits some backbones'
 # features (MobileNetV2's), and amplifies the near-constant dimensions of others
 # (EfficientNet-Lite's), whose raw features do better (bench/bench_defaults.py).
-AUTO_NORMALIZATIONS = ("standardize", "none")
+# A tie goes to the first: the simpler.
+AUTO_NORMALIZATIONS = ("none", "standardize")
 RESIZE_MODES = ("center_crop", "imagenet_crop", "letterbox", "crop_or_pad")
 PRECISIONS = ("float32", "bfloat16", "auto")
 FEATURES = ("feature_vector", "logits")

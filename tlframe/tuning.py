@@ -20,10 +20,6 @@ from tlframe.errors import UserError
 
 # How far the l2 search may widen: beyond these the head is unregularized or zero.
 L2_LIMITS = (1e-9, 1e4)
-# Held-out losses this close (relative) are a tie, which the larger l2 wins: on
-# data the head separates, the loss is flat over small l2 (to 5 digits from
-# 1e-7 to 1e-4), and the least regularized head is chosen by noise.
-LOSS_TOLERANCE = 1e-3
 _WIDENING_RATIO = 10 ** 0.5
 
 
@@ -75,11 +71,18 @@ def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shif
 
 
 def best_l2(rows):
-  """The l2 of the rows (dicts of l2, accuracy, loss) that tune_l2 chooses."""
+  """The l2 of the rows (dicts of l2 and held-out accuracy) that tune_l2 chooses.
+
+  The largest l2 of those with the highest held-out accuracy: among heads that
+  hold out equally well, the most regularized (scikit-learn's GridSearchCV
+  picks the same: the first, smallest C of its grid among the best). On data
+  the head separates, held-out accuracy is flat over a wide range while the
+  held-out loss keeps falling as l2 shrinks, so choosing by loss picks the
+  least regularized head, which generalized worse on our sets
+  (bench/bench_defaults.py, docs/training.md).
+  """
   top = max(row["accuracy"] for row in rows)
-  contenders = [row for row in rows if row["accuracy"] == top]
-  lowest = min(row["loss"] for row in contenders)
-  return max(row["l2"] for row in contenders if row["loss"] <= lowest * (1 + LOSS_TOLERANCE))
+  return max(row["l2"] for row in rows if row["accuracy"] == top)
 
 
 def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization_constants):
@@ -88,8 +91,9 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   Candidates: options_lib.AUTO_NORMALIZATIONS when options.feature_normalization
   is "auto", else that one; l2: options.l2_grid (widened at an edge, see
   tune_l2) when options.l2 is None, else options.l2 alone. The choice follows
-  tune_l2's rule over all candidates' rows: the highest held-out accuracy,
-  then the lowest held-out loss (the larger l2 within LOSS_TOLERANCE). Each
+  tune_l2's rule (best_l2) over all candidates' rows: the highest held-out
+  accuracy, then the largest l2; a tie between normalizations goes to the
+  first candidate (AUTO_NORMALIZATIONS lists the simplest first). Each
   row also names its `feature_normalization`; scores are the choice's [N, C]
   out-of-fold scores. `normalization_constants(name)` gives the (shift, scale)
   of that normalization of the training features.
@@ -109,11 +113,11 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
                                scale=scale, widen=options.l2 is None)
     rows = [dict(row, feature_normalization=normalization) for row in rows]
     chosen = next(row for row in rows if row["l2"] == l2)
-    results.append((chosen["accuracy"], -chosen["loss"], normalization, l2, rows, scores))
-  accuracy, loss, normalization, l2, _, scores = max(results, key=lambda result: result[:2])
+    results.append((chosen["accuracy"], -len(results), normalization, l2, rows, scores))
+  accuracy, _, normalization, l2, _, scores = max(results, key=lambda result: result[:2])
   if len(candidates) > 1:
-    logging.info("Feature normalization by cross-validation: %s (held-out accuracy %.4f, "
-                 "loss %.4f)", normalization, accuracy, -loss)
+    logging.info("Feature normalization by cross-validation: %s (held-out accuracy %.4f)",
+                 normalization, accuracy)
   rows = [row for result in results for row in result[4]]
   widened = any(len(result[4]) > len(set(options.l2_grid)) for result in results)
   return normalization, l2, rows, scores, widened
@@ -125,9 +129,8 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale, w
   Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
   best l2). Each row: dict(l2; accuracy and loss over all held-out
   predictions; their standard deviations across folds, accuracy_std and
-  loss_std). The best (`best_l2`) has the highest held-out accuracy and,
-  among those, is the largest l2 whose held-out loss is within
-  LOSS_TOLERANCE of the lowest. When the best is the grid's smallest or
+  loss_std). The best (`best_l2`) is the largest l2 of those with the
+  highest held-out accuracy. When the best is the grid's smallest or
   largest value, the grid grows by two more steps of its own ratio on that
   side (logged), until the best is inside or l2 reaches L2_LIMITS (unless
   not `widen`).
