@@ -203,13 +203,22 @@ def normalization_constants(feature_set, feature_normalization):
 
 
 def stratified_rows(labels, max_rows, seed):
-  """Sorted rows of at most `max_rows`, each class kept in its share (at least one row)."""
+  """Sorted rows, `max_rows` of them (all when fewer), each class kept in its share.
+
+  Each class gets its share rounded down (at least one row), and the rows left
+  over go to the classes with the largest remainders.
+  """
   if len(labels) <= max_rows:
     return np.arange(len(labels))
+  classes, counts = np.unique(labels, return_counts=True)
+  quotas = counts * max_rows / len(labels)
+  taken = np.minimum(counts, np.maximum(1, np.floor(quotas))).astype(np.int64)
+  by_remainder = np.argsort(-(quotas - np.floor(quotas)), kind="stable")
+  for index in by_remainder[:max(0, max_rows - taken.sum())]:
+    taken[index] += taken[index] < counts[index]
   rng = np.random.default_rng(seed)
-  fraction = max_rows / len(labels)
-  rows = [rng.permutation(np.flatnonzero(labels == label))[:max(1, int(
-      np.sum(labels == label) * fraction))] for label in np.unique(labels)]
+  rows = [rng.permutation(np.flatnonzero(labels == label))[:take]
+          for label, take in zip(classes, taken)]
   return np.sort(np.concatenate(rows))
 
 

@@ -156,7 +156,7 @@ def streamed_feature_batches(strategy, stream, weights_by_class, global_batch_si
     epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
     order = tf.random.experimental.stateless_shuffle(tf.range(num_parts), seed=epoch_seed)
     rows = tf.data.Dataset.from_tensor_slices(tf.gather(paths, order)).interleave(
-        part_rows, cycle_length=min(num_parts, _STREAM_CYCLE), deterministic=True)
+        part_rows, cycle_length=min(num_parts, _STREAM_CYCLE))
     rows = rows.shuffle(shuffle_buffer_size, seed=seed * 1000003 + epoch)
     return rows.batch(global_batch_size, drop_remainder=True)
 
