@@ -135,6 +135,7 @@ def test_two_local_workers_share_the_pass_and_train_like_one(sharded_task, tmp_p
   assert multi["num_replicas"] == 2 and default["num_replicas"] == 1
   for split in ("train", "validation"):
     assert multi[split]["accuracy"] == pytest.approx(default[split]["accuracy"], abs=0.05)
+  assert not [name for name in os.listdir(tmp_path / "multi") if name.startswith(".worker")]
 
 
 def test_a_missing_or_damaged_part_is_redone_alone(sharded_task, tmp_path, caplog):

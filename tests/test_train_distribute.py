@@ -1,18 +1,15 @@
-"""tf.distribute: mirrored over 2 logical CPUs and 2 local multi-worker processes match default."""
+"""tf.distribute: mirrored over 2 logical CPUs matches default (2 local multi-worker processes:
+tests/test_features_distributed.py)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from test_train_helpers import make_records, run_local_workers, save_tiny_backbone
-from test_train_helpers import subprocess_env
+from test_train_helpers import make_records, save_tiny_backbone, subprocess_env
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
 
 # Runs in a fresh process: logical devices must be set before TF initializes.
 _MIRRORED_SCRIPT = r"""
@@ -63,24 +60,3 @@ def test_mirrored_on_two_cpus_matches_default(small_task, tmp_path):
   # Same batches, gradients all-reduced: the same weights up to float summation order.
   np.testing.assert_allclose(mirrored_kernel, default_kernel, rtol=1e-3,
                              atol=1e-3 * np.abs(default_kernel).max())
-
-
-@pytest.mark.slow
-def test_two_local_workers_match_default(small_task, tmp_path):
-  """MultiWorkerMirroredStrategy from TF_CONFIG: 2 processes on 127.0.0.1 vs one default run."""
-  records_dir, backbone = small_task
-  common = [sys.executable, os.path.join(REPO, "bin", "train"), f"--records_dir={records_dir}",
-            f"--backbone={backbone}", "--batch_size=8", "--epochs=15",
-            "--checkpoint_every_epochs=5"]
-  for returncode, _, stderr in run_local_workers(
-      common + [f"--model_dir={tmp_path}/multi", "--strategy=multi_worker"]):
-    assert returncode == 0, stderr[-3000:]
-  single = subprocess.run(common + [f"--model_dir={tmp_path}/single"], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-  multi = json.load(open(tmp_path / "multi" / "metrics.json"))
-  default = json.load(open(tmp_path / "single" / "metrics.json"))
-  assert multi["num_replicas"] == 2 and default["num_replicas"] == 1
-  assert multi["validation"]["accuracy"] == pytest.approx(default["validation"]["accuracy"],
-                                                          abs=0.05)
-  assert not [name for name in os.listdir(tmp_path / "multi") if name.startswith(".worker")]

@@ -1,12 +1,11 @@
 """Helpers (no tests): small real-photo records and a tiny SavedModel backbone for test_train*."""
 
-import json
 import os
-import socket
 import subprocess
 
 import tensorflow as tf
 
+from tlframe import distribution
 from tlframe import records
 from tlframe import samples
 
@@ -51,27 +50,15 @@ def subprocess_env():
   return env
 
 
-def free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def run_local_workers(command, count=2, timeout=600):
   """Runs `command` as `count` MultiWorkerMirroredStrategy workers on 127.0.0.1 (TF_CONFIG).
 
   Returns [(returncode, stdout, stderr)] by worker index.
   """
-  workers = [f"127.0.0.1:{port}" for port in free_ports(count)]
   processes = []
-  for index in range(count):
+  for tf_config in distribution.local_tf_configs(count):
     env = subprocess_env()
-    env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
-                                   "task": {"type": "worker", "index": index}})
+    env["TF_CONFIG"] = tf_config
     processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
   outputs = [process.communicate(timeout=timeout) for process in processes]

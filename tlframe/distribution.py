@@ -10,6 +10,7 @@ worker (`worker_index_and_count`) and runs on this worker's replicas
 
 import json
 import os
+import socket
 
 import tensorflow as tf
 
@@ -81,3 +82,19 @@ def extraction_strategy(strategy):
         _local_strategies[strategy] = tf.distribute.MirroredStrategy(devices)
       return _local_strategies[strategy]
   return None
+
+
+def local_tf_configs(num_workers):
+  """TF_CONFIG values (JSON) of `num_workers` workers on 127.0.0.1, one per process to start.
+
+  For trying --strategy=multi_worker on one machine (tests, bench/bench_scale.py);
+  the ports are free when chosen.
+  """
+  sockets = [socket.socket() for _ in range(num_workers)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+  for s in sockets:
+    s.close()
+  return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+          for index in range(num_workers)]

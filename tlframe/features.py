@@ -135,7 +135,7 @@ class FeatureSet:
             np.concatenate([self.labels, self.labels]))
 
   def parts(self):
-    """(features, flipped features or None, labels) of each cache part in order; one when in memory."""
+    """(features, flipped or None, labels) of each cache part in order; one when in memory."""
     if not self.streamed:
       yield self.features, self.flipped_features, self.labels
       return
@@ -467,9 +467,10 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
       records.check_shards(records_dir, split)
     extracted.append(index)
     part = extract_features(
-        backbone, os.path.join(records_dir, shards[index]["name"]), batch_size=batch_size, image_size=image_size, resize_mode=resize_mode,
-        num_classes=num_classes, num_thumbnails_per_class=num_thumbnails_per_class, flip=flip,
-        strategy=strategy, progress=progress)
+        backbone, os.path.join(records_dir, shards[index]["name"]), batch_size=batch_size,
+        image_size=image_size, resize_mode=resize_mode, num_classes=num_classes,
+        num_thumbnails_per_class=num_thumbnails_per_class, flip=flip, strategy=strategy,
+        progress=progress)
     logging.info("Backbone pass over %s (part %d of %d of the %s features, by %s): %d images "
                  "decoded, %d skipped, in %.1f s", shards[index]["name"], index + 1, len(shards),
                  split, task, len(part.labels), part.skipped,
