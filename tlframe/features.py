@@ -514,11 +514,14 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
     feature_set.stream = Stream(paths=tuple(paths), rows=tuple(len(parts[index]["labels"])
                                                                for index in range(len(shards))),
                                 dim=backbone.output_dim, flip=flip)
-  logging.info("%s features: %d x %d %s (%s%s) in %.1f s", split, len(feature_set.labels),
-               backbone.output_dim, "streamed from the cache" if streamed else "in memory",
-               f"{len(extracted)} parts extracted" if extracted else "all parts from the cache",
-               f", {storage} on disk" if storage != "float32" else "",
-               feature_set.extract_seconds)
+  where = "streamed from the cache" if streamed else "in memory"
+  if extracted:
+    logging.info("%s features: %d x %d (%d of %d parts extracted here), %s, in %.1f s", split,
+                 len(feature_set.labels), backbone.output_dim, len(extracted), len(shards),
+                 where, feature_set.extract_seconds)
+  else:
+    logging.info("Loaded cached %s features from %s: skipping the backbone pass (%d x %d, %s)",
+                 split, entry, len(feature_set.labels), backbone.output_dim, where)
   return feature_set
 
 

@@ -77,7 +77,10 @@ def _run(options, strategy):
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
   # originals only, so that no image's mirror sits in the folds that hold it out.
   shift, scale = features_lib.normalization_constants(train_set, options.feature_normalization)
-  cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
+  # All the training features in memory, or a subsample when they are streamed.
+  cv_set = None
+  if options.l2 is None or val_set is None:
+    cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
   cv = None
   if options.l2 is None:
