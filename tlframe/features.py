@@ -480,11 +480,15 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
       tf.io.gfile.makedirs(entry)
       _write_part(paths[index], data)
     except (OSError, tf.errors.OpError) as e:
+      reason = getattr(e, "message", None) or e
+      if streamed or num_workers > 1:
+        raise UserError(
+            f"cannot write {paths[index]} ({reason}): the {split} features must be in the cache "
+            f"({'they stream from it' if streamed else 'the other workers read it'}); free space "
+            "or give a writable --feature_cache_dir") from None
       # The features are in memory: this run goes on, only later ones pay the pass again.
       logging.warning("Could not cache the %s features in %s (%s): continuing without the "
-                      "cache", split, paths[index], getattr(e, "message", None) or e)
-      if streamed:
-        raise
+                      "cache", split, paths[index], reason)
     return data
 
   def get(index, progress):
@@ -497,14 +501,8 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
                  backbone, len(missing), len(shards))
   progress = Progress(sum(shards[index]["records"] for index in missing), what="images")
   parts = {index: _kept(get(index, progress), streamed) for index in mine}
-  waited_since, logged = time.monotonic(), time.monotonic()
   for index in others:
-    while not tf.io.gfile.exists(paths[index]):
-      if time.monotonic() - logged > _WAIT_LOG_S:
-        logging.info("Waiting %.0f s for %s (another worker's part of the %s features)",
-                     time.monotonic() - waited_since, paths[index], split)
-        logged = time.monotonic()
-      time.sleep(_WAIT_POLL_S)
+    _wait_for(paths[index], f"another worker's part of the {split} features")
     parts[index] = _kept(get(index, progress), streamed)
   feature_set = _joined([parts[index] for index in range(len(shards))], backbone.output_dim,
                         flip, num_thumbnails_per_class, num_classes)
@@ -523,6 +521,16 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
     logging.info("Loaded cached %s features from %s: skipping the backbone pass (%d x %d, %s)",
                  split, entry, len(feature_set.labels), backbone.output_dim, where)
   return feature_set
+
+
+def _wait_for(path, what):
+  """Returns when `path` exists; says so every _WAIT_LOG_S seconds meanwhile."""
+  since = logged = time.monotonic()
+  while not tf.io.gfile.exists(path):
+    if time.monotonic() - logged > _WAIT_LOG_S:
+      logging.info("Waiting %.0f s for %s (%s)", time.monotonic() - since, path, what)
+      logged = time.monotonic()
+    time.sleep(_WAIT_POLL_S)
 
 
 def _part_data(part, storage, task):
