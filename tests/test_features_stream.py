@@ -75,7 +75,7 @@ def test_streamed_l2_is_cross_validated_on_a_stratified_subsample(task, tmp_path
   metrics = train.train(_options(task, tmp_path / "model", l2=None, max_in_memory_features=budget,
                                  epochs=10))
   cv = metrics["cross_validation"]
-  assert cv["examples"] == 20 < metrics["train"]["num_examples"] == 29
+  assert cv["subsample"] and cv["examples"] == 20 < metrics["train"]["num_examples"] == 29
   assert "l2 is cross-validated on a stratified subsample of 20 of the 29" in caplog.text
   assert metrics["l2"] in cv["grid"] and metrics["train"]["accuracy"] >= 0.9
 

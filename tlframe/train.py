@@ -89,6 +89,7 @@ def _run(options, strategy):
                                                 cv_set.labels, len(label_names),
                                                 shift=shift, scale=scale)
     cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2, examples=len(cv_set.labels),
+              subsample=train_set.streamed,
               grid=[row["l2"] for row in rows],
               widened=len(rows) > len(set(options.l2_grid)),
               seconds=time.monotonic() - cv_start)
@@ -117,7 +118,8 @@ def _run(options, strategy):
   metrics.update(
       epochs_completed=trainer.epochs_done, epochs_run_now=epochs_run,
       stopped_early=bool(trainer.stopped.numpy()),
-      best_epoch=int(trainer.best_epoch.numpy()) if val_set is not None else None,
+      best_epoch=(int(trainer.best_epoch.numpy()) if val_set is not None and not val_set.streamed
+                  else None),
       l2=options.l2, cross_validation=cv, calibration=calibration,
       num_replicas=strategy.num_replicas_in_sync, global_batch_size=global_batch,
       backbone=dict(handle=options.backbone, input_size=backbone.input_size,
