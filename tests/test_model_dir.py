@@ -104,7 +104,7 @@ def test_a_second_model_dir_reuses_the_shared_features(task, tmp_path, caplog):
 def test_a_damaged_feature_cache_is_named_and_recomputed(task, tmp_path, caplog, damage):
   first, _, backbone = task
   reference = train.train(_options(first, tmp_path / "one", backbone))
-  for path in glob.glob(os.path.join(features_lib.cache_dir(), "*.npz")):
+  for path in glob.glob(os.path.join(features_lib.cache_dir(), "*", "part-*.npz")):
     data = open(path, "rb").read()
     if damage == "truncated":
       data = data[:len(data) // 2]

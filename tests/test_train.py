@@ -42,12 +42,14 @@ def _options(records_dir, model_dir, backbone, **overrides):
 
 
 def _cached_features(options, split):
-  """The split's entry in the shared feature cache, as np.load gives it."""
+  """The split's features and labels from the shared feature cache (no backbone pass)."""
   backbone = backbone_lib.load_backbone(options.backbone)
-  key = features_lib.cache_key(backbone, options.records_dir, split,
-                               image_size=backbone.input_size, resize_mode=options.resize_mode,
-                               num_thumbnails_per_class=options.num_thumbnails_per_class)
-  return np.load(os.path.join(features_lib.cache_dir(), f"{split}-{key}.npz"))
+  cached = features_lib.cached_features(
+      backbone, options.records_dir, split, batch_size=options.extract_batch_size,
+      image_size=backbone.input_size, resize_mode=options.resize_mode, num_classes=4,
+      num_thumbnails_per_class=options.num_thumbnails_per_class)
+  assert cached.from_cache
+  return {"features": cached.features, "labels": cached.labels}
 
 
 @pytest.fixture(scope="module")

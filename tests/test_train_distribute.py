@@ -1,18 +1,15 @@
-"""tf.distribute: mirrored over 2 logical CPUs and 2 local multi-worker processes match default."""
+"""tf.distribute: mirrored over 2 logical CPUs matches default (2 local multi-worker processes:
+tests/test_features_distributed.py)."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from test_train_helpers import make_records, save_tiny_backbone
+from test_train_helpers import make_records, save_tiny_backbone, subprocess_env
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
 
 # Runs in a fresh process: logical devices must be set before TF initializes.
 _MIRRORED_SCRIPT = r"""
@@ -44,13 +41,6 @@ def small_task(tmp_path_factory, skimage_photos):
   return make_records(str(tmp), skimage_photos), save_tiny_backbone(tmp / "tiny_backbone")
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-  env.pop("TF_CONFIG", None)
-  return env
-
-
 def _result(stdout):
   return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -59,7 +49,7 @@ def test_mirrored_on_two_cpus_matches_default(small_task, tmp_path):
   records_dir, backbone = small_task
   run = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, records_dir, backbone,
                         str(tmp_path), "features"],
-                       capture_output=True, text=True, env=_env(), timeout=600)
+                       capture_output=True, text=True, env=subprocess_env(), timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   result = _result(run.stdout)
   assert result["default"]["replicas"] == 1 and result["mirrored"]["replicas"] == 2
@@ -70,43 +60,3 @@ def test_mirrored_on_two_cpus_matches_default(small_task, tmp_path):
   # Same batches, gradients all-reduced: the same weights up to float summation order.
   np.testing.assert_allclose(mirrored_kernel, default_kernel, rtol=1e-3,
                              atol=1e-3 * np.abs(default_kernel).max())
-
-
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
-@pytest.mark.slow
-def test_two_local_workers_match_default(small_task, tmp_path):
-  """MultiWorkerMirroredStrategy from TF_CONFIG: 2 processes on 127.0.0.1 vs one default run."""
-  records_dir, backbone = small_task
-  common = [sys.executable, os.path.join(REPO, "bin", "train"), f"--records_dir={records_dir}",
-            f"--backbone={backbone}", "--batch_size=8", "--epochs=15",
-            "--checkpoint_every_epochs=5"]
-  workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-  processes = []
-  for index in range(2):
-    env = _env()
-    env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
-                                   "task": {"type": "worker", "index": index}})
-    processes.append(subprocess.Popen(
-        common + [f"--model_dir={tmp_path}/multi", "--strategy=multi_worker"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outputs = [process.communicate(timeout=600) for process in processes]
-  for process, (_, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr[-3000:]
-  single = subprocess.run(common + [f"--model_dir={tmp_path}/single"], env=_env(),
-                          capture_output=True, text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-  multi = json.load(open(tmp_path / "multi" / "metrics.json"))
-  default = json.load(open(tmp_path / "single" / "metrics.json"))
-  assert multi["num_replicas"] == 2 and default["num_replicas"] == 1
-  assert multi["validation"]["accuracy"] == pytest.approx(default["validation"]["accuracy"],
-                                                          abs=0.05)
-  assert not [name for name in os.listdir(tmp_path / "multi") if name.startswith(".worker")]

@@ -1,13 +1,16 @@
 """Helpers (no tests): small real-photo records and a tiny SavedModel backbone for test_train*."""
 
 import os
+import subprocess
 
 import tensorflow as tf
 
+from tlframe import distribution
 from tlframe import records
 from tlframe import samples
 
 TINY_INPUT_SIZE = 64
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class TinyBackbone(tf.Module):
@@ -29,10 +32,35 @@ def save_tiny_backbone(directory):
   return str(directory)
 
 
-def make_records(tmp_dir, photos, per_class=12, size=80, validation_percentage=30):
+def make_records(tmp_dir, photos, per_class=12, size=80, validation_percentage=30,
+                 shard_size=records.DEFAULT_SHARD_SIZE):
   image_dir = os.path.join(tmp_dir, "images")
   samples.write_photo_crops(image_dir, photos, per_class, size)
   records_dir = os.path.join(tmp_dir, "records")
   records.convert(records_dir, image_dir=image_dir, validation_percentage=validation_percentage,
-                  test_percentage=0)
+                  test_percentage=0, shard_size=shard_size)
   return records_dir
+
+
+def subprocess_env():
+  """os.environ for a child process: this tree's tlframe first, no inherited TF_CONFIG."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+  env.pop("TF_CONFIG", None)
+  return env
+
+
+def run_local_workers(command, count=2, timeout=600):
+  """Runs `command` as `count` MultiWorkerMirroredStrategy workers on 127.0.0.1 (TF_CONFIG).
+
+  Returns [(returncode, stdout, stderr)] by worker index.
+  """
+  processes = []
+  for tf_config in distribution.local_tf_configs(count):
+    env = subprocess_env()
+    env["TF_CONFIG"] = tf_config
+    processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+  outputs = [process.communicate(timeout=timeout) for process in processes]
+  return [(process.returncode, stdout, stderr)
+          for process, (stdout, stderr) in zip(processes, outputs)]

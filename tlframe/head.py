@@ -77,10 +77,13 @@ def normalization_constants(train_features, feature_normalization):
   """
   dim = train_features.shape[-1]
   if feature_normalization == "standardize":
-    mean = train_features.mean(axis=0)
-    std = train_features.std(axis=0)
-    return mean.astype(np.float32), (1.0 / np.maximum(std, 1e-6)).astype(np.float32)
+    return standardization_constants(train_features.mean(axis=0), train_features.std(axis=0))
   return np.zeros([dim], np.float32), np.ones([dim], np.float32)
+
+
+def standardization_constants(mean, std):
+  """(shift, scale) [D] of `standardize` from the training features' mean and std."""
+  return mean.astype(np.float32), (1.0 / np.maximum(std, 1e-6)).astype(np.float32)
 
 
 class LinearHead(tf.Module):

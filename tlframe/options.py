@@ -30,6 +30,11 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 CLASS_WEIGHTS = ("none", "balanced")
+FEATURE_STORAGES = ("float32", "float16")
+# Float values (rows x dim, mirrors included) of one split's features kept in
+# memory; a larger split streams from the feature cache. 250M is 1 GB of
+# float32: ~195k images of a 1280-d backbone.
+DEFAULT_MAX_IN_MEMORY_FEATURES = 250_000_000
 
 # The l2 values cross-validated when --l2 is unset: half decades from 1e-5 to
 # 10, which holds the optimum from a few images per class (small l2) to
@@ -80,6 +85,8 @@ class TrainOptions:
   checkpoint_every_epochs: int = 25
   extract_batch_size: int = 32
   feature_cache_dir: str = ""   # "": $TLFRAME_CACHE_DIR/features
+  feature_storage: str = "float32"
+  max_in_memory_features: int = DEFAULT_MAX_IN_MEMORY_FEATURES
   log_every_steps: int = 10
   num_thumbnails_per_class: int = 16
   overwrite: bool = False
@@ -113,7 +120,7 @@ def check(options):
                         ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
                         ("class_weight", CLASS_WEIGHTS), ("strategy", STRATEGIES),
                         ("features", FEATURES), ("precision", PRECISIONS),
-                        ("resize_mode", RESIZE_MODES)):
+                        ("resize_mode", RESIZE_MODES), ("feature_storage", FEATURE_STORAGES)):
     if getattr(options, name) not in allowed:
       bad(f"--{name}={getattr(options, name)} is unknown: use one of {', '.join(allowed)}")
   # NaN passes every comparison, so finiteness comes first.
@@ -126,7 +133,7 @@ def check(options):
     bad(f"--l2_grid={','.join(f'{v:g}' for v in options.l2_grid)} holds a value that is not a "
         "finite number: give finite numbers")
   for name in ("epochs", "learning_rate", "checkpoint_every_epochs", "extract_batch_size",
-               "log_every_steps"):
+               "log_every_steps", "max_in_memory_features"):
     if not getattr(options, name) > 0:
       bad(f"--{name}={getattr(options, name)} must be positive")
   if options.batch_size is not None and options.batch_size < 1:

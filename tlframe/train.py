@@ -4,9 +4,11 @@ The run, top to bottom (`train`):
 1. check the options and the records, take the model dir's lock, and decide
    whether the run resumes, trains a new head, or is refused (`model_dir`);
 2. one backbone pass over the train and validation records, or its features
-   from the shared cache (`features`);
+   from the shared cache (`features`): shared out over the replicas and
+   workers of the strategy, kept in memory or, beyond
+   --max_in_memory_features, streamed from the cache;
 3. choose l2 by cross-validation on the cached features unless --l2 fixes it
-   (`tuning`; also before augmented training);
+   (`tuning`, on a subsample when streamed; also before augmented training);
 4. train the head in-graph under the tf.distribute strategy (`trainer`), with
    checkpoints, TensorBoard summaries and early stopping;
 5. fit the probability temperature (`calibration`), measure train,
@@ -71,24 +73,28 @@ def _run(options, strategy):
                                         input_size=options.input_size,
                                         precision=options.precision)
   backbone_load_seconds = time.monotonic() - load_start
-  feature_sets = _feature_sets(options, backbone, len(label_names))
+  feature_sets = _feature_sets(options, strategy, backbone, len(label_names))
   train_set, val_set = feature_sets["train"], feature_sets["validation"]
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
   # originals only, so that no image's mirror sits in the folds that hold it out.
-  train_x, train_y = train_set.training_examples()
+  # All the training features in memory, or a subsample when they are streamed.
+  cv_set = None
+  if options.l2 is None or options.feature_normalization == "auto" or val_set is None:
+    cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
   def normalization_constants(normalization):
-    return head_lib.normalization_constants(train_x, normalization)
+    return features_lib.normalization_constants(train_set, normalization)
 
   cv = None
   if options.l2 is None or options.feature_normalization == "auto":
     cv_start = time.monotonic()
     normalization, best_l2, rows, out_of_fold, widened = tuning.tune_head(
-        strategy, options, train_set.features, train_set.labels, len(label_names),
+        strategy, options, cv_set.features, cv_set.labels, len(label_names),
         normalization_constants=normalization_constants)
     if rows:  # none when too few examples to hold out any (and --l2 was given)
       cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
-                best_normalization=normalization, grid=sorted({row["l2"] for row in rows}),
+                best_normalization=normalization, examples=len(cv_set.labels),
+                subsample=train_set.streamed, grid=sorted({row["l2"] for row in rows}),
                 widened=widened, seconds=time.monotonic() - cv_start)
     options = dataclasses.replace(options, l2=best_l2, feature_normalization=normalization)
   shift, scale = normalization_constants(options.feature_normalization)
@@ -107,22 +113,25 @@ def _run(options, strategy):
     scores, labels, fitted_on = _scores(trainer, val_set), val_set.labels, "validation"
   else:
     if cv is None:
-      out_of_fold = tuning.out_of_fold_scores(strategy, options, train_set.features,
-                                              train_set.labels, len(label_names),
+      out_of_fold = tuning.out_of_fold_scores(strategy, options, cv_set.features,
+                                              cv_set.labels, len(label_names),
                                               shift=shift, scale=scale)
-    scores, labels, fitted_on = out_of_fold, train_set.labels, "out_of_fold"
+    scores, labels, fitted_on = out_of_fold, cv_set.labels, "out_of_fold"
   calibration = (calibration_lib.calibrate(scores, labels, fitted_on) if scores is not None
                  else None)
   metrics.update(
       epochs_completed=trainer.epochs_done, epochs_run_now=epochs_run,
       stopped_early=bool(trainer.stopped.numpy()),
-      best_epoch=int(trainer.best_epoch.numpy()) if val_set is not None else None,
+      best_epoch=(int(trainer.best_epoch.numpy()) if val_set is not None and not val_set.streamed
+                  else None),
       l2=options.l2, cross_validation=cv, calibration=calibration,
       num_replicas=strategy.num_replicas_in_sync, global_batch_size=global_batch,
       backbone=dict(handle=options.backbone, input_size=backbone.input_size,
                     output_dim=backbone.output_dim, precision=backbone.precision),
       skipped_records={split: feature_set.skipped for split, feature_set in
                        feature_sets.items() if feature_set is not None},
+      streamed_splits=[split for split, feature_set in feature_sets.items()
+                       if feature_set is not None and feature_set.streamed],
       timings=dict(backbone_load_s=backbone_load_seconds,
                    backbone_pass_s=sum(s.extract_seconds for s in feature_sets.values() if s),
                    backbone_pass_cached=all(s.from_cache for s in feature_sets.values() if s),
@@ -131,7 +140,7 @@ def _run(options, strategy):
 
   if val_set is not None:
     summaries.write_projector(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, "validation"),
-                              val_set, label_names)
+                              val_set.thumbnail_subset(), label_names)
   summaries.write_hparams(writers.train, _hparams(options, global_batch, cv), {
       "final/train_accuracy": metrics["train"]["accuracy"],
       "final/validation_accuracy": (metrics["validation"] or {}).get("accuracy", float("nan"))})
@@ -158,7 +167,7 @@ def _run(options, strategy):
   return metrics
 
 
-def _feature_sets(options, backbone, num_classes):
+def _feature_sets(options, strategy, backbone, num_classes):
   """{split: FeatureSet or None} for train, validation and test, counted from what was read."""
   feature_sets = {}
   for split in records.SPLITS:
@@ -169,7 +178,10 @@ def _feature_sets(options, backbone, num_classes):
         backbone, options.records_dir, split, batch_size=options.extract_batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
         num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
-        flip=options.flip_features, feature_cache_dir=options.feature_cache_dir)
+        flip=options.flip_features, feature_cache_dir=options.feature_cache_dir,
+        storage=options.feature_storage, max_in_memory_features=options.max_in_memory_features,
+        strategy=distribution.extraction_strategy(strategy),
+        worker=distribution.worker_index_and_count(strategy))
     if not len(feature_sets[split].labels):
       feature_sets[split] = None  # every record of the split failed to decode (logged)
   if feature_sets["train"] is None:
@@ -178,22 +190,29 @@ def _feature_sets(options, backbone, num_classes):
   if options.patience and feature_sets["validation"] is None:
     raise UserError("--patience needs validation records: rebuild the records with "
                     "--validation_percentage > 0, or set --patience=0")
+  if options.patience and feature_sets["validation"].streamed:
+    raise UserError("--patience checks the validation features after every epoch, in memory: "
+                    f"raise --max_in_memory_features (now {options.max_in_memory_features}) "
+                    "above the validation split's, or set --patience=0")
   return feature_sets
 
 
 def _fit_head(options, strategy, backbone, train_set, val_set, label_names, normalization,
               writers, out_dir):
   """Trains (or resumes) the head; returns (trainer, global batch size, epochs run now)."""
-  train_x, train_y = train_set.training_examples()
-  num_train = len(train_y)
-  weights_by_class = trainer_lib.class_weights(train_y, len(label_names), options.class_weight)
+  num_train = train_set.num_training_examples
+  # Mirrors double every class's count alike: the same weights.
+  weights_by_class = trainer_lib.class_weights(train_set.labels, len(label_names),
+                                               options.class_weight)
   global_batch = trainer_lib.effective_batch_size(options, num_train,
                                                   strategy.num_replicas_in_sync)
   trainer = trainer_lib.HeadTrainer(
       strategy, options, num_features=backbone.output_dim, num_classes=len(label_names),
       steps_per_epoch=num_train // global_batch, global_batch_size=global_batch,
       normalization=normalization, backbone=backbone if options.augment else None,
-      validation=(val_set.features, val_set.labels) if val_set is not None else None,
+      normalize_inputs=train_set.streamed,
+      validation=((val_set.features, val_set.labels)
+                  if val_set is not None and not val_set.streamed else None),
       writers=writers)
 
   if options.augment:
@@ -204,7 +223,16 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
           strategy, records.split_file_pattern(options.records_dir, "train"), global_batch,
           weights_by_class, image_size=backbone.input_size, resize_mode=options.resize_mode,
           seed=options.seed * 100003 + first_epoch)
+  elif train_set.streamed:
+    # The shuffle buffer holds as many rows as memory may: the features' budget.
+    buffer_rows = min(num_train, max(1, options.max_in_memory_features // backbone.output_dim))
+
+    def make_iterator(first_epoch):
+      return trainer_lib.streamed_feature_batches(
+          strategy, train_set.stream, weights_by_class, global_batch, options.seed, first_epoch,
+          options.epochs, shuffle_buffer_size=buffer_rows)
   else:
+    train_x, train_y = train_set.training_examples()
     example_weights = weights_by_class[train_y][None, :]
     normalized = trainer.normalize(train_x)
 

@@ -1,8 +1,10 @@
 """The in-graph head trainer: batches, optimizer, class weights and HeadTrainer.
 
-Two kinds of batches feed it:
+Three kinds of batches feed it:
 - cached features (default): minibatches of the features of one backbone
   pass, kept in memory;
+- streamed features (`streamed_feature_batches`): the same, read part by part
+  from the feature cache by tf.data, for sets larger than memory;
 - augmented images (`augment`): records with random crops and flips, run
   through the frozen backbone at every step.
 
@@ -18,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlframe import features as features_lib
 from tlframe import head as head_lib
 from tlframe import options as options_lib
 from tlframe import pipeline
@@ -113,6 +116,65 @@ def feature_batches(strategy, features, labels, example_weights, global_batch_si
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+# Cache parts read at once while streaming: their rows are mixed before the shuffle buffer.
+_STREAM_CYCLE = 4
+
+
+def streamed_feature_batches(strategy, stream, weights_by_class, global_batch_size, seed,
+                             first_epoch, epochs, shuffle_buffer_size):
+  """Distributed (features, labels, weights [b, 1]) batches from the cache parts of `stream`.
+
+  The features are not normalized: the trainer does it in the step
+  (HeadTrainer(normalize_inputs=True)). Epoch e reads the parts (originals,
+  then mirrors, of each) in a stateless shuffle of (seed, e), `_STREAM_CYCLE`
+  at a time, through a shuffle buffer of `shuffle_buffer_size` rows seeded by
+  (seed, e), cut into global batches (the remainder dropped): a resumed run
+  sees the same batches. As in `feature_batches`, each input pipeline takes its
+  slice of every global batch; when one batch holds every example, the steps
+  are the in-memory path's (a gradient summed over all of them).
+  """
+  paths = tf.constant(stream.paths)
+  num_parts = len(stream.paths)
+  weights_by_class = tf.constant(weights_by_class)
+
+  def read_rows(path):
+    part = features_lib.read_part(path.decode("utf-8"))
+    if part is None:
+      raise ValueError(f"the feature cache part {path.decode('utf-8')} became unreadable during "
+                       "training: rerun, which recomputes it")
+    if stream.flip:
+      return (np.concatenate([part["features"], part["flipped_features"]]),
+              np.concatenate([part["labels"], part["labels"]]).astype(np.int32))
+    return part["features"], part["labels"].astype(np.int32)
+
+  def part_rows(path):
+    features, labels = tf.numpy_function(read_rows, [path], (tf.float32, tf.int32))
+    return tf.data.Dataset.from_tensor_slices((tf.ensure_shape(features, [None, stream.dim]),
+                                               tf.ensure_shape(labels, [None])))
+
+  def epoch_batches(epoch):
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    order = tf.random.experimental.stateless_shuffle(tf.range(num_parts), seed=epoch_seed)
+    rows = tf.data.Dataset.from_tensor_slices(tf.gather(paths, order)).interleave(
+        part_rows, cycle_length=min(num_parts, _STREAM_CYCLE))
+    rows = rows.shuffle(shuffle_buffer_size, seed=seed * 1000003 + epoch)
+    return rows.batch(global_batch_size, drop_remainder=True)
+
+  def dataset_fn(context):
+    per_pipeline = global_batch_size // context.num_input_pipelines
+    per_replica = context.get_per_replica_batch_size(global_batch_size)
+    start = context.input_pipeline_id * per_pipeline
+    dataset = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+    dataset = dataset.map(lambda features, labels: (features[start:start + per_pipeline],
+                                                     labels[start:start + per_pipeline]))
+    dataset = dataset.unbatch().batch(per_replica, drop_remainder=True)
+    dataset = dataset.map(lambda features, labels: (
+        features, labels, tf.gather(weights_by_class, labels)[:, None]))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
+
+
 def augmented_batches(strategy, file_pattern, global_batch_size, weights_by_class, *,
                       image_size, resize_mode, seed):
   """Distributed (images, labels, weights [b, 1]) batches of randomly augmented records."""
@@ -138,16 +200,17 @@ class HeadTrainer:
 
   normalization: the head's (shift, scale) constants (head.normalization_constants).
   Training works on normalized features: cached features are normalized once
-  (`normalize`) instead of at every step.
+  (`normalize`) instead of at every step, unless `normalize_inputs` (streamed
+  features) or a backbone.
   backbone: images -> features inside the step (augmented mode), or None when
-  the batches hold normalized features.
+  the batches hold features.
   validation: (features, labels) evaluated in-graph after every epoch (for
   early stopping and the validation curves), or None.
   """
 
   def __init__(self, strategy, options, *, num_features, num_classes, steps_per_epoch,
                global_batch_size, normalization, l2_values=None, model_fractions=None,
-               backbone=None, validation=None, writers=None):
+               backbone=None, normalize_inputs=False, validation=None, writers=None):
     self.strategy = strategy
     self.options = options
     self.steps_per_epoch = steps_per_epoch
@@ -160,6 +223,7 @@ class HeadTrainer:
     fractions = np.ones([self.num_models]) if model_fractions is None else model_fractions
     self._batch_share = tf.constant(global_batch_size * np.asarray(fractions, np.float32))
     self._backbone = backbone
+    self._normalize_inputs = normalize_inputs or backbone is not None
     self._writers = writers
     with strategy.scope():
       self.head = head_lib.LinearHead(num_features, num_classes, num_models=self.num_models,
@@ -186,7 +250,9 @@ class HeadTrainer:
   # -- one step on one replica ---------------------------------------------
 
   def _train_step(self, inputs, labels, weights):
-    features = inputs if self._backbone is None else self.head.normalize(self._backbone(inputs))
+    features = inputs if self._backbone is None else self._backbone(inputs)
+    if self._normalize_inputs:
+      features = self.head.normalize(features)
     with tf.GradientTape() as tape:
       scores = self.head.linear(features)                              # [M, b, C]
       losses = head_lib.per_example_loss(self.options.loss, scores, labels,

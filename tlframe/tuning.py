@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlframe import features as features_lib
 from tlframe import head as head_lib
 from tlframe import options as options_lib
 from tlframe import trainer as trainer_lib
@@ -68,6 +69,26 @@ def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shif
   _, _, scores = trainer.evaluate(tf.constant(train_x), tf.constant(train_y))
   held_out_model = np.arange(len(grid))[:, None] * num_folds + folds[None, :]   # [G, N]
   return scores.numpy()[held_out_model, np.arange(len(train_y))[None, :]]
+
+
+def cross_validation_set(train_set, options, num_classes):
+  """The in-memory FeatureSet l2 is cross-validated on: the training set, or a subsample of it.
+
+  A streamed set (larger than options.max_in_memory_features) gives a
+  stratified subsample of that many feature values (at least cv_folds images
+  per class), logged.
+  """
+  if not train_set.streamed:
+    return train_set
+  values_per_row = train_set.stream.dim * (2 if train_set.has_flips else 1)
+  max_rows = max(options.max_in_memory_features // values_per_row,
+                 options.cv_folds * num_classes)
+  subsample = train_set.subset(features_lib.stratified_rows(train_set.labels, max_rows,
+                                                            options.seed))
+  logging.info("The training features are streamed: l2 is cross-validated on a stratified "
+               "subsample of %d of the %d training images (--max_in_memory_features=%d)",
+               len(subsample.labels), len(train_set.labels), options.max_in_memory_features)
+  return subsample
 
 
 def best_l2(rows):
