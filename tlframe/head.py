@@ -150,6 +150,8 @@ class HeadConfig:
   resize_mode: str
   label_smoothing: float = 0.0
   flip_features: bool = False   # scores are averaged over each image and its mirror
+  # After --fine_tune: {"blocks": K or "all", "directory": the fine-tuned variables' folder}.
+  fine_tune: dict = None
 
   def write(self, model_dir):
     fileio.atomic_write_json(os.path.join(model_dir, HEAD_CONFIG_FILENAME),
