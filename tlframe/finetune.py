@@ -469,7 +469,8 @@ class FineTuner:
     return int(self.epoch.numpy())
 
   def train_rate(self):
-    """Training images/s through the backbone (forward + backward), the first (traced) step aside."""
+    """Training images/s through the backbone (forward + backward), the first step
+    (traced) aside."""
     seconds = sum(self._step_seconds[1:])
     return (len(self._step_seconds) - 1) * self.global_batch_size / seconds if seconds else None
 
