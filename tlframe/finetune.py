@@ -256,11 +256,7 @@ class FineTuner:
     with strategy.scope():
       self.head = head_lib.LinearHead(trained_head.num_features, trained_head.num_classes,
                                       feature_normalization=options.feature_normalization)
-      for target, source in ((self.head.kernel, trained_head.kernel),
-                             (self.head.bias, trained_head.bias),
-                             (self.head.feature_shift, trained_head.feature_shift),
-                             (self.head.feature_scale, trained_head.feature_scale)):
-        target.assign(source.numpy())
+      self.head.assign(trained_head)
       backbone_optimizer = trainer_lib.make_optimizer(
           dataclasses.replace(schedule, learning_rate=options.fine_tune_learning_rate),
           steps_per_epoch)
@@ -284,9 +280,10 @@ class FineTuner:
         epoch=self.epoch, stopped=self.stopped, initial_val_loss=self.initial_val_loss,
         best_val_loss=self.best_val_loss, best_epoch=self.best_epoch,
         bad_epochs=self.bad_epochs, best_weights=self._best)
-    self._train_step_fn = tf.function(self._distributed_step)
+    # No autograph: the steps have no Python control flow, and tracing is faster.
+    self._train_step_fn = tf.function(self._distributed_step, autograph=False)
     size = backbone.input_size
-    self._eval_fn = tf.function(self._distributed_features, input_signature=[
+    self._eval_fn = tf.function(self._distributed_features, autograph=False, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32)])
     self._step_seconds, self._eval_seconds = [], []
     # The kept weights' validation features, when this process computed them.

@@ -107,6 +107,13 @@ class LinearHead(tf.Module):
   def trainable_weights(self):
     return [self.kernel, self.bias]
 
+  def assign(self, other):
+    """Takes the weights and normalization of `other`, a head of the same shape."""
+    for target, source in ((self.kernel, other.kernel), (self.bias, other.bias),
+                           (self.feature_shift, other.feature_shift),
+                           (self.feature_scale, other.feature_scale)):
+      target.assign(source.numpy())
+
   def set_normalization(self, shift, scale):
     self.feature_shift.assign(shift)
     self.feature_scale.assign(scale)

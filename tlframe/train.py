@@ -281,11 +281,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
   # A plain (unmirrored) copy, so the export loads it without a strategy.
   final_head = head_lib.LinearHead(backbone.output_dim, len(label_names),
                                    feature_normalization=options.feature_normalization)
-  for target, source in ((final_head.kernel, trained_head.kernel),
-                         (final_head.bias, trained_head.bias),
-                         (final_head.feature_shift, trained_head.feature_shift),
-                         (final_head.feature_scale, trained_head.feature_scale)):
-    target.assign(source.numpy())
+  final_head.assign(trained_head)
   head_lib.save_head(final_head, model_dir)
   records.write_labels(model_dir, label_names)
   if calibration is not None:
