@@ -61,6 +61,7 @@ from absl import logging
 
 from tlframe import backbone as backbone_lib
 from tlframe import head as head_lib
+from tlframe import model_dir as model_dir_lib
 from tlframe import options as options_lib
 from tlframe import pipeline
 from tlframe import records
@@ -183,7 +184,7 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
   global_batch = trainer_lib.effective_batch_size(
       dataclasses.replace(options, batch_size=options.fine_tune_batch_size), num_train,
       strategy.num_replicas_in_sync)
-  writers = summaries.Writers(os.path.join(out_dir, "logs", LOGS_SUBDIR))
+  writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, LOGS_SUBDIR))
   tuner = FineTuner(strategy, options, backbone, trained_head,
                     steps_per_epoch=num_train // global_batch, global_batch_size=global_batch,
                     writers=writers)
@@ -200,11 +201,11 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
         weights_by_class, image_size=backbone.input_size, resize_mode=options.resize_mode,
         seed=options.seed * 100003 + epoch))
 
-  checkpoint_dir = os.path.join(out_dir, "checkpoints", CHECKPOINT_SUBDIR)
-  manager = tf.train.CheckpointManager(tuner.checkpoint, checkpoint_dir, max_to_keep=2)
+  checkpoints = os.path.join(model_dir_lib.CHECKPOINT_DIRNAME, CHECKPOINT_SUBDIR)
+  manager = tf.train.CheckpointManager(tuner.checkpoint, os.path.join(out_dir, checkpoints),
+                                       max_to_keep=2)
   # Every worker resumes from the chief's checkpoints (the others' are temporary).
-  resume_from = tf.train.latest_checkpoint(
-      os.path.join(options.model_dir, "checkpoints", CHECKPOINT_SUBDIR))
+  resume_from = tf.train.latest_checkpoint(os.path.join(options.model_dir, checkpoints))
   validation = feature_sets["validation"]
   epochs_run = tuner.fit(epoch_batches, validation.labels, manager=manager,
                          resume_from=resume_from)
