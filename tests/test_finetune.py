@@ -209,6 +209,19 @@ def test_tensorboard_has_its_own_fine_tuning_run(fine_tuned):
   assert {"epoch/loss", "epoch/accuracy"} <= tags["validation"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--fine_tune_blocks=0"], "--fine_tune_blocks=0: give a number of top blocks >= 1, or all"),
+    (["--fine_tune_blocks=top"], "--fine_tune_blocks=top"),
+    (["--fine_tune_learning_rate=nan"], "--fine_tune_learning_rate=nan is not a finite number"),
+    (["--fine_tune_epochs=0"], "--fine_tune_epochs=0 must be positive"),
+    (["--flip_features"], "--fine_tune trains on random flips"),
+])
+def test_bad_fine_tuning_flags_are_one_line_before_any_work(flags, message, tmp_path):
+  result = run_bin("train", "--records_dir=r", f"--model_dir={tmp_path}/m", "--fine_tune", *flags)
+  assert_one_error_line(result, message)
+  assert not os.path.exists(tmp_path / "m")
+
+
 def test_a_module_without_trainable_variables_is_refused(tiny_task, tmp_path):
   records_dir, _ = tiny_task
   module_dir = save_tiny_backbone(tmp_path / "no_trainable_variables")
