@@ -264,7 +264,11 @@ class FineTuner:
       # The same optimizer with decoupled weight decay on the backbone's weights.
       self.backbone_optimizer = type(backbone_optimizer).from_config(
           dict(backbone_optimizer.get_config(), weight_decay=options.fine_tune_weight_decay))
-      self.head_optimizer = trainer_lib.make_optimizer(schedule, steps_per_epoch)
+      # The head starts trained: at its own --learning_rate it would leave its
+      # optimum faster than the backbone improves (measured: docs/training.md).
+      self.head_optimizer = trainer_lib.make_optimizer(
+          dataclasses.replace(schedule, learning_rate=options.fine_tune_head_learning_rate or
+                              options.fine_tune_learning_rate), steps_per_epoch)
       self.backbone_optimizer.build(self.variables)
       self.head_optimizer.build(self.head.trainable_weights)
       self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -344,7 +348,7 @@ class FineTuner:
     dataset = pipeline.make_dataset(
         records.split_file_pattern(options.records_dir, split), options.extract_batch_size,
         image_size=self.backbone.input_size, resize_mode=options.resize_mode)
-    progress = Progress(total, what=f"{split} images through the fine-tuned backbone")
+    progress = Progress(total, what=f"{split} images")
     batches = []
     for images, _ in dataset:
       batch_start = time.monotonic()
@@ -408,7 +412,7 @@ class FineTuner:
     """One epoch of steps; returns the mean (loss, accuracy) of its augmented batches."""
     loss_sum = correct_sum = 0.0
     progress = Progress(self.steps_per_epoch * self.global_batch_size,
-                        what=f"fine-tuning epoch {self.epochs_done + 1} images")
+                        what="fine-tuning images")
     for _ in range(self.steps_per_epoch):
       step_start = time.monotonic()
       loss, correct = (float(value) for value in self._train_step_fn(iterator))
@@ -454,8 +458,8 @@ class FineTuner:
     if not all(np.all(np.isfinite(variable.numpy())) for variable in self._weights()):
       raise UserError(
           f"fine-tuning diverged by epoch {self.epochs_done}: the weights are no longer finite "
-          f"numbers; lower --fine_tune_learning_rate (now {self.options.fine_tune_learning_rate:g})"
-          f" or --learning_rate (now {self.options.learning_rate:g})")
+          "numbers; lower --fine_tune_learning_rate (now "
+          f"{self.options.fine_tune_learning_rate:g}) or --fine_tune_head_learning_rate")
 
   def use_best_weights(self):
     """The weights of the lowest validation loss (maybe the linear-probed start's)."""

@@ -85,6 +85,7 @@ class TrainOptions:
   fine_tune_blocks: str = "1"   # a number of top blocks, or ALL_BLOCKS
   fine_tune_epochs: int = 10
   fine_tune_learning_rate: float = 1e-4
+  fine_tune_head_learning_rate: float = None   # None: fine_tune_learning_rate
   fine_tune_weight_decay: float = 0.01
   fine_tune_batch_size: int = 32
   fine_tune_patience: int = 3
@@ -134,7 +135,8 @@ def check(options):
       bad(f"--{name}={getattr(options, name)} is unknown: use one of {', '.join(allowed)}")
   # NaN passes every comparison, so finiteness comes first.
   for name in ("l2", "label_smoothing", "learning_rate", "momentum", "warmup_epochs",
-               "fine_tune_learning_rate", "fine_tune_weight_decay"):
+               "fine_tune_learning_rate", "fine_tune_head_learning_rate",
+               "fine_tune_weight_decay"):
     value = getattr(options, name)
     if value is not None and not math.isfinite(value):
       example = defaults()[name] if defaults()[name] is not None else 0.01
@@ -181,6 +183,9 @@ def _check_fine_tune(options):
   for name in ("fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_batch_size"):
     if not getattr(options, name) > 0:
       raise UserError(f"--{name}={getattr(options, name)} must be positive")
+  if options.fine_tune_head_learning_rate is not None and options.fine_tune_head_learning_rate <= 0:
+    raise UserError(f"--fine_tune_head_learning_rate={options.fine_tune_head_learning_rate} "
+                    "must be positive")
   if options.fine_tune_weight_decay < 0 or options.fine_tune_patience < 0:
     raise UserError("--fine_tune_weight_decay and --fine_tune_patience must be >= 0")
   if options.flip_features:

@@ -301,5 +301,9 @@ def _hparams(options, global_batch_size, cv):
            "warmup_epochs", "epochs", "patience", "augment", "strategy", "seed",
            "resize_mode", "precision", "fine_tune", "fine_tune_blocks", "fine_tune_epochs",
            "fine_tune_learning_rate", "fine_tune_weight_decay")
-  return dict({name: getattr(options, name) for name in names}, batch_size=global_batch_size,
-              l2_grid=",".join(f"{l2:.3g}" for l2 in cv["grid"]) if cv else "")
+  hparams = dict({name: getattr(options, name) for name in names}, batch_size=global_batch_size,
+                 l2_grid=",".join(f"{l2:.3g}" for l2 in cv["grid"]) if cv else "")
+  # The hparams plugin takes no None: unset means the backbone's rate.
+  hparams["fine_tune_head_learning_rate"] = (options.fine_tune_head_learning_rate or
+                                             options.fine_tune_learning_rate)
+  return hparams
