@@ -107,9 +107,8 @@ def _run(options, strategy):
   if options.fine_tune:
     fine_tuned = finetune.fine_tune(options, strategy, trainer.head, feature_sets, out_dir)
     head = fine_tuned.head
-    feature_sets = {split: dataclasses.replace(feature_set, features=fine_tuned.features[split],
-                                               from_cache=False) if feature_set else None
-                    for split, feature_set in feature_sets.items()}
+    feature_sets = {split: dataclasses.replace(feature_set, features=fine_tuned.features[split])
+                    if feature_set else None for split, feature_set in feature_sets.items()}
     val_set = feature_sets["validation"]
 
   metrics = {split: _evaluate(head, feature_set, label_names)
