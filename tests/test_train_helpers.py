@@ -1,7 +1,9 @@
 """Helpers (no tests): small real-photo records and a tiny SavedModel backbone for test_train*."""
 
 import os
+import signal
 import subprocess
+import time
 
 import tensorflow as tf
 
@@ -30,6 +32,17 @@ class TinyBackbone(tf.Module):
 def save_tiny_backbone(directory):
   tf.saved_model.save(TinyBackbone(), str(directory))
   return str(directory)
+
+
+def kill_when_written(process, path, what, timeout_s=300):
+  """SIGKILLs `process` as soon as `path` exists; fails if it ends or takes longer first."""
+  deadline = time.monotonic() + timeout_s
+  while not path.exists() and process.poll() is None:
+    assert time.monotonic() < deadline, f"no {what} written"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
 
 
 def make_records(tmp_dir, photos, per_class=12, size=80, validation_percentage=30,

@@ -2,17 +2,15 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tlframe import head as head_lib
-from test_train_helpers import make_records, save_tiny_backbone
+from test_train_helpers import kill_when_written, make_records, save_tiny_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 600
@@ -38,14 +36,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, skimage_photo
   model_dir = tmp_path / "killed"
   process = subprocess.Popen(_command(records_dir, backbone, model_dir),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoint_index = model_dir / "checkpoints" / "checkpoint"
-  deadline = time.monotonic() + 300
-  while not checkpoint_index.exists() and process.poll() is None:
-    assert time.monotonic() < deadline, "no checkpoint written"
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
+  kill_when_written(process, model_dir / "checkpoints" / "checkpoint", "checkpoint")
   assert not (model_dir / "metrics.json").exists()
 
   resumed = subprocess.run(_command(records_dir, backbone, model_dir), capture_output=True,

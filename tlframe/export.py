@@ -43,6 +43,7 @@ import tlframe
 from tlframe import backbone as backbone_lib
 from tlframe import calibration as calibration_lib
 from tlframe import fileio
+from tlframe import finetune
 from tlframe import head as head_lib
 from tlframe import imageformat
 from tlframe import pipeline
@@ -221,6 +222,9 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     raise UserError(f"{config.backbone} gives {backbone.output_dim} features but the head in "
                     f"{model_dir} takes {config.num_features}: the backbone changed since "
                     "training; retrain")
+  if config.fine_tune:
+    # Into this loaded copy only: the module's own files stay as they are.
+    finetune.restore_backbone_variables(backbone, model_dir, config.fine_tune["blocks"])
   export_base = export_base or os.path.join(model_dir, EXPORT_DIRNAME)
   tf.io.gfile.makedirs(export_base)
   tmp = os.path.join(export_base, f".tmp-{uuid.uuid4().hex[:12]}")
@@ -240,6 +244,7 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
         format_version=FORMAT_VERSION, tlframe_version=tlframe.__version__,
         backbone=config.backbone, features=config.features, image_size=config.image_size,
         resize_mode=config.resize_mode, average_flips=module.average_flips,
+        fine_tuned_blocks=config.fine_tune["blocks"] if config.fine_tune else None,
         precision=backbone.precision, loss=config.loss,
         labels=list(config.labels), num_classes=len(config.labels), top_k=module.top_k,
         calibration=dict(method=calibration["method"],

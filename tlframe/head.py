@@ -110,6 +110,13 @@ class LinearHead(tf.Module):
   def trainable_weights(self):
     return [self.kernel, self.bias]
 
+  def assign(self, other):
+    """Takes the weights and normalization of `other`, a head of the same shape."""
+    for target, source in ((self.kernel, other.kernel), (self.bias, other.bias),
+                           (self.feature_shift, other.feature_shift),
+                           (self.feature_scale, other.feature_scale)):
+      target.assign(source.numpy())
+
   def set_normalization(self, shift, scale):
     self.feature_shift.assign(shift)
     self.feature_scale.assign(scale)
@@ -153,6 +160,8 @@ class HeadConfig:
   resize_mode: str
   label_smoothing: float = 0.0
   flip_features: bool = False   # scores are averaged over each image and its mirror
+  # After --fine_tune: {"blocks": K or "all", "directory": the fine-tuned variables' folder}.
+  fine_tune: dict = None
 
   def write(self, model_dir):
     fileio.atomic_write_json(os.path.join(model_dir, HEAD_CONFIG_FILENAME),

@@ -45,6 +45,8 @@ DEFAULT_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0
 # has up to 1024 images) are fastest; through the backbone, memory bounds it.
 FEATURES_BATCH_SIZE = 1024
 AUGMENTED_BATCH_SIZE = 64
+# --fine_tune_blocks=all trains every block of the backbone.
+ALL_BLOCKS = "all"
 
 
 @dataclasses.dataclass
@@ -91,6 +93,27 @@ class TrainOptions:
   num_thumbnails_per_class: int = 16
   overwrite: bool = False
   export: bool = True
+  # Fine-tuning after the head (tlframe/finetune.py, docs/training.md).
+  fine_tune: bool = False
+  fine_tune_blocks: str = "1"   # a number of top blocks, or ALL_BLOCKS
+  fine_tune_epochs: int = 10
+  fine_tune_learning_rate: float = 1e-4
+  fine_tune_head_learning_rate: float = None   # None: fine_tune_learning_rate
+  fine_tune_weight_decay: float = 0.01
+  fine_tune_batch_size: int = 32
+  fine_tune_patience: int = 3
+
+
+def fine_tune_blocks(value):
+  """--fine_tune_blocks as an int >= 1, or ALL_BLOCKS; UserError otherwise."""
+  text = str(value).strip().lower()
+  if text == ALL_BLOCKS:
+    return ALL_BLOCKS
+  count = int(text) if text.isdigit() else 0
+  if count < 1:
+    raise UserError(f"--fine_tune_blocks={value}: give a number of top blocks >= 1, or "
+                    f"{ALL_BLOCKS}")
+  return count
 
 
 def field_names():
@@ -124,7 +147,9 @@ def check(options):
     if getattr(options, name) not in allowed:
       bad(f"--{name}={getattr(options, name)} is unknown: use one of {', '.join(allowed)}")
   # NaN passes every comparison, so finiteness comes first.
-  for name in ("l2", "label_smoothing", "learning_rate", "momentum", "warmup_epochs"):
+  for name in ("l2", "label_smoothing", "learning_rate", "momentum", "warmup_epochs",
+               "fine_tune_learning_rate", "fine_tune_head_learning_rate",
+               "fine_tune_weight_decay"):
     value = getattr(options, name)
     if value is not None and not math.isfinite(value):
       example = defaults()[name] if defaults()[name] is not None else 0.01
@@ -157,8 +182,25 @@ def check(options):
   if options.flip_features and options.augment:
     bad("--flip_features adds mirrored images to cached features; --augment already trains on "
         "random flips: use one of them")
+  if options.fine_tune:
+    _check_fine_tune(options)
   if options.cv_folds < 2:
     bad(f"--cv_folds={options.cv_folds} must be at least 2")
   if options.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
     bad("--strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
         "see docs/training.md, or use --strategy=default|mirrored")
+
+
+def _check_fine_tune(options):
+  fine_tune_blocks(options.fine_tune_blocks)
+  for name in ("fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_batch_size"):
+    if not getattr(options, name) > 0:
+      raise UserError(f"--{name}={getattr(options, name)} must be positive")
+  if options.fine_tune_head_learning_rate is not None and options.fine_tune_head_learning_rate <= 0:
+    raise UserError(f"--fine_tune_head_learning_rate={options.fine_tune_head_learning_rate} "
+                    "must be positive")
+  if options.fine_tune_weight_decay < 0 or options.fine_tune_patience < 0:
+    raise UserError("--fine_tune_weight_decay and --fine_tune_patience must be >= 0")
+  if options.flip_features:
+    raise UserError("--flip_features adds mirrored images to cached features; --fine_tune "
+                    "trains on random flips and recomputes the features: use one of them")

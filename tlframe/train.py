@@ -16,6 +16,10 @@ The run, top to bottom (`train`):
    for a choice), and write the model: head, labels, metrics.json and the
    validation split's confusion matrix as a PNG;
 6. export a SavedModel on image bytes into model_dir/export/<N>/ (`export`).
+
+With --fine_tune, the top blocks of the backbone then train with the head
+(`finetune`) between 4 and 5, and step 5 evaluates and calibrates on the
+features of the fine-tuned backbone.
 """
 
 import dataclasses
@@ -31,6 +35,7 @@ from tlframe import calibration as calibration_lib
 from tlframe import distribution
 from tlframe import export as export_lib
 from tlframe import features as features_lib
+from tlframe import finetune
 from tlframe import fileio
 from tlframe import head as head_lib
 from tlframe import locking
@@ -73,6 +78,8 @@ def _run(options, strategy):
                                         input_size=options.input_size,
                                         precision=options.precision)
   backbone_load_seconds = time.monotonic() - load_start
+  if options.fine_tune:
+    finetune.trainable_variables(backbone, options.fine_tune_blocks)  # refuses before any work
   feature_sets = _feature_sets(options, strategy, backbone, len(label_names))
   train_set, val_set = feature_sets["train"], feature_sets["validation"]
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
@@ -106,11 +113,18 @@ def _run(options, strategy):
   trainer, global_batch, epochs_run = _fit_head(options, strategy, backbone, train_set, val_set,
                                                 label_names, (shift, scale), writers, out_dir)
   head_seconds = time.monotonic() - head_start
+  head, fine_tuned = trainer.head, None
+  if options.fine_tune:
+    fine_tuned = finetune.fine_tune(options, strategy, trainer.head, feature_sets, out_dir)
+    head = fine_tuned.head
+    feature_sets = {split: dataclasses.replace(feature_set, features=fine_tuned.features[split])
+                    if feature_set else None for split, feature_set in feature_sets.items()}
+    val_set = feature_sets["validation"]
 
-  metrics = {split: _evaluate(trainer, feature_set, label_names)
+  metrics = {split: _evaluate(head, feature_set, label_names)
              for split, feature_set in feature_sets.items()}
   if val_set is not None:
-    scores, labels, fitted_on = _scores(trainer, val_set), val_set.labels, "validation"
+    scores, labels, fitted_on = _scores(head, val_set), val_set.labels, "validation"
   else:
     if cv is None:
       out_of_fold = tuning.out_of_fold_scores(strategy, options, cv_set.features,
@@ -136,6 +150,7 @@ def _run(options, strategy):
                    backbone_pass_s=sum(s.extract_seconds for s in feature_sets.values() if s),
                    backbone_pass_cached=all(s.from_cache for s in feature_sets.values() if s),
                    head_training_s=head_seconds),
+      fine_tune=fine_tuned.metrics if fine_tuned else None,
       options=dataclasses.asdict(options))
 
   if val_set is not None:
@@ -150,7 +165,8 @@ def _run(options, strategy):
   if not chief:
     tf.io.gfile.rmtree(out_dir)
     return metrics
-  _write_model(options.model_dir, trainer.head, options, backbone, label_names, calibration)
+  _write_model(options.model_dir, head, options, backbone, label_names, calibration,
+               fine_tuned)
   if options.export:
     export_start = time.monotonic()
     # "auto" resolves on the machine that serves the export, not on this one:
@@ -194,6 +210,14 @@ def _feature_sets(options, strategy, backbone, num_classes):
     raise UserError("--patience checks the validation features after every epoch, in memory: "
                     f"raise --max_in_memory_features (now {options.max_in_memory_features}) "
                     "above the validation split's, or set --patience=0")
+  if options.fine_tune and feature_sets["validation"] is None:
+    raise UserError("--fine_tune needs validation records (its early stopping and the "
+                    "calibration use the fine-tuned backbone's validation scores): rebuild the "
+                    "records with --validation_percentage > 0")
+  if options.fine_tune and any(s is not None and s.streamed for s in feature_sets.values()):
+    raise UserError("--fine_tune recomputes the features in memory after fine-tuning: raise "
+                    f"--max_in_memory_features (now {options.max_in_memory_features}) above the "
+                    "largest split's, or drop --fine_tune")
   return feature_sets
 
 
@@ -242,7 +266,7 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
 
   def on_checkpoint(epoch):
     if val_set is not None:
-      scores = _scores(trainer, val_set)
+      scores = _scores(trainer.head, val_set)
       summaries.write_evaluation(
           writers.validation, scores, val_set.labels,
           metrics_lib.classification_metrics(scores, val_set.labels, label_names), epoch)
@@ -258,36 +282,41 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
   return trainer, global_batch, epochs_run
 
 
-def _scores(trainer, feature_set):
+def _scores(head, feature_set):
   """[N, C] scores of the trained head on a FeatureSet (averaged with the mirrors' if any)."""
   return features_lib.average_flip_scores(
-      lambda features: trainer.head(tf.constant(features)).numpy(), feature_set)
+      lambda features: head(tf.constant(features)).numpy(), feature_set)
 
 
-def _evaluate(trainer, feature_set, label_names):
+def _evaluate(head, feature_set, label_names):
   if feature_set is None:
     return None
-  return metrics_lib.classification_metrics(_scores(trainer, feature_set), feature_set.labels,
+  return metrics_lib.classification_metrics(_scores(head, feature_set), feature_set.labels,
                                             label_names)
 
 
-def _write_model(model_dir, trained_head, options, backbone, label_names, calibration):
-  """head_config.json, head/ (a one-model LinearHead checkpoint), labels.txt, calibration.json."""
+def _write_model(model_dir, trained_head, options, backbone, label_names, calibration,
+                 fine_tuned):
+  """head_config.json, head/ (a one-model LinearHead checkpoint), labels.txt, calibration.json,
+  and fine_tuned_backbone/ after fine-tuning (an earlier run's is removed otherwise)."""
+  fine_tuned_dir = os.path.join(model_dir, finetune.BACKBONE_DIRNAME)
+  if tf.io.gfile.isdir(fine_tuned_dir):
+    tf.io.gfile.rmtree(fine_tuned_dir)
+  if fine_tuned:
+    finetune.save_backbone_variables(fine_tuned.variables, model_dir)
   head_lib.HeadConfig(
       loss=options.loss, feature_normalization=options.feature_normalization,
       num_features=backbone.output_dim, num_classes=len(label_names), labels=label_names,
       backbone=options.backbone, features=options.features, image_size=backbone.input_size,
       resize_mode=options.resize_mode, label_smoothing=options.label_smoothing,
       flip_features=options.flip_features,
+      fine_tune=dict(blocks=fine_tuned.metrics["blocks"],
+                     directory=finetune.BACKBONE_DIRNAME) if fine_tuned else None,
   ).write(model_dir)
   # A plain (unmirrored) copy, so the export loads it without a strategy.
   final_head = head_lib.LinearHead(backbone.output_dim, len(label_names),
                                    feature_normalization=options.feature_normalization)
-  for target, source in ((final_head.kernel, trained_head.kernel),
-                         (final_head.bias, trained_head.bias),
-                         (final_head.feature_shift, trained_head.feature_shift),
-                         (final_head.feature_scale, trained_head.feature_scale)):
-    target.assign(source.numpy())
+  final_head.assign(trained_head)
   head_lib.save_head(final_head, model_dir)
   records.write_labels(model_dir, label_names)
   if calibration is not None:
@@ -305,6 +334,11 @@ def _hparams(options, global_batch_size, cv):
   names = ("backbone", "features", "loss", "l2", "label_smoothing", "class_weight",
            "feature_normalization", "optimizer", "learning_rate", "lr_schedule",
            "warmup_epochs", "epochs", "patience", "augment", "strategy", "seed",
-           "resize_mode", "precision")
-  return dict({name: getattr(options, name) for name in names}, batch_size=global_batch_size,
-              l2_grid=",".join(f"{l2:.3g}" for l2 in cv["grid"]) if cv else "")
+           "resize_mode", "precision", "fine_tune", "fine_tune_blocks", "fine_tune_epochs",
+           "fine_tune_learning_rate", "fine_tune_weight_decay")
+  hparams = dict({name: getattr(options, name) for name in names}, batch_size=global_batch_size,
+                 l2_grid=",".join(f"{l2:.3g}" for l2 in cv["grid"]) if cv else "")
+  # The hparams plugin takes no None: unset means the backbone's rate.
+  hparams["fine_tune_head_learning_rate"] = (options.fine_tune_head_learning_rate or
+                                             options.fine_tune_learning_rate)
+  return hparams
