@@ -4,6 +4,8 @@ import os
 import pathlib
 import re
 
+import numpy as np
+
 from tlframe import export
 from tlframe import records
 from tlframe import samples
@@ -54,3 +56,12 @@ def scaled_copy(image_dir, copies, work_dir):
       for copy in range(copies):
         (folder / f"c{copy}_{path.name}").symlink_to(path)
   return root
+
+
+def k_shot_rows(labels, k, seed=0):
+  """Sorted rows of k random examples per class (all rows when k is None)."""
+  if k is None:
+    return np.arange(len(labels))
+  rng = np.random.default_rng(seed)
+  return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == label))[:k]
+                                 for label in np.unique(labels)]))

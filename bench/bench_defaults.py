@@ -47,7 +47,7 @@ from tlframe import samples  # pylint: disable=wrong-import-position
 from tlframe import trainer as trainer_lib  # pylint: disable=wrong-import-position
 from tlframe import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench_common import cpu_model  # pylint: disable=wrong-import-position
+from bench_common import cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
 K_SHOTS = (5, 10, 20, None)   # None: every training image
@@ -135,14 +135,6 @@ def default_head(train, rows, test, num_classes):
   return accuracy, time.monotonic() - start, f"{l2:g} {normalization[:4]}"
 
 
-def subset_rows(labels, k, seed):
-  if k is None:
-    return np.arange(len(labels))
-  rng = np.random.default_rng(seed)
-  return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == label))[:k]
-                                 for label in np.unique(labels)]))
-
-
 def spread(values):
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
@@ -164,7 +156,7 @@ def bench_set(name, records_dir, seeds, option_list):
       runs = [(default_head(train, rows, test, len(labels)),
                cross_validated_svc(train.features[rows], train.labels[rows], test.features,
                                    test.labels))
-              for rows in (subset_rows(train.labels, k, seed)
+              for rows in (k_shot_rows(train.labels, k, seed)
                            for seed in range(seeds if k is not None else 1))]
       ours = [run[0][0] for run in runs]
       svc = [run[1][0] for run in runs]

@@ -53,7 +53,7 @@ from tlframe import pipeline  # pylint: disable=wrong-import-position
 from tlframe import trainer as trainer_lib  # pylint: disable=wrong-import-position
 from tlframe import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench_common import cpu_model  # pylint: disable=wrong-import-position
+from bench_common import cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
 K_SHOTS = (1, 5, 10, 20, 60)
@@ -197,12 +197,6 @@ def keras_tutorial(images, labels, test_images, test_labels, backbone, num_class
   return float(accuracy), seconds
 
 
-def k_shot_rows(train_x, train_y, k, seed=0):
-  rng = np.random.default_rng(seed)
-  return np.sort(np.concatenate([rng.permutation(np.flatnonzero(train_y == label))[:k]
-                                 for label in np.unique(train_y)]))
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
@@ -306,7 +300,7 @@ def run(flowers_dir, work_dir, backbone_handle, with_sweep):
   print("| --- | --- | --- | --- | --- | --- | --- |")
   results["k_shot"] = []
   for k in K_SHOTS:
-    rows = k_shot_rows(x, y, k)
+    rows = k_shot_rows(y, k)
     kx, ky = x[rows], y[rows]
     row = {loss: fit_head(kx, ky, test_x, test_y, dataclasses.replace(defaults, loss=loss))[0]
            for loss in LOSSES}
