@@ -91,7 +91,8 @@ def _options(records_dir, model_dir, module_dir, **overrides):
   # A strong l2 leaves the linear head short of the data, so fine-tuning has a
   # validation loss to lower (its best epoch is then after the start).
   settings = dict(records_dir=records_dir, model_dir=model_dir, backbone=module_dir,
-                  precision="float32", l2=0.3, epochs=30, batch_size=8, fine_tune=True,
+                  precision="float32", l2=0.3, feature_normalization="standardize",
+                  epochs=30, batch_size=8, fine_tune=True,
                   fine_tune_blocks="1", fine_tune_epochs=2, fine_tune_batch_size=8,
                   fine_tune_learning_rate=0.01, fine_tune_patience=0, seed=1)
   settings.update(overrides)
@@ -287,7 +288,8 @@ def test_mirrored_on_two_cpus_matches_one_device(fine_tuned, tmp_path):
 
 def _train_command(records_dir, model_dir):
   return [sys.executable, os.path.join(REPO, "bin", "train"), f"--records_dir={records_dir}",
-          f"--model_dir={model_dir}", "--precision=float32", "--l2=0.3", "--epochs=30",
+          f"--model_dir={model_dir}", "--precision=float32", "--l2=0.3",
+          "--feature_normalization=standardize", "--epochs=30",
           "--fine_tune", "--fine_tune_blocks=1", "--fine_tune_epochs=2",
           "--fine_tune_batch_size=8", "--fine_tune_patience=0", "--seed=1", "--noexport"]
 

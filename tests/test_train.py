@@ -208,18 +208,6 @@ def test_auto_normalization_is_cross_validated_with_l2(informative_scale, noise_
   assert scores.shape == (len(labels), 3)
 
 
-def test_auto_normalization_with_a_fixed_l2_compares_at_that_l2():
-  features, labels = _scaled_task(1.0, 0.01)
-  options = train.TrainOptions(records_dir="r", model_dir="m", l2=0.01, epochs=60)
-  normalization, l2, rows, _, widened = tuning.tune_head(
-      tf.distribute.get_strategy(), options, features, labels, 3,
-      normalization_constants=lambda name: head_lib.normalization_constants(features, name))
-  assert l2 == 0.01 and not widened
-  assert sorted((row["feature_normalization"], row["l2"]) for row in rows) == [
-      ("none", 0.01), ("standardize", 0.01)]
-  assert normalization == "none"
-
-
 def test_stratified_folds_spread_each_class():
   labels = np.repeat(np.arange(3), [5, 9, 2])
   folds = tuning.stratified_folds(labels, 3, seed=0)

@@ -86,24 +86,26 @@ def _run(options, strategy):
   # originals only, so that no image's mirror sits in the folds that hold it out.
   # All the training features in memory, or a subsample when they are streamed.
   cv_set = None
-  if options.l2 is None or options.feature_normalization == "auto" or val_set is None:
+  if options.l2 is None or val_set is None:
     cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
   def normalization_constants(normalization):
     return features_lib.normalization_constants(train_set, normalization)
 
   cv = None
-  if options.l2 is None or options.feature_normalization == "auto":
+  if options.l2 is None:
     cv_start = time.monotonic()
     normalization, best_l2, rows, out_of_fold, widened = tuning.tune_head(
         strategy, options, cv_set.features, cv_set.labels, len(label_names),
         normalization_constants=normalization_constants)
-    if rows:  # none when too few examples to hold out any (and --l2 was given)
-      cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
-                best_normalization=normalization, examples=len(cv_set.labels),
-                subsample=train_set.streamed, grid=sorted({row["l2"] for row in rows}),
-                widened=widened, seconds=time.monotonic() - cv_start)
+    cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
+              best_normalization=normalization, examples=len(cv_set.labels),
+              subsample=train_set.streamed, grid=sorted({row["l2"] for row in rows}),
+              widened=widened, seconds=time.monotonic() - cv_start)
     options = dataclasses.replace(options, l2=best_l2, feature_normalization=normalization)
+  elif options.feature_normalization == "auto":
+    # A given l2 was chosen on some scale: the standardized one, bin/train's before auto.
+    options = dataclasses.replace(options, feature_normalization="standardize")
   shift, scale = normalization_constants(options.feature_normalization)
 
   writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME))

@@ -111,7 +111,8 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
 
   Candidates: options_lib.AUTO_NORMALIZATIONS when options.feature_normalization
   is "auto", else that one; l2: options.l2_grid (widened at an edge, see
-  tune_l2) when options.l2 is None, else options.l2 alone. The choice follows
+  tune_l2); options.l2 is unset (train.py resolves "auto" to standardize
+  when --l2 is given). The choice follows
   tune_l2's rule (best_l2) over all candidates' rows: the highest held-out
   accuracy, then the largest l2; a tie between normalizations goes to the
   first candidate (AUTO_NORMALIZATIONS lists the simplest first). Each
@@ -121,17 +122,12 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   """
   candidates = (options_lib.AUTO_NORMALIZATIONS if options.feature_normalization == "auto"
                 else (options.feature_normalization,))
-  if options.l2 is not None and len(train_y) < options.cv_folds:
-    # Too few examples to hold any out, and l2 is given: the first candidate, unvalidated.
-    return candidates[0], options.l2, [], None, False
   results = []
   for normalization in candidates:
     candidate = dataclasses.replace(options, feature_normalization=normalization)
-    if options.l2 is not None:  # a fixed l2: one grid value, never widened
-      candidate = dataclasses.replace(candidate, l2_grid=(options.l2,))
     shift, scale = normalization_constants(normalization)
     l2, rows, scores = tune_l2(strategy, candidate, train_x, train_y, num_classes, shift=shift,
-                               scale=scale, widen=options.l2 is None)
+                               scale=scale)
     rows = [dict(row, feature_normalization=normalization) for row in rows]
     chosen = next(row for row in rows if row["l2"] == l2)
     results.append((chosen["accuracy"], -len(results), normalization, l2, rows, scores))
@@ -144,7 +140,7 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   return normalization, l2, rows, scores, widened
 
 
-def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale, widen=True):
+def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   """k-fold CV over options.l2_grid on cached features, widened at an edge.
 
   Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
@@ -153,8 +149,7 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale, w
   loss_std). The best (`best_l2`) is the largest l2 of those with the
   highest held-out accuracy. When the best is the grid's smallest or
   largest value, the grid grows by two more steps of its own ratio on that
-  side (logged), until the best is inside or l2 reaches L2_LIMITS (unless
-  not `widen`).
+  side (logged), until the best is inside or l2 reaches L2_LIMITS.
   """
   if len(train_y) < options.cv_folds:
     raise UserError(f"--cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
@@ -182,8 +177,6 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale, w
   while True:
     best = best_l2(rows.values())
     low, high = min(rows), max(rows)
-    if not widen:
-      break
     if best == high and high * ratio <= L2_LIMITS[1]:
       more = [high * ratio, high * ratio ** 2]
     elif best == low and low / ratio >= L2_LIMITS[0] and len(rows) > 1:
