@@ -109,16 +109,16 @@ def best_l2(rows):
 def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization_constants):
   """The cross-validated feature normalization and l2: (normalization, l2, rows, scores, widened).
 
-  Candidates: options_lib.AUTO_NORMALIZATIONS when options.feature_normalization
-  is "auto", else that one; l2: options.l2_grid (widened at an edge, see
-  tune_l2); options.l2 is unset (train.py resolves "auto" to standardize
-  when --l2 is given). The choice follows
-  tune_l2's rule (best_l2) over all candidates' rows: the highest held-out
-  accuracy, then the largest l2; a tie between normalizations goes to the
-  first candidate (AUTO_NORMALIZATIONS lists the simplest first). Each
-  row also names its `feature_normalization`; scores are the choice's [N, C]
-  out-of-fold scores. `normalization_constants(name)` gives the (shift, scale)
-  of that normalization of the training features.
+  For options.l2 unset (train.py resolves "auto" to standardize when --l2 is
+  given). Candidates: options_lib.AUTO_NORMALIZATIONS when
+  options.feature_normalization is "auto", else that one; l2: options.l2_grid,
+  widened at an edge (tune_l2). The choice follows best_l2 over all
+  candidates' rows: the highest held-out accuracy, then the largest l2; a tie
+  between normalizations goes to the first candidate (AUTO_NORMALIZATIONS
+  lists the simplest first). Each row also names its `feature_normalization`;
+  scores are the choice's [N, C] out-of-fold scores.
+  `normalization_constants(name)` gives the (shift, scale) of that
+  normalization of the training features.
   """
   candidates = (options_lib.AUTO_NORMALIZATIONS if options.feature_normalization == "auto"
                 else (options.feature_normalization,))
