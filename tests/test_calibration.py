@@ -1,20 +1,10 @@
-"""Temperature scaling: fitting, ECE, calibration.json, and its effect on oxford_flowers12."""
-
-import dataclasses
-import os
+"""Temperature scaling: fitting, ECE and calibration.json (its effect on oxford_flowers12: test_flowers12.py)."""
 
 import numpy as np
 import pytest
 
-from tlframe import backbone as backbone_lib
 from tlframe import calibration
-from tlframe import features as features_lib
-from tlframe import head as head_lib
-from tlframe import records
-from tlframe import train
 from tlframe.errors import UserError
-
-_ECE_NOISE = 0.01
 
 
 def _sampled_labels(logits, rng):
@@ -76,42 +66,6 @@ def test_calibration_file_round_trip(tmp_path):
     calibration.read_calibration(str(tmp_path))
   with pytest.raises(UserError, match="fitted_on"):
     calibration.calibrate(scores, labels, "test")
-
-
-@pytest.mark.slow
-def test_temperature_lowers_ece_on_flowers12_test_split(flowers12_dir, tmp_path):
-  """Hinge and softmax heads: bin/train fits T on validation; ECE on the held-out test split."""
-  records_dir = str(tmp_path / "records")
-  records.convert(records_dir, image_dir=str(flowers12_dir), validation_percentage=20,
-                  test_filelist=os.path.join(flowers12_dir, "TEST_SPLIT.txt"))
-  options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "model"),
-                               export=False)
-  for loss in ("hinge", "softmax"):
-    metrics = train.train(dataclasses.replace(options, loss=loss))
-    fitted = metrics["calibration"]
-    assert fitted["fitted_on"] == "validation"
-    # The test split's features, from the cache the run filled (no second backbone pass).
-    backbone = backbone_lib.load_backbone(options.backbone, precision=options.precision)
-    test_set = features_lib.cached_features(
-        backbone, records_dir, "test", batch_size=options.extract_batch_size,
-        image_size=backbone.input_size, resize_mode=options.resize_mode, num_classes=12,
-        num_thumbnails_per_class=options.num_thumbnails_per_class)
-    assert test_set.from_cache and len(test_set.labels) == 240
-    head, _ = head_lib.load_head(options.model_dir)
-    test_scores, test_labels = head(test_set.features).numpy(), test_set.labels
-    before = calibration.expected_calibration_error(calibration.softmax(test_scores),
-                                                    test_labels)
-    after = calibration.expected_calibration_error(
-        calibration.softmax(test_scores, fitted["temperature"]), test_labels)
-    print(f"{loss}: T={fitted['temperature']:.3f} test ECE {before:.4f} -> {after:.4f}")
-    # Lowered, or kept within the sampling noise of an ECE over 240 images in 15 bins:
-    # both heads are near calibrated at T = 1 here (measured: hinge 0.021 -> 0.018 at
-    # T = 0.78, softmax 0.025 -> 0.027 at T = 1.27).
-    assert after <= before + _ECE_NOISE, (loss, fitted, before, after)
-    assert after < 0.05
-    assert np.mean(test_scores.argmax(1) == test_labels) >= 0.9
-    assert metrics["test"]["accuracy"] == pytest.approx(np.mean(test_scores.argmax(1) ==
-                                                                test_labels))
 
 
 def test_nothing_to_fit_when_every_held_out_example_is_right():
