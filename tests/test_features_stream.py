@@ -13,6 +13,7 @@ from tlframe import backbone as backbone_lib
 from tlframe import features
 from tlframe import head as head_lib
 from tlframe import train
+from tlframe.errors import UserError
 from test_train_helpers import make_records, save_tiny_backbone
 
 
@@ -112,3 +113,13 @@ def test_float16_storage_halves_the_parts_and_keeps_the_features(task):
   # Keyed apart, and all else in the parts the same: float16 saves 2 of 4 bytes per value.
   assert entry_bytes("float32") - entry_bytes("float16") == pytest.approx(
       full.features.nbytes / 2, rel=0.01)
+
+
+
+def test_patience_with_streamed_validation_is_refused_before_the_backbone_pass(task, tmp_path):
+  """The split sizes are in the records' manifest: no image is decoded before the refusal."""
+  cache = tmp_path / "cache"
+  with pytest.raises(UserError, match="--patience checks the validation features"):
+    train.train(_options(task, tmp_path / "model", max_in_memory_features=1, patience=3,
+                         feature_cache_dir=str(cache)))
+  assert not glob.glob(str(cache / "**" / "*.npz"), recursive=True)

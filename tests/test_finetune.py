@@ -7,6 +7,7 @@ SIGKILL and resumes.
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from tlframe import model_dir as model_dir_lib
 from tlframe import pipeline
 from tlframe import records
 from tlframe import train
+from tlframe.errors import UserError
 from test_cli import assert_one_error_line, run_bin
 from test_train_helpers import kill_when_written, make_records, save_tiny_backbone
 
@@ -221,6 +223,17 @@ def test_bad_fine_tuning_flags_are_one_line_before_any_work(flags, message, tmp_
   result = run_bin("train", "--records_dir=r", f"--model_dir={tmp_path}/m", "--fine_tune", *flags)
   assert_one_error_line(result, message)
   assert not os.path.exists(tmp_path / "m")
+
+
+def test_streamed_features_are_refused_before_the_backbone_pass(tiny_task, tmp_path):
+  """Fine-tuning needs the features in memory; the manifest's split sizes tell, before any decode."""
+  records_dir, module_dir = tiny_task
+  cache = tmp_path / "cache"
+  with pytest.raises(UserError, match="--fine_tune recomputes the features in memory.*train and "
+                                      "validation"):
+    train.train(_options(records_dir, str(tmp_path / "model"), module_dir,
+                         max_in_memory_features=1, feature_cache_dir=str(cache)))
+  assert not glob.glob(str(cache / "**" / "*.npz"), recursive=True)
 
 
 def test_a_module_without_trainable_variables_is_refused(tiny_task, tmp_path):

@@ -426,6 +426,17 @@ def part_path(entry, index, num_parts):
   return os.path.join(entry, f"part-{index:05d}-of-{num_parts:05d}.npz")
 
 
+def will_stream(records_dir, split, output_dim, flip, max_in_memory_features):
+  """Whether cached_features streams the split: known from the manifest, before any pass.
+
+  Its features take records x output_dim float values (twice that with
+  mirrors); above `max_in_memory_features` (None: no limit) they stay on disk.
+  """
+  shards = records.read_manifest(records_dir)["splits"][split]["shards"]
+  num_values = sum(shard["records"] for shard in shards) * output_dim * (1 + flip)
+  return max_in_memory_features is not None and num_values > max_in_memory_features
+
+
 def cached_features(backbone, records_dir, split, *, batch_size, image_size, resize_mode,
                     num_classes, num_thumbnails_per_class=16, flip=False, feature_cache_dir="",
                     storage="float32", max_in_memory_features=None, strategy=None,
@@ -453,8 +464,7 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
   if not shards:
     raise UserError(f"{records_dir} has no {split} records: nothing to extract")
   paths = [part_path(entry, index, len(shards)) for index in range(len(shards))]
-  num_values = sum(shard["records"] for shard in shards) * backbone.output_dim * (1 + flip)
-  streamed = max_in_memory_features is not None and num_values > max_in_memory_features
+  streamed = will_stream(records_dir, split, backbone.output_dim, flip, max_in_memory_features)
   worker_index, num_workers = worker
   task = f"worker {worker_index} of {num_workers}"
   mine = [index for index in range(len(shards)) if index % num_workers == worker_index]

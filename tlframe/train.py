@@ -80,6 +80,7 @@ def _run(options, strategy):
   backbone_load_seconds = time.monotonic() - load_start
   if options.fine_tune:
     finetune.trainable_variables(backbone, options.fine_tune_blocks)  # refuses before any work
+  _check_splits(options, backbone.output_dim)
   feature_sets = _feature_sets(options, strategy, backbone, len(label_names))
   train_set, val_set = feature_sets["train"], feature_sets["validation"]
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
@@ -205,22 +206,40 @@ def _feature_sets(options, strategy, backbone, num_classes):
   if feature_sets["train"] is None:
     raise UserError(f"{options.records_dir} has no readable training examples: rebuild the "
                     "records with a smaller --validation_percentage/--test_percentage")
-  if options.patience and feature_sets["validation"] is None:
-    raise UserError("--patience needs validation records: rebuild the records with "
-                    "--validation_percentage > 0, or set --patience=0")
-  if options.patience and feature_sets["validation"].streamed:
+  if feature_sets["validation"] is None:
+    _check_validation_needs(options, has_validation=False)
+  return feature_sets
+
+
+def _check_splits(options, output_dim):
+  """Refuses, before the backbone pass, what the records' manifest already rules out."""
+  splits = [split for split in records.SPLITS
+            if records.count_examples(options.records_dir, split)]
+  _check_validation_needs(options, has_validation="validation" in splits)
+  streamed = [split for split in splits
+              if features_lib.will_stream(options.records_dir, split, output_dim,
+                                          options.flip_features, options.max_in_memory_features)]
+  if options.patience and "validation" in streamed:
     raise UserError("--patience checks the validation features after every epoch, in memory: "
                     f"raise --max_in_memory_features (now {options.max_in_memory_features}) "
                     "above the validation split's, or set --patience=0")
-  if options.fine_tune and feature_sets["validation"] is None:
+  if options.fine_tune and streamed:
+    raise UserError("--fine_tune recomputes the features in memory after fine-tuning: raise "
+                    f"--max_in_memory_features (now {options.max_in_memory_features}) above the "
+                    f"{' and '.join(streamed)} split's, or drop --fine_tune")
+
+
+def _check_validation_needs(options, has_validation):
+  """--patience and --fine_tune need validation records (none, or none readable)."""
+  if has_validation:
+    return
+  if options.patience:
+    raise UserError("--patience needs validation records: rebuild the records with "
+                    "--validation_percentage > 0, or set --patience=0")
+  if options.fine_tune:
     raise UserError("--fine_tune needs validation records (its early stopping and the "
                     "calibration use the fine-tuned backbone's validation scores): rebuild the "
                     "records with --validation_percentage > 0")
-  if options.fine_tune and any(s is not None and s.streamed for s in feature_sets.values()):
-    raise UserError("--fine_tune recomputes the features in memory after fine-tuning: raise "
-                    f"--max_in_memory_features (now {options.max_in_memory_features}) above the "
-                    "largest split's, or drop --fine_tune")
-  return feature_sets
 
 
 def _fit_head(options, strategy, backbone, train_set, val_set, label_names, normalization,
