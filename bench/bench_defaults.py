@@ -7,10 +7,13 @@ For each data set and each feature option (backbone, resize mode, flip
 features), one backbone pass over train and test, then for k = 5, 10, 20
 training images per class (and all of them) over --seeds random subsets:
 - tlframe's default head on those features (softmax, l2 and the feature
-  normalization cross-validated by tuning.tune_head, as bin/train does; with flip features, trained on both views
-  and scored by their average), and
+  normalization cross-validated by tuning.tune_head, as bin/train does; with
+  flip features, trained on both views and scored by their average), and the
+  same with each other loss in --losses, and
 - scikit-learn's LinearSVC with C cross-validated (GridSearchCV, stratified
-  folds over C = 1e-5..1) on the same features: the classic baseline.
+  folds over C = 1e-5..0.1) on the same features: the classic baseline.
+--precision=bfloat16 runs the backbones in bfloat16, for the accuracy of
+bfloat16 features (emulated where the CPU lacks it: the same numbers, slowly).
 Prints test accuracy (mean over seeds, and its spread), seconds of each, and
 the backbone pass's images/s (taken under whatever else runs on the machine:
 compare rates within one run).
@@ -107,13 +110,16 @@ def feature_sets(records_dir, backbone, resize_mode, flip):
   return train, test, images / (train.extract_seconds + test.extract_seconds)
 
 
-def default_head(train, rows, test, num_classes):
-  """(test accuracy, seconds, "l2 normalization" chosen) of bin/train's default head on `rows`."""
+def default_head(train, rows, test, num_classes, loss):
+  """(test accuracy, seconds, "l2 normalization" chosen) of bin/train's default head on `rows`.
+
+  With `loss` instead of the default's softmax, all else as bin/train does it.
+  """
   start = time.monotonic()
   subset = dataclasses.replace(
       train, features=train.features[rows], labels=train.labels[rows],
       flipped_features=None if train.flipped_features is None else train.flipped_features[rows])
-  options = options_lib.TrainOptions(records_dir="", model_dir="")
+  options = options_lib.TrainOptions(records_dir="", model_dir="", loss=loss)
   strategy = tf.distribute.get_strategy()
   x, y = subset.training_examples()
   normalization, l2, _, _, _ = tuning.tune_head(
@@ -139,38 +145,39 @@ def spread(values):
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def bench_set(name, records_dir, seeds, option_list):
+def bench_set(name, records_dir, seeds, option_list, losses, precision):
   labels = records.read_labels(records_dir)
   print(f"\n## {name}: {len(labels)} classes\n")
-  print("| backbone | resize | flip | images/s | k | tlframe default (%) | l2, normalization chosen | "
-        "LinearSVC, C CV'd (%) | C chosen | head s | SVC s |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| backbone | resize | flip | images/s | k | loss | tlframe default (%) | "
+        "l2, normalization chosen | LinearSVC, C CV'd (%) | C chosen | head s | SVC s |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   results = []
   for handle, resize_mode, flip in option_list:
-    backbone = backbone_lib.load_backbone(handle, precision="float32")
+    backbone = backbone_lib.load_backbone(handle, precision=precision)
     train, test, rate = feature_sets(records_dir, backbone, resize_mode, flip)
     per_class = np.bincount(train.labels).min()
     for k in K_SHOTS:
       if k is not None and k >= per_class:
         continue
-      runs = [(default_head(train, rows, test, len(labels)),
-               cross_validated_svc(train.features[rows], train.labels[rows], test.features,
-                                   test.labels))
-              for rows in (k_shot_rows(train.labels, k, seed)
-                           for seed in range(seeds if k is not None else 1))]
-      ours = [run[0][0] for run in runs]
-      svc = [run[1][0] for run in runs]
-      row = dict(data=name, backbone=handle, resize_mode=resize_mode, flip=flip,
-                 images_per_second=rate, k=k or int(per_class), tlframe=ours, svc=svc,
-                 l2=[run[0][2] for run in runs], svc_c=[run[1][2] for run in runs],
-                 head_seconds=float(np.mean([run[0][1] for run in runs])),
-                 svc_seconds=float(np.mean([run[1][1] for run in runs])))
-      results.append(row)
-      print(f"| {handle} | {resize_mode} | {'yes' if flip else 'no'} | "
-            f"{'cached' if rate is None else f'{rate:.0f}'} | {row['k']} | {spread(ours)} | "
-            f"{', '.join(row['l2'])} | {spread(svc)} | "
-            f"{' '.join(f'{v:g}' for v in row['svc_c'])} | {row['head_seconds']:.1f} | "
-            f"{row['svc_seconds']:.1f} |", flush=True)
+      subsets = [k_shot_rows(train.labels, k, seed) for seed in range(seeds if k else 1)]
+      svc_runs = [cross_validated_svc(train.features[rows], train.labels[rows], test.features,
+                                      test.labels) for rows in subsets]
+      svc = [run[0] for run in svc_runs]
+      for loss in losses:
+        runs = [default_head(train, rows, test, len(labels), loss) for rows in subsets]
+        ours = [run[0] for run in runs]
+        row = dict(data=name, backbone=handle, precision=backbone.precision,
+                   resize_mode=resize_mode, flip=flip,
+                   images_per_second=rate, k=k or int(per_class), loss=loss, tlframe=ours,
+                   svc=svc, l2=[run[2] for run in runs], svc_c=[run[2] for run in svc_runs],
+                   head_seconds=float(np.mean([run[1] for run in runs])),
+                   svc_seconds=float(np.mean([run[1] for run in svc_runs])))
+        results.append(row)
+        print(f"| {handle} | {resize_mode} | {'yes' if flip else 'no'} | "
+              f"{'cached' if rate is None else f'{rate:.0f}'} | {row['k']} | {loss} | "
+              f"{spread(ours)} | {', '.join(row['l2'])} | {spread(svc)} | "
+              f"{' '.join(f'{v:g}' for v in row['svc_c'])} | {row['head_seconds']:.1f} | "
+              f"{row['svc_seconds']:.1f} |", flush=True)
   return results
 
 
@@ -187,13 +194,24 @@ def main():
                       help="Random k-shot subsets per k (all images: one run).")
   parser.add_argument("--only", default=None,
                       help="Comma-separated indices into the option list, to rerun a few.")
+  parser.add_argument("--losses", default="softmax",
+                      help="Comma-separated head losses to run (bin/train's default: softmax; "
+                           "also hinge, squared_hinge), each with l2 and the normalization "
+                           "cross-validated.")
+  parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                      help="The backbones' precision (bfloat16 runs emulated, slowly, on a CPU "
+                           "without native bfloat16: the numbers are the same, the speed not).")
   parser.add_argument("--datasets", default="oxford_flowers12,lfw",
                       help="Comma-separated: oxford_flowers12, lfw.")
   parser.add_argument("--json_out", default=None, help="Also write the rows to this JSON file.")
   args = parser.parse_args()
   option_list = FEATURE_OPTIONS if args.only is None else [
       FEATURE_OPTIONS[int(i)] for i in args.only.split(",")]
-  print(f"CPU: {cpu_model()}; TensorFlow {tf.__version__}; float32 backbones")
+  losses = args.losses.split(",")
+  unknown = sorted(set(losses) - set(options_lib.LOSSES))
+  if unknown:
+    parser.error(f"--losses: {', '.join(unknown)} not in {', '.join(options_lib.LOSSES)}")
+  print(f"CPU: {cpu_model()}; TensorFlow {tf.__version__}; {args.precision} backbones")
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = pathlib.Path(args.work_dir or tmp)
@@ -203,10 +221,11 @@ def main():
     if "oxford_flowers12" in datasets and flowers is None:
       print(f"(oxford_flowers12 not found under {args.data_dir}: skipped)")
     elif "oxford_flowers12" in datasets:
-      results += bench_set("oxford_flowers12", flowers, args.seeds, option_list)
+      results += bench_set("oxford_flowers12", flowers, args.seeds, option_list, losses,
+                           args.precision)
     if "lfw" in datasets:
       results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
-                           option_list)
+                           option_list, losses, args.precision)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(dict(rows=results, cpu=cpu_model(), date=datetime.date.today().isoformat(),
