@@ -174,6 +174,23 @@ def test_the_l2_search_widens_until_the_best_is_inside():
   assert best > 1e-3 and out_of_fold.shape == (num_examples, 3)
 
 
+def test_the_l2_search_does_not_widen_along_a_plateau():
+  """Separable classes: every l2 up to the grid's top holds out perfectly. A tie at the edge
+  is no sign of a better l2 beyond it, so the grid stays as given and the top is chosen."""
+  rng = np.random.default_rng(1)
+  labels = np.repeat(np.arange(2), 30).astype(np.int32)
+  features = (np.eye(2, 16)[labels] * 4 + rng.normal(size=(60, 16)) * 0.1).astype(np.float32)
+  grid = (1e-3, 1e-2, 0.1)
+  options = train.TrainOptions(records_dir="r", model_dir="m", l2=None, l2_grid=grid,
+                               epochs=60, loss="softmax", feature_normalization="none")
+  shift, scale = head_lib.normalization_constants(features, options.feature_normalization)
+  best, rows, _ = tuning.tune_l2(tf.distribute.get_strategy(), options, features, labels, 2,
+                                 shift=shift, scale=scale)
+  assert [row["accuracy"] for row in rows] == [1.0] * len(grid)   # the plateau
+  assert [row["l2"] for row in rows] == pytest.approx(list(grid))  # not widened
+  assert best == pytest.approx(0.1)
+
+
 def _scaled_task(informative_scale, noise_scale, seed=0):
   """3 classes told apart by 8 dimensions, next to 120 noise dimensions, each at its scale."""
   rng = np.random.default_rng(seed)

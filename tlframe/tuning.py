@@ -147,9 +147,10 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   best l2). Each row: dict(l2; accuracy and loss over all held-out
   predictions; their standard deviations across folds, accuracy_std and
   loss_std). The best (`best_l2`) is the largest l2 of those with the
-  highest held-out accuracy. When the best is the grid's smallest or
-  largest value, the grid grows by two more steps of its own ratio on that
-  side (logged), until the best is inside or l2 reaches L2_LIMITS.
+  highest held-out accuracy. When the best is the grid's smallest value, or
+  its largest with a higher accuracy than the next value down (not a tie on a
+  plateau), the grid grows by two more steps of its own ratio on that side
+  (logged), until the best is inside or l2 reaches L2_LIMITS.
   """
   if len(train_y) < options.cv_folds:
     raise UserError(f"--cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
@@ -176,8 +177,13 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   evaluate(grid)
   while True:
     best = best_l2(rows.values())
-    low, high = min(rows), max(rows)
-    if best == high and high * ratio <= L2_LIMITS[1]:
+    tried = sorted(rows)
+    low, high = tried[0], tried[-1]
+    # Upwards only while accuracy still rises at the edge: on a plateau of equal
+    # held-out accuracy (separable data) the tie-break alone would push l2 to
+    # L2_LIMITS, where the head is all but zero and generalizes worse.
+    rising = len(tried) == 1 or rows[high]["accuracy"] > rows[tried[-2]]["accuracy"]
+    if best == high and rising and high * ratio <= L2_LIMITS[1]:
       more = [high * ratio, high * ratio ** 2]
     elif best == low and low / ratio >= L2_LIMITS[0] and len(rows) > 1:
       more = [low / ratio ** 2, low / ratio]
