@@ -12,6 +12,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # "E0000 ... cuda_platform.cc:52] failed call to cuInit") and absl's banner before them.
 NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\.(cc|h):\d+\]|"
                              r"absl::InitializeLog|Improper call to JPEG library", re.M)
+# INFO lines that TensorFlow's Python modules log through absl (checkpoints, exports).
+TENSORFLOW_INFO_LINE = re.compile(
+    r"^I\d{4} [\d:.]+\s+\d+ (functional_saver|signature_serialization|fingerprinting_utils|"
+    r"builder_impl|save)\.py:\d+\]", re.M)
 
 
 def run_bin(program, *args, env=None, cwd=REPO, timeout=600):
@@ -115,8 +119,10 @@ def test_offline_demo_prints_results_and_no_tensorflow_noise(tmp_path):
     result = run_bin(program, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-3000:]
+    assert not TENSORFLOW_INFO_LINE.search(result.stderr), result.stderr[-3000:]
   assert "validation accuracy: 1.0000" in result.stdout
   assert "cross-validation of --l2" in result.stdout and "<- best" in result.stdout
+  assert "export: " in result.stdout
   assert f"TensorBoard: tensorboard --logdir={model_dir}/logs" in result.stdout
 
 

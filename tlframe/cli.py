@@ -17,6 +17,7 @@ read-only, into one `error:` line and exit 2.
 
 import atexit
 import errno
+import importlib.util
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ import threading
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from tlframe.errors import UserError
 
@@ -91,13 +93,33 @@ def _filter_native_stderr():
 _filter_native_stderr()
 
 
+class _TensorFlowInfoFilter(logging.Filter):
+  """Drops INFO records logged through absl from inside the tensorflow package.
+
+  Some TensorFlow modules log with absl directly (functional_saver's "Sharding
+  callback duration", signature_serialization's renamed inputs on every export),
+  so the "tensorflow" logger's level does not reach them.
+  """
+
+  def __init__(self):
+    super().__init__()
+    spec = importlib.util.find_spec("tensorflow")   # finds the package without importing it
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    self._prefixes = tuple(os.path.join(location, "") for location in locations)
+
+  def filter(self, record):
+    return record.levelno > logging.INFO or not record.pathname.startswith(self._prefixes)
+
+
 def run(main):
   """Runs `main` under absl with tlframe's flag errors, `~` expansion and UserError handling."""
 
   def guarded_main(argv):
-    # TensorFlow's own INFO lines (checkpoint sharding, dataset buffers) would
-    # bury tlframe's progress lines; its warnings and errors still show.
+    # TensorFlow's own INFO lines (checkpoint sharding, dataset buffers, SavedModel
+    # signatures) would bury tlframe's progress lines; its warnings and errors still show.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    if os.environ.get(NATIVE_LOGS_ENV, "") in ("", "0"):
+      absl_logging.get_absl_handler().addFilter(_TensorFlowInfoFilter())
     try:
       return main(argv)
     except UserError as e:
