@@ -68,11 +68,27 @@ def test_calibration_file_round_trip(tmp_path):
     calibration.calibrate(scores, labels, "test")
 
 
-def test_nothing_to_fit_when_every_held_out_example_is_right():
-  """The NLL of a perfectly separated set falls without end as T shrinks: no temperature."""
-  scores = np.array([[3.0, 0.0], [0.0, 2.0], [5.0, 1.0]])
-  result = calibration.calibrate(scores, np.array([0, 1, 0]), "validation")
-  assert result["method"] == "none" and result["temperature"] == 1.0
-  assert result["ece_after"] == result["ece_before"] and "all 3" in result["reason"]
-  wrong_once = calibration.calibrate(scores, np.array([0, 1, 1]), "validation")
-  assert wrong_once["method"] == "temperature"
+def test_an_all_right_held_out_set_is_still_calibrated_within_its_bound():
+  """No NLL minimum when every example is right: T follows the rule of succession instead,
+  confident in proportion to how many were seen right, never certain, never skipped."""
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 10)
+  # Hinge-like margins: right, but only ~0.5 apart, so softmax(scores) is ~0.45 sure.
+  scores = rng.normal(size=(30, 3)) * 0.05
+  scores[np.arange(30), labels] += 0.5 + rng.uniform(0, 0.3, 30)
+  result = calibration.calibrate(scores, labels, "validation")
+  assert result["method"] == "temperature" and result["rule"] == "succession"
+  assert 1e-3 <= result["temperature"] < 1
+  confidence = calibration.softmax(scores, result["temperature"]).max(axis=-1)
+  assert confidence.mean() == pytest.approx(31 / 32, abs=1e-6)   # (N + 1) / (N + 2)
+  assert np.median(confidence) >= 0.8 and confidence.max() < 1
+  assert result["ece_after"] < 0.1 < result["ece_before"]
+  assert result["loss"] == pytest.approx(
+      calibration.negative_log_likelihood(scores, labels, result["temperature"]))
+  # Fewer examples seen right: less confidence.
+  few = calibration.calibrate(scores[::5], labels[::5], "validation")
+  assert few["temperature"] > result["temperature"]
+  # Scores that are already overconfident get T > 1: the rule follows the data both ways.
+  assert calibration.calibrate(scores * 1000, labels, "validation")["temperature"] > 1
+  wrong_once = calibration.calibrate(scores, np.roll(labels, 1), "validation")
+  assert wrong_once["rule"] == "nll"

@@ -12,7 +12,8 @@ into equal-width bins of their top probability, and ECE is the mean over
 examples of |accuracy - confidence| of their bin.
 
 bin/train fits T on the validation split (or on out-of-fold training scores
-when there is none) and writes `<model_dir>/calibration.json`; the export reads
+when there is none); when every held-out example is right, T follows the rule
+of succession instead (`calibrate`), so a tiny set is never left uncalibrated and writes `<model_dir>/calibration.json`; the export reads
 it and builds `softmax(scores / T)` into the SavedModel.
 """
 
@@ -57,7 +58,8 @@ def fit_temperature(scores, labels):
   golden-section search in the best grid cell finds the minimum without
   gradients or a starting guess; scores of any scale (softmax logits, hinge
   margins) work. When every example is right and well separated the NLL keeps
-  falling as T shrinks: the search stops at the range's end (T = 1e-3).
+  falling as T shrinks and the search stops at the range's end (T = 1e-3):
+  `calibrate` uses `succession_temperature` then.
   """
   scores = np.asarray(scores, np.float64)
   labels = np.asarray(labels, np.int64)
@@ -120,24 +122,57 @@ def expected_calibration_error(probabilities, labels, num_bins=DEFAULT_NUM_BINS)
                    for b in bins if b["count"]))
 
 
+def succession_temperature(scores, num_right):
+  """The T at which the mean top-class probability of softmax(scores / T) is Laplace's estimate
+  of the accuracy, (num_right + 1) / (N + 2), bounded to [1e-3, 1e3].
+
+  The top-class probability of every row falls as T grows, so their mean
+  does too, and a bisection over log T finds it. For a held-out set that is
+  all right, where the NLL has no minimum (it falls without end as T
+  shrinks), this is the temperature the data supports: confident in
+  proportion to how many examples were seen right, never certain.
+  """
+  scores = np.asarray(scores, np.float64)
+  target = (num_right + 1.0) / (len(scores) + 2.0)
+
+  def mean_confidence(log_t):
+    return float(softmax(scores, np.exp(log_t)).max(axis=-1).mean())
+
+  low, high = _MIN_LOG_T, _MAX_LOG_T
+  if mean_confidence(low) <= target:   # ties or near-ties: even the bound's T is not that sure
+    return float(np.exp(low))
+  if mean_confidence(high) >= target:
+    return float(np.exp(high))
+  for _ in range(_GOLDEN_STEPS):
+    middle = (low + high) / 2
+    if mean_confidence(middle) > target:
+      low = middle
+    else:
+      high = middle
+  return float(np.exp((low + high) / 2))
+
+
 def calibrate(scores, labels, fitted_on, num_bins=DEFAULT_NUM_BINS):
   """Fits T on held-out ([N, C] scores, [N] labels); returns calibration.json's dict.
 
-  When every held-out example is right, the NLL has no minimum (it keeps falling
-  as T shrinks, towards probabilities of exactly 1): there is nothing to fit,
-  and the dict says so with method "none" and T = 1.
+  With some held-out example wrong, T minimizes the NLL (`fit_temperature`;
+  rule "nll"). When every one is right, the NLL has no minimum (it keeps
+  falling as T shrinks, towards probabilities of exactly 1), so T follows the
+  rule of succession instead (`succession_temperature`; rule "succession"):
+  the mean top-class probability on the held-out set becomes (N + 1) / (N + 2).
+  Either way `loss` is the held-out NLL at the chosen T.
   """
   if fitted_on not in FITTED_ON:
     raise UserError(f"fitted_on must be one of {', '.join(FITTED_ON)}, not {fitted_on!r}")
-  scores, labels = np.asarray(scores), np.asarray(labels)
-  if np.all(np.argmax(scores, axis=-1) == labels):
-    ece = expected_calibration_error(softmax(scores), labels, num_bins)
-    return dict(method="none", temperature=1.0, fitted_on=fitted_on, num_bins=num_bins,
-                ece_before=ece, ece_after=ece,
-                reason=f"all {len(labels)} held-out examples are right: nothing to fit")
-  temperature = fit_temperature(scores, labels)
-  return dict(method="temperature", temperature=temperature, fitted_on=fitted_on,
-              num_bins=num_bins,
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.int64)
+  num_right = int(np.sum(np.argmax(scores, axis=-1) == labels))
+  if num_right == len(labels):
+    temperature, rule = succession_temperature(scores, num_right), "succession"
+  else:
+    temperature, rule = fit_temperature(scores, labels), "nll"
+  return dict(method="temperature", temperature=temperature, rule=rule, fitted_on=fitted_on,
+              num_bins=num_bins, num_examples=len(labels), num_right=num_right,
+              loss=negative_log_likelihood(scores, labels, temperature),
               ece_before=expected_calibration_error(softmax(scores), labels, num_bins),
               ece_after=expected_calibration_error(softmax(scores, temperature), labels,
                                                    num_bins))

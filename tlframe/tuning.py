@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tlframe import calibration as calibration_lib
 from tlframe import features as features_lib
 from tlframe import head as head_lib
 from tlframe import options as options_lib
@@ -92,18 +93,20 @@ def cross_validation_set(train_set, options, num_classes):
 
 
 def best_l2(rows):
-  """The l2 of the rows (dicts of l2 and held-out accuracy) that tune_l2 chooses.
+  """The l2 of the rows (dicts of l2, held-out accuracy and calibrated_loss) that tune_l2 chooses.
 
-  The largest l2 of those with the highest held-out accuracy: among heads that
-  hold out equally well, the most regularized (scikit-learn's GridSearchCV
-  picks the same: the first, smallest C of its grid among the best). On data
-  the head separates, held-out accuracy is flat over a wide range while the
-  held-out loss keeps falling as l2 shrinks, so choosing by loss picks the
-  least regularized head, which generalized worse on our sets
-  (bench/bench_defaults.py, docs/training.md).
+  Among the rows of the highest held-out accuracy (on tiny or separable sets,
+  a plateau of many l2), the one with the lowest held-out loss after
+  temperature scaling (`calibrated_loss`); an exact tie goes to the largest
+  l2. The temperature undoes the scale of the scores, which l2 sets: the raw
+  held-out loss always favours the least regularized head, and the edge of
+  the plateau (the largest l2, this rule's tie-break before) is wherever the
+  grid ends. What remains is how well the held-out examples are separated
+  relative to each other: their margins (docs/training.md).
   """
   top = max(row["accuracy"] for row in rows)
-  return max(row["l2"] for row in rows if row["accuracy"] == top)
+  plateau = [row for row in rows if row["accuracy"] == top]
+  return min(plateau, key=lambda row: (row["calibrated_loss"], -row["l2"]))["l2"]
 
 
 def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization_constants):
@@ -113,8 +116,8 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   given). Candidates: options_lib.AUTO_NORMALIZATIONS when
   options.feature_normalization is "auto", else that one; l2: options.l2_grid,
   widened at an edge (tune_l2). The choice follows best_l2 over all
-  candidates' rows: the highest held-out accuracy, then the largest l2; a tie
-  between normalizations goes to the first candidate (AUTO_NORMALIZATIONS
+  candidates' rows: the highest held-out accuracy, then the lowest calibrated
+  held-out loss; a tie between normalizations goes to the first candidate (AUTO_NORMALIZATIONS
   lists the simplest first). Each row also names its `feature_normalization`;
   scores are the choice's [N, C] out-of-fold scores.
   `normalization_constants(name)` gives the (shift, scale) of that
@@ -130,13 +133,14 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
                                scale=scale)
     rows = [dict(row, feature_normalization=normalization) for row in rows]
     chosen = next(row for row in rows if row["l2"] == l2)
-    results.append((chosen["accuracy"], -len(results), normalization, l2, rows, scores))
-  accuracy, _, normalization, l2, _, scores = max(results, key=lambda result: result[:2])
+    results.append((chosen["accuracy"], -chosen["calibrated_loss"], -len(results), normalization,
+                    l2, rows, scores))
+  accuracy, _, _, normalization, l2, _, scores = max(results, key=lambda result: result[:3])
   if len(candidates) > 1:
     logging.info("Feature normalization by cross-validation: %s (held-out accuracy %.4f)",
                  normalization, accuracy)
-  rows = [row for result in results for row in result[4]]
-  widened = any(len(result[4]) > len(set(options.l2_grid)) for result in results)
+  rows = [row for result in results for row in result[5]]
+  widened = any(len(result[5]) > len(set(options.l2_grid)) for result in results)
   return normalization, l2, rows, scores, widened
 
 
@@ -146,9 +150,10 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
   best l2). Each row: dict(l2; accuracy and loss over all held-out
   predictions; their standard deviations across folds, accuracy_std and
-  loss_std). The best (`best_l2`) is the largest l2 of those with the
-  highest held-out accuracy. When the best is the grid's smallest value, or
-  its largest with a higher accuracy than the next value down (not a tie on a
+  loss_std; the held-out loss after temperature scaling, calibrated_loss, and
+  that temperature). The best (`best_l2`): the highest held-out accuracy,
+  then the lowest calibrated loss. When the best is at an edge of the grid
+  with a higher accuracy than the next value inwards (not a tie on a
   plateau), the grid grows by two more steps of its own ratio on that side
   (logged), until the best is inside or l2 reaches L2_LIMITS.
   """
@@ -169,23 +174,26 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
     by_fold = [folds == k for k in range(options.cv_folds)]
     for g, l2 in enumerate(values):
       scores[l2] = new_scores[g]
+      calibrated = calibration_lib.calibrate(new_scores[g], train_y, "out_of_fold")
       rows[l2] = dict(l2=float(l2), accuracy=float(correct[g].mean()),
                       accuracy_std=float(np.std([correct[g][f].mean() for f in by_fold])),
                       loss=float(losses[g].mean()),
-                      loss_std=float(np.std([losses[g][f].mean() for f in by_fold])))
+                      loss_std=float(np.std([losses[g][f].mean() for f in by_fold])),
+                      calibrated_loss=calibrated["loss"], temperature=calibrated["temperature"])
 
   evaluate(grid)
   while True:
     best = best_l2(rows.values())
     tried = sorted(rows)
     low, high = tried[0], tried[-1]
-    # Upwards only while accuracy still rises at the edge: on a plateau of equal
-    # held-out accuracy (separable data) the tie-break alone would push l2 to
-    # L2_LIMITS, where the head is all but zero and generalizes worse.
-    rising = len(tried) == 1 or rows[high]["accuracy"] > rows[tried[-2]]["accuracy"]
-    if best == high and rising and high * ratio <= L2_LIMITS[1]:
+    # Only while accuracy still rises at the edge: along a plateau of equal
+    # held-out accuracy (separable data) the tie-break alone could walk l2 out
+    # to L2_LIMITS, a CV run per step, for no held-out gain.
+    rising_up = len(tried) == 1 or rows[high]["accuracy"] > rows[tried[-2]]["accuracy"]
+    rising_down = len(tried) > 1 and rows[low]["accuracy"] > rows[tried[1]]["accuracy"]
+    if best == high and rising_up and high * ratio <= L2_LIMITS[1]:
       more = [high * ratio, high * ratio ** 2]
-    elif best == low and low / ratio >= L2_LIMITS[0] and len(rows) > 1:
+    elif best == low and rising_down and low / ratio >= L2_LIMITS[0]:
       more = [low / ratio ** 2, low / ratio]
     else:
       break
