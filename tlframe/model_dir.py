@@ -10,7 +10,11 @@ records its settings in `run_options.json`; the next run into the same dir:
   refused, naming what changed, unless `overwrite`, which removes the earlier
   model's files (and says which) first.
 A folder that holds other files and no run_options.json is refused too
-(unless `overwrite`, which still removes only what bin/train writes).
+(unless `overwrite`, which still removes only what bin/train writes). The
+records bin/train converts from photos (`records/`, RECORDS_DIRNAME) are the
+model's input, not one of its outputs: they are neither foreign nor removed.
+
+`finished_run` tells a rerun with nothing changed from one with work to do.
 """
 
 import dataclasses
@@ -22,6 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe import fileio
+from tlframe import options as options_lib
 from tlframe import records
 from tlframe.errors import UserError
 
@@ -30,6 +35,7 @@ CHECKPOINT_DIRNAME = "checkpoints"
 LOGS_DIRNAME = "logs"
 METRICS_FILENAME = "metrics.json"
 CONFUSION_FILENAME = "confusion_matrix.png"
+RECORDS_DIRNAME = options_lib.RECORDS_DIRNAME
 # Everything a run writes into the model dir (the lock file aside).
 OUTPUTS = (RUN_OPTIONS_FILENAME, CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME,
            CONFUSION_FILENAME, "head", "head_config.json", "labels.txt", "calibration.json",
@@ -39,7 +45,7 @@ _MODEL_IDENTITY = ("records", "backbone", "features", "input_size", "precision",
 # How a run is carried out, not what it computes: a change still resumes.
 _NOT_IN_RUN_IDENTITY = ("strategy", "checkpoint_every_epochs", "extract_batch_size",
                         "log_every_steps", "num_thumbnails_per_class", "overwrite", "export",
-                        "feature_cache_dir", "max_in_memory_features")
+                        "force_export", "feature_cache_dir", "max_in_memory_features")
 
 
 def records_identity(records_dir):
@@ -106,7 +112,7 @@ def prepare(model_dir, options, *, is_chief=True):
   outputs = _existing_outputs(model_dir)
   others = [name for name in (tf.io.gfile.listdir(model_dir) if tf.io.gfile.isdir(model_dir)
                               else [])
-            if name.rstrip("/") not in OUTPUTS and not name.startswith(".")]
+            if name.rstrip("/") not in OUTPUTS + (RECORDS_DIRNAME,) and not name.startswith(".")]
 
   changed = sorted(name for name in identity if (previous or {}).get(name) != identity[name])
   other_model = (previous is not None and any(name in _MODEL_IDENTITY for name in changed)
@@ -141,3 +147,22 @@ def prepare(model_dir, options, *, is_chief=True):
     tf.io.gfile.makedirs(model_dir)
     fileio.atomic_write_json(path, identity)
   return state
+
+
+def finished_run(model_dir, options):
+  """metrics.json of the finished run of these very settings in `model_dir`, else None.
+
+  Finished: run_options.json and metrics.json (written last, holding the
+  run's `run_identity`) both name these settings. Reads only; whether the
+  export is still there is the caller's to check.
+  """
+  identity = run_identity(options)
+  try:
+    previous = fileio.read_json(os.path.join(model_dir, RUN_OPTIONS_FILENAME))
+    metrics = fileio.read_json(os.path.join(model_dir, METRICS_FILENAME))
+  except (tf.errors.NotFoundError, FileNotFoundError, ValueError, UnicodeDecodeError):
+    return None
+  if previous != identity or not isinstance(metrics, dict) or metrics.get(
+      "run_identity") != identity:
+    return None
+  return metrics

@@ -45,6 +45,9 @@ DEFAULT_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0
 # has up to 1024 images) are fastest; through the backbone, memory bounds it.
 FEATURES_BATCH_SIZE = 1024
 AUGMENTED_BATCH_SIZE = 64
+# Where bin/train converts photos (--image_dir, --filelist) without --records_dir:
+# <model_dir>/records (model_dir.py keeps it apart from the run's outputs).
+RECORDS_DIRNAME = "records"
 # --fine_tune_blocks=all trains every block of the backbone.
 ALL_BLOCKS = "all"
 
@@ -93,6 +96,7 @@ class TrainOptions:
   num_thumbnails_per_class: int = 16
   overwrite: bool = False
   export: bool = True
+  force_export: bool = False   # redo a finished run whose settings did not change
   # Fine-tuning after the head (tlframe/finetune.py, docs/training.md).
   fine_tune: bool = False
   fine_tune_blocks: str = "1"   # a number of top blocks, or ALL_BLOCKS

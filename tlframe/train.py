@@ -67,7 +67,13 @@ def train(options):
 def _run(options, strategy):
   start = time.monotonic()
   chief = distribution.is_chief(strategy)
+  finished = None if options.force_export else _finished_run(options)
+  if finished is not None:
+    logging.info("%s is up to date: its last run had these settings and these records "
+                 "(--force_export redoes it)", options.model_dir)
+    return dict(finished, up_to_date=True)
   label_names = records.read_labels(options.records_dir)
+  identity = model_dir_lib.run_identity(options)
   model_dir_lib.prepare(options.model_dir, options, is_chief=chief)
   out_dir = distribution.output_dir(options.model_dir, strategy)
   tf.io.gfile.makedirs(out_dir)
@@ -154,7 +160,7 @@ def _run(options, strategy):
                    backbone_pass_cached=all(s.from_cache for s in feature_sets.values() if s),
                    head_training_s=head_seconds),
       fine_tune=fine_tuned.metrics if fine_tuned else None,
-      options=dataclasses.asdict(options))
+      options=dataclasses.asdict(options), run_identity=identity, up_to_date=False)
 
   if val_set is not None:
     summaries.write_projector(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, "validation"),
@@ -183,6 +189,18 @@ def _run(options, strategy):
   confusion_png = tf.io.encode_png(summaries.confusion_image(shown["confusion_matrix"]))
   fileio.atomic_write_bytes(os.path.join(options.model_dir, model_dir_lib.CONFUSION_FILENAME),
                             confusion_png.numpy())
+  return metrics
+
+
+def _finished_run(options):
+  """The metrics of the finished run of these settings in the model dir (with its export
+  when one is asked for), else None: a rerun then has nothing to do."""
+  metrics = model_dir_lib.finished_run(options.model_dir, options)
+  if metrics is None:
+    return None
+  if options.export and not (metrics.get("export_dir") and tf.io.gfile.exists(
+      os.path.join(metrics["export_dir"], export_lib.SAVED_MODEL_FILENAME))):
+    return None
   return metrics
 
 
