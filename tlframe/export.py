@@ -100,6 +100,10 @@ class ClassifierModule(tf.Module):
     self._temperature = float(temperature)
     self.average_flips = bool(average_flips)
     self._image_spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
+    # Every signature classifies through this one function: the backbone's graph is
+    # traced, and saved, once (each signature tracing it anew cost seconds per export).
+    self._classify = tf.function(self.outputs, input_signature=[
+        tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)])
 
   def outputs(self, images, backbone=None):
     """float32 [B, S, S, 3] in [0, 1] -> the signatures' output dict."""
@@ -149,7 +153,7 @@ class ClassifierModule(tf.Module):
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
   def serve_bytes(self, image_bytes):
     images = tf.map_fn(self._decode_and_resize, image_bytes, fn_output_signature=self._image_spec)
-    return self.outputs(images)
+    return self._classify(images)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
                                 tf.TensorSpec([None], tf.string, name="key")])
@@ -160,7 +164,7 @@ class ClassifierModule(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
   def predict_images(self, images):
-    return self.outputs(self._resize(images))
+    return self._classify(self._resize(images))
 
   def signatures(self):
     return {SERVING_DEFAULT: self.serve_bytes.get_concrete_function(),
@@ -206,18 +210,23 @@ def _versions(export_base):
           if name.rstrip("/").isdigit()]
 
 
-def export_model(model_dir, *, export_base=None, precision="float32", tflite=False):
+def export_model(model_dir, *, export_base=None, precision="float32", tflite=False,
+                 backbone=None):
   """Exports the model trained into `model_dir` as the next version; returns its directory.
 
   export_base: where the versions go, default `<model_dir>/export`. precision:
   the backbone's compute precision in the export ("float32", "bfloat16" or
   "auto" for bfloat16 where this machine has it). tflite: also write and check
-  a TFLite model.
+  a TFLite model. backbone: the model's backbone as the caller (bin/train)
+  already loaded it, to skip loading it again when its precision is the
+  export's and no fine-tuning changed it.
   """
   head, config = head_lib.load_head(model_dir)
   calibration = calibration_lib.read_calibration(model_dir)
-  backbone = backbone_lib.load_backbone(config.backbone, features=config.features,
-                                        input_size=config.image_size, precision=precision)
+  if (backbone is None or config.fine_tune
+      or backbone.precision != backbone_lib.resolve_precision(precision)):
+    backbone = backbone_lib.load_backbone(config.backbone, features=config.features,
+                                          input_size=config.image_size, precision=precision)
   if backbone.output_dim != config.num_features:
     raise UserError(f"{config.backbone} gives {backbone.output_dim} features but the head in "
                     f"{model_dir} takes {config.num_features}: the backbone changed since "

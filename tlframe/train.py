@@ -140,8 +140,10 @@ def _run(options, strategy):
                                               cv_set.labels, len(label_names),
                                               shift=shift, scale=scale)
     scores, labels, fitted_on = out_of_fold, cv_set.labels, "out_of_fold"
+  calibration_start = time.monotonic()
   calibration = (calibration_lib.calibrate(scores, labels, fitted_on) if scores is not None
                  else None)
+  calibration_seconds = time.monotonic() - calibration_start
   metrics.update(
       epochs_completed=trainer.epochs_done, epochs_run_now=epochs_run,
       stopped_early=bool(trainer.stopped.numpy()),
@@ -158,7 +160,8 @@ def _run(options, strategy):
       timings=dict(backbone_load_s=backbone_load_seconds,
                    backbone_pass_s=sum(s.extract_seconds for s in feature_sets.values() if s),
                    backbone_pass_cached=all(s.from_cache for s in feature_sets.values() if s),
-                   head_training_s=head_seconds),
+                   head_training_s=head_seconds, calibration_s=calibration_seconds,
+                   cross_validation_s=cv["seconds"] if cv else 0.0),
       fine_tune=fine_tuned.metrics if fine_tuned else None,
       options=dataclasses.asdict(options), run_identity=identity, up_to_date=False)
 
@@ -181,7 +184,8 @@ def _run(options, strategy):
     # "auto" resolves on the machine that serves the export, not on this one:
     # the export is float32, which runs everywhere, unless bfloat16 was asked for.
     precision = "float32" if options.precision == "auto" else options.precision
-    metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=precision)
+    metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=precision,
+                                                    backbone=backbone)
     metrics["timings"]["export_s"] = time.monotonic() - export_start
   fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
                            metrics)
