@@ -69,43 +69,51 @@ def builtin_dir(name):
   return os.path.join(cache_dir(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
 
 
-def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False):
-  """Builds built-in `name` into `export_dir`/{feature_vector,classification}, atomically.
+def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
+                  kinds=(FEATURE_VECTOR, CLASSIFICATION)):
+  """Builds built-in `name`'s `kinds` into `export_dir`/{feature_vector,classification}.
 
-  The SavedModels are written into a temporary sibling directory that is
-  renamed to `export_dir` when complete; if another process finished first,
-  its result is kept and ours discarded. Returns `export_dir`.
+  Each kind is written into a temporary sibling directory that is renamed to
+  `export_dir/<kind>` when complete; if another process finished it first,
+  its result is kept and ours discarded. With exist_ok, the kinds already
+  there are kept and only the missing ones built. Returns `export_dir`.
   """
   if name not in BUILTIN_NAMES:
     raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")
-  if tf.io.gfile.isdir(export_dir):
-    if exist_ok:
-      return export_dir
+  if tf.io.gfile.isdir(export_dir) and not exist_ok:
     raise UserError(f"{export_dir} already exists; delete it or choose another export directory")
-  tmp = fileio.temp_path_for(export_dir if "://" in export_dir else os.path.abspath(export_dir))
-  tf.io.gfile.makedirs(os.path.dirname(tmp))
+  missing = [kind for kind in kinds
+             if not tf.io.gfile.exists(os.path.join(export_dir, kind, "saved_model.pb"))]
+  if not missing:
+    return export_dir
   network, weights = _BUILTINS[name]
   data = torch_pth.find_weights(weights, weights_file=weights_file,
                                 download_dir=os.path.join(cache_dir(), "downloads"))
   state_dict = torch_pth.load_state_dict(data, source=weights.filename)
-  try:
-    logging.info("Building %s into %s", name, export_dir)
-    mobilenet_v2.export_saved_models(network, state_dict, tmp, CLASS_NAMES_FILE,
-                                     fold_batch_norm=fold_batch_norm)
+  for kind in missing:
+    target = os.path.join(export_dir, kind)
+    tmp = fileio.temp_path_for(target if "://" in target else os.path.abspath(target))
+    tf.io.gfile.makedirs(os.path.dirname(tmp))
     try:
-      fileio.publish_directory(tmp, export_dir, last_name=f"{FEATURE_VECTOR}/saved_model.pb")
-    except tf.errors.AlreadyExistsError:
-      logging.info("%s was built concurrently by another process; using that one", export_dir)
-  finally:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.rmtree(tmp)
+      logging.info("Building %s (%s) into %s", name, kind, target)
+      mobilenet_v2.export_saved_model(
+          mobilenet_v2.InvertedResidualNet(
+              network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
+              class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None), tmp)
+      try:
+        fileio.publish_directory(tmp, target, last_name="saved_model.pb")
+      except tf.errors.AlreadyExistsError:
+        logging.info("%s was built concurrently by another process; using that one", target)
+    finally:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
   return export_dir
 
 
-def ensure_builtin(name):
-  """The built-in's directory in the cache, building it on first use."""
-  directory = builtin_dir(name)
-  return build_builtin(name, directory, exist_ok=True)
+def ensure_builtin(name, kinds=(FEATURE_VECTOR, CLASSIFICATION)):
+  """The built-in's directory in the cache, building the `kinds` missing there on first use
+  (a run builds only the kind it uses: half the first run's build)."""
+  return build_builtin(name, builtin_dir(name), exist_ok=True, kinds=kinds)
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +165,7 @@ def resolve_handle(handle, *, features=FEATURE_VECTOR):
     raise UserError(f"features must be one of {', '.join(FEATURES)}, not {features!r}")
   if handle in BUILTIN_NAMES:
     variant = CLASSIFICATION if features == "logits" else FEATURE_VECTOR
-    return os.path.join(ensure_builtin(handle), variant)
+    return os.path.join(ensure_builtin(handle, kinds=(variant,)), variant)
   if _is_url(handle):
     return _resolve_url(handle)
   if tf.io.gfile.isdir(handle):

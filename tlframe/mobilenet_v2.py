@@ -346,11 +346,3 @@ def export_saved_model(model, export_dir):
     model.__call__.get_concrete_function(spec)
   serving = model.__call__.get_concrete_function(specs[tf.float32])
   tf.saved_model.save(model, export_dir, signatures={"serving_default": serving})
-
-
-def export_saved_models(network, state_dict, export_dir, class_names_file, fold_batch_norm=True):
-  """Exports `feature_vector/` and `classification/` SavedModels under `export_dir`."""
-  for kind in (FEATURE_VECTOR, CLASSIFICATION):
-    model = InvertedResidualNet(network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
-                                class_names_file=class_names_file if kind == CLASSIFICATION else None)
-    export_saved_model(model, f"{export_dir}/{kind}")
