@@ -71,7 +71,7 @@ def _run(options, strategy):
   if finished is not None:
     logging.info("%s is up to date: its last run had these settings and these records "
                  "(--force_export redoes it)", options.model_dir)
-    return dict(finished, up_to_date=True)
+    return dict(finished, up_to_date=True, epochs_run_now=0)
   label_names = records.read_labels(options.records_dir)
   identity = model_dir_lib.run_identity(options)
   model_dir_lib.prepare(options.model_dir, options, is_chief=chief)
