@@ -77,7 +77,8 @@ _IMAGES_PER_TASK = 16
 _TASKS_IN_FLIGHT_PER_WORKER = 3
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _PARENT_POLL_SECONDS = 1.0
-_FILELIST_HEADER_NAMES = ("path", "filename", "file", "filepath", "image", "image_path")
+_FILELIST_HEADER_NAMES = ("path", "filename", "file_name", "file", "filepath", "file_path",
+                          "image", "image_path")
 _NOT_IN_A_CLASS_FOLDER = "not inside a class sub-folder"
 # How many ignored or skipped file names the log and the summary show.
 _NAMES_SHOWN = 5
@@ -107,13 +108,24 @@ def read_label_lines(path):
   """
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
-      text = f.read().decode("utf-8-sig")
+      data = f.read()
   except tf.errors.NotFoundError:
     raise UserError(f"{path}: no such labels file") from None
+  return [line for line in _text_lines(data, path) if line.strip()]
+
+
+def _text_lines(data, origin):
+  """The lines of a UTF-8 text file's bytes, as spreadsheets and editors save them.
+
+  A byte-order mark is dropped ("CSV UTF-8"); lines end at "\n" alone, a
+  trailing "\r" dropped (CRLF): not at str.splitlines' other breaks (U+2028,
+  U+0085, ...), which a file or class name may hold.
+  """
+  try:
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-  lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
-  return [line for line in lines if line.strip()]
+    raise UserError(f"{origin}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+  return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def check_class_name(name, origin):
@@ -286,21 +298,24 @@ def _folder_of(path):
 def read_filelist(path, flag, need_labels=True):
   """[(resolved path, label or None)] from a CSV or TSV of `path[,label]`; optional header.
 
-  Blank lines and lines starting with '#' are skipped; a first line whose first
-  field is a column name such as `path` or `filename` is a header.
+  UTF-8, as `_text_lines` reads it (a spreadsheet's "CSV UTF-8": byte-order
+  mark, CRLF). Blank lines and lines starting with '#' are skipped; a first
+  line whose first field is a column name such as `path` or `filename` is a
+  header.
   """
   try:
-    with tf.io.gfile.GFile(path, "r") as f:
-      lines = [(number, line) for number, line in enumerate(f.read().splitlines(), 1)
-               if line.strip() and not line.startswith("#")]
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read()
   except tf.errors.NotFoundError:
     raise UserError(f"--{flag} {path}: no such file") from None
+  lines = [(number, line) for number, line in enumerate(_text_lines(data, f"--{flag} {path}"), 1)
+           if line.strip() and not line.startswith("#")]
   delimiter = "\t" if lines and "\t" in lines[0][1] else ","
   base_dir = _folder_of(path)
   entries = []
   for number, line in lines:
     row = [field.strip() for field in next(csv.reader([line], delimiter=delimiter))]
-    if number == lines[0][0] and row[0].lower() in _FILELIST_HEADER_NAMES:
+    if number == lines[0][0] and row[0].lower().replace(" ", "_") in _FILELIST_HEADER_NAMES:
       continue
     if len(row) > 2 or not row[0] or (need_labels and (len(row) < 2 or not row[1])):
       expected = "path,label" if need_labels else "path or path,label"
