@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -191,3 +192,122 @@ def test_listed_paths_end_at_newline_only(tmp_path, photos):
   (tmp_path / "bad.txt").write_bytes(b"cat/\xff.jpg,cat\n")
   with pytest.raises(UserError, match=r"bad.txt: not UTF-8 text \(byte 4\); save it as UTF-8"):
     records.read_filelist(str(tmp_path / "bad.txt"), "filelist")
+
+
+# Point 5: make_tfrecords removes only what a conversion wrote.
+
+
+def test_make_tfrecords_refuses_a_folder_of_the_users_files_unless_overwrite(tmp_path, photos):
+  image_dir = write_tree(tmp_path / "in", photos)
+  output_dir = write_tree(tmp_path / "out", {
+      "labels.txt": b"my own labels\n", "manifest.json": b'{"mine": 1}',
+      "train-00000-of-00003.tfrecord": b"my own file", "notes.txt": b"keep me"})
+  before = tree_bytes(output_dir)
+  result = run_program("make_tfrecords", f"--image_dir={image_dir}", f"--output_dir={output_dir}")
+  assert result.returncode == 2
+  assert error_lines(result.stderr) == [
+      f"error: --output_dir {output_dir} is not empty and holds no make_tfrecords output "
+      "(labels.txt, manifest.json, notes.txt, train-00000-of-00003.tfrecord): give a new or "
+      "empty folder, or add --overwrite to convert into it (replaces labels.txt, manifest.json, "
+      "train-00000-of-00003.tfrecord)"]
+  assert tree_bytes(output_dir) == before
+
+  records.convert(str(output_dir), image_dir=str(image_dir), overwrite=True)
+  assert (output_dir / "notes.txt").read_bytes() == b"keep me"
+  assert not (output_dir / "train-00000-of-00003.tfrecord").exists()
+  assert records.read_labels(str(output_dir)) == ["cat", "cup"]
+
+
+def test_a_rerun_removes_only_the_shards_a_conversion_wrote(tmp_path, photos):
+  image_dir = write_tree(tmp_path / "in", photos)
+  output_dir = tmp_path / "out"
+  first = records.convert(str(output_dir), image_dir=str(image_dir), shard_size=1,
+                          validation_percentage=0, test_percentage=0)
+  ours = [shard["name"] for shard in first["splits"]["train"]["shards"]]
+  user_files = {"train-00007-of-00009.tfrecord": b"named like a shard", "notes.txt": b"mine"}
+  write_tree(output_dir, user_files)
+  records.convert(str(output_dir), image_dir=str(image_dir), validation_percentage=0,
+                  test_percentage=0)  # one shard now: the six of the first run go
+  left = set(os.listdir(output_dir))
+  assert not left & set(ours)
+  assert {name: (output_dir / name).read_bytes() for name in user_files} == user_files
+  with pytest.raises(UserError, match="train-00007-of-00009.tfrecord: a train shard that "
+                                      "manifest.json does not list"):
+    records.check_shards(str(output_dir), "train")
+
+
+# Points 7 and 8: bin/export takes the lock; the lock follows no link.
+
+
+def test_export_refuses_a_model_dir_in_use_by_train(tmp_path):
+  model_dir = tmp_path / "model"
+  with locking.DirectoryLock(str(model_dir), what="bin/train"):  # what bin/train holds
+    result = run_program("export", f"--model_dir={model_dir}")
+  assert result.returncode == 2
+  [line] = error_lines(result.stderr)
+  assert line.startswith(f"error: {model_dir} is in use by bin/train (PID {os.getpid()} on "), line
+  assert sorted(os.listdir(model_dir)) == []  # no export/ started
+
+
+def test_train_refuses_a_model_dir_in_use_by_export(tmp_path):
+  """A real bin/export holds the lock while it blocks reading a FIFO planted as its head."""
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  fifo = model_dir / "head_config.json"
+  os.mkfifo(fifo)
+  export = subprocess.Popen([sys.executable, str(REPO_ROOT / "bin" / "export"),
+                             f"--model_dir={model_dir}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  try:
+    lock = model_dir / locking.LOCK_FILENAME
+    while not (lock.exists() and lock.read_text()):
+      assert export.poll() is None, export.stderr.read()
+      time.sleep(0.05)
+    (tmp_path / "records").mkdir()
+    result = run_program("train", f"--records_dir={tmp_path / 'records'}",
+                         f"--model_dir={model_dir}")
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert f"is in use by bin/export (PID {export.pid} on " in line, line
+  finally:
+    with open(fifo, "w"):  # lets the export go on: it reads an empty head config and fails
+      pass
+    export.wait(timeout=120)
+  assert not lock.exists()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory", "hardlink"])
+def test_the_lock_never_writes_through_a_planted_file(tmp_path, planted):
+  victim = tmp_path / "victim.txt"
+  victim.write_text("the victim's file\n")
+  directory = tmp_path / "shared"
+  directory.mkdir()
+  lock_path = directory / locking.LOCK_FILENAME
+  {"symlink": lambda: lock_path.symlink_to(victim), "fifo": lambda: os.mkfifo(lock_path),
+   "directory": lock_path.mkdir, "hardlink": lambda: os.link(victim, lock_path)}[planted]()
+  with pytest.raises(UserError, match=r"the lock file .* is (a symbolic link|not a regular file|"
+                                      r"a file with other hard links), which tlframe never "
+                                      r"writes through; remove it"):
+    locking.DirectoryLock(str(directory), what="test").acquire()
+  assert victim.read_text() == "the victim's file\n"
+
+
+def test_make_tfrecords_and_train_refuse_a_lock_symlink(tmp_path, photos):
+  image_dir = write_tree(tmp_path / "in", photos)
+  victim = tmp_path / "victim.txt"
+  victim.write_text("the victim's file\n")
+  for name in ("records", "model"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / locking.LOCK_FILENAME).symlink_to(victim)
+  converted = run_program("make_tfrecords", f"--image_dir={image_dir}",
+                          f"--output_dir={tmp_path / 'records'}")
+  trained = run_program("train", f"--records_dir={tmp_path / 'records'}",
+                        f"--model_dir={tmp_path / 'model'}")
+  for result, name in ((converted, "records"), (trained, "model")):
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"error: {tmp_path / name}: the lock file {tmp_path / name / locking.LOCK_FILENAME} is "
+        "a symbolic link, which tlframe never writes through; remove it (and see who put it "
+        "there), then rerun"]
+  assert victim.read_text() == "the victim's file\n"
+  assert sorted(os.listdir(tmp_path / "records")) == [locking.LOCK_FILENAME]
