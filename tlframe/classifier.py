@@ -92,12 +92,15 @@ class Classifier:
     outputs = self._predict_images(images=tf.convert_to_tensor(images, tf.float32))
     return {name: value.numpy() for name, value in outputs.items()}
 
-  def predict(self, images, *, batch_size=DEFAULT_BATCH_SIZE):
+  def predict(self, images, *, batch_size=DEFAULT_BATCH_SIZE,
+              max_pixels=imageformat.DEFAULT_MAX_PIXELS):
     """Classifies images given as file paths, encoded bytes, or pixel arrays; -> Predictions.
 
     A path or bytes must be a JPEG, PNG, GIF, BMP or WebP; an array is [H, W, 3],
     uint8 (0-255) or float in [0, 1]. One image may be given alone. Raises
-    UserError naming the first input that cannot be read or decoded.
+    UserError naming the first input that cannot be read or decoded; every
+    header is checked before any image is decoded, so a file declaring more
+    than `max_pixels` pixels (a decompression bomb) costs nothing.
     """
     if isinstance(images, (str, bytes, os.PathLike, np.ndarray, tf.Tensor)) and not (
         isinstance(images, (np.ndarray, tf.Tensor)) and len(np.shape(images)) == 4):
@@ -111,6 +114,8 @@ class Classifier:
         encoded[index] = bytes(image)
       else:
         arrays[index] = _to_float_image(image, index)
+    for index, data in encoded.items():
+      _check_header(images[index], index, data, max_pixels)
     outputs = [None] * len(images)
     positions = sorted(encoded)
     for start in range(0, len(positions), batch_size):
@@ -155,11 +160,22 @@ def _to_float_image(image, index):
   return array.astype(np.float32)
 
 
+def _name(image, index):
+  """How a message names an input: its path, else its position."""
+  return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+
+
+def _check_header(image, index, data, max_pixels):
+  try:
+    imageformat.check_header(data, max_pixels, "max_pixels")
+  except imageformat.ImageError as e:
+    raise UserError(f"{_name(image, index)}: {e}") from None
+
+
 def _raise_for_undecodable(images, batch, data):
   """Raises UserError naming the first of `batch` whose bytes do not decode, if any."""
   for index, encoded in zip(batch, data):
     try:
       imageformat.decode_checked(encoded)
     except imageformat.ImageError as e:
-      name = images[index] if isinstance(images[index], (str, os.PathLike)) else f"image {index}"
-      raise UserError(f"{name}: {e}") from None
+      raise UserError(f"{_name(images[index], index)}: {e}") from None

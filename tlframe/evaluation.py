@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tlframe import calibration
 from tlframe import fileio
+from tlframe import imageformat
 from tlframe import metrics
 from tlframe import pipeline
 from tlframe import prediction
@@ -79,10 +80,12 @@ def predict_records(classifier, records_dir, split="test", *, batch_size=32):
   return (np.concatenate(probabilities), np.concatenate(labels), filenames, skipped)
 
 
-def predict_image_dir(classifier, image_dir, *, batch_size=32):
+def predict_image_dir(classifier, image_dir, *, batch_size=32,
+                      max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """As predict_records, for a folder with one sub-folder of images per class.
 
-  Files that do not read or decode are skipped, each with its reason.
+  Files that do not read or decode are skipped, each with its reason; so is a
+  file whose header declares over `max_pixels` pixels, before decoding.
   """
   sources, skipped, _ = records.list_image_dir(image_dir)
   if not sources:
@@ -93,7 +96,8 @@ def predict_image_dir(classifier, image_dir, *, batch_size=32):
   paths = [source.path for source in sources]
   true_labels = {source.path: to_model[source.label] for source in sources}
   probabilities, labels, filenames = [], [], []
-  for row in prediction.predict_files(classifier, paths, batch_size=batch_size):
+  for row in prediction.predict_files(classifier, paths, batch_size=batch_size,
+                                      max_pixels=max_pixels):
     if row.error:
       skipped.append(dict(path=row.path, reason=row.error))
       continue

@@ -230,6 +230,37 @@ def orient(image, orientation):
                  lambda: tf.reverse(image, [1]), lambda: image)
 
 
+def check_header(data, max_pixels=DEFAULT_MAX_PIXELS, limit_name="the limit of"):
+  """`sniff(data)`, or ImageError for a header of no pixels or of more than `max_pixels`.
+
+  The check before any decode of untrusted bytes: a decompression bomb (a small
+  file declaring 20000x20000 pixels) is refused at its header.
+  """
+  image_format, width, height, note = sniff(data)
+  if width * height > max_pixels:
+    raise ImageError(f"{width}x{height} = {width * height} pixels is over {limit_name} "
+                     f"{max_pixels} (a decompression bomb?)")
+  if width == 0 or height == 0:
+    raise ImageError(f"{width}x{height}: empty image")
+  return image_format, width, height, note
+
+
+def decode_within(image_bytes, max_pixels):
+  """`decode_image(image_bytes)` for tf.data, after `check_header` passed: no pixel of a
+  bomb is decoded. A header that fails raises InvalidArgumentError instead."""
+  def header_passes(data):
+    try:
+      # bytes in a graph (tf.data); a 0-d object array when run eagerly.
+      check_header(data if isinstance(data, bytes) else data.item(), max_pixels)
+    except ImageError:
+      return False
+    return True
+
+  passes = tf.numpy_function(header_passes, [image_bytes], tf.bool, stateful=False)
+  with tf.control_dependencies([tf.debugging.Assert(passes, ["image header check failed"])]):
+    return decode_image(tf.identity(image_bytes))
+
+
 def decode_checked(data, max_pixels=DEFAULT_MAX_PIXELS, limit_name="the limit of"):
   """Untrusted file bytes -> (upright uint8 [H, W, 3] tensor, format, note), or ImageError.
 
@@ -240,12 +271,7 @@ def decode_checked(data, max_pixels=DEFAULT_MAX_PIXELS, limit_name="the limit of
   header claiming more pixels than the file holds), is refused too: libjpeg
   says so only on stderr, so that is captured around the decode.
   """
-  image_format, width, height, note = sniff(data)
-  if width * height > max_pixels:
-    raise ImageError(f"{width}x{height} = {width * height} pixels is over {limit_name} "
-                     f"{max_pixels} (a decompression bomb?)")
-  if width == 0 or height == 0:
-    raise ImageError(f"{width}x{height}: empty image")
+  image_format, _, _, note = check_header(data, max_pixels, limit_name)
   with _stderr_lines() as messages:
     try:
       image = decode_image(data)

@@ -27,9 +27,11 @@ Not on Windows (no fcntl): the lock is skipped there with a warning.
 """
 
 import datetime
+import errno
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 
@@ -76,7 +78,7 @@ class DirectoryLock:
     try:
       os.makedirs(self.directory, exist_ok=True)
       while self._fd is None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file()
         try:
           fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,6 +99,34 @@ class DirectoryLock:
       raise UserError(f"{self.directory}: cannot create the lock file {self.path}: "
                       f"{e.strerror}; check the path and its permissions and free space") from None
     return self
+
+  def _open_lock_file(self):
+    """The lock file's descriptor: never through a symlink, never anything but a plain file.
+
+    In a shared or group-writable folder, another user could plant a link at
+    the lock's path to make this run overwrite any file it may write.
+    """
+    kind = None
+    try:
+      # O_NONBLOCK: opening a planted FIFO must not wait for a writer.
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                   | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+      if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+        raise
+      kind = "a symbolic link" if os.path.islink(self.path) else "not a regular file"
+    else:
+      info = os.fstat(fd)
+      if not stat.S_ISREG(info.st_mode):
+        kind = "not a regular file"
+      elif info.st_nlink != 1:
+        kind = "a file with other hard links"
+      if kind:
+        os.close(fd)
+    if kind:
+      raise UserError(f"{self.directory}: the lock file {self.path} is {kind}, which tlframe "
+                      "never writes through; remove it (and see who put it there), then rerun")
+    return fd
 
   def _acquire_lock_file(self):
     """The lock as a file created without overwriting, for gs://, s3://, hdfs://, ram://."""
@@ -200,7 +230,7 @@ def _is_stale(holder):
 
 def _same_file(fd, path):
   try:
-    return os.path.samestat(os.fstat(fd), os.stat(path))
+    return os.path.samestat(os.fstat(fd), os.lstat(path))
   except FileNotFoundError:
     return False
 

@@ -9,6 +9,7 @@ them from here.
 import dataclasses
 import math
 import os
+import posixpath
 
 from tlframe.errors import UserError
 
@@ -40,6 +41,9 @@ DEFAULT_MAX_IN_MEMORY_FEATURES = 250_000_000
 # 10, which holds the optimum from a few images per class (small l2) to
 # thousands of weakly separable ones (l2 near 1; for the SVM, C = 1/(l2 N)).
 # tuning.tune_l2 widens it when the best value sits on an edge.
+# The largest --seed: every random generator the run seeds takes a 31-bit seed.
+MAX_SEED = 2**31 - 1
+
 DEFAULT_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 # On cached features a step is a matmul, so big batches (the whole set when it
 # has up to 1024 images) are fastest; through the backbone, memory bounds it.
@@ -143,6 +147,7 @@ def check(options):
     bad("--records_dir is required: the folder bin/make_tfrecords wrote")
   if not options.model_dir:
     bad("--model_dir is required: where checkpoints, logs and metrics go")
+  check_dirs_apart(options.records_dir, options.model_dir)
   for name, allowed in (("loss", LOSSES), ("feature_normalization", FEATURE_NORMALIZATIONS),
                         ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
                         ("class_weight", CLASS_WEIGHTS), ("strategy", STRATEGIES),
@@ -188,11 +193,42 @@ def check(options):
         "random flips: use one of them")
   if options.fine_tune:
     _check_fine_tune(options)
+  if not 0 <= options.seed <= MAX_SEED:
+    bad(f"--seed={options.seed} must be in [0, {MAX_SEED}]")
   if options.cv_folds < 2:
     bad(f"--cv_folds={options.cv_folds} must be at least 2")
   if options.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
     bad("--strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
         "see docs/training.md, or use --strategy=default|mirrored")
+
+
+def check_dirs_apart(records_dir, model_dir):
+  """UserError when --model_dir is --records_dir, inside it or contains it.
+
+  bin/train writes and (with --overwrite) removes files in its model dir
+  (labels.txt, ...): in the records dir, those are the records' own. Symlinks
+  are resolved, so a link into the records is refused too.
+  """
+  records, model = _comparable_path(records_dir), _comparable_path(model_dir)
+  if model == records:
+    where = "is the same folder as"
+  elif model.startswith(records.rstrip("/") + "/"):
+    where = "is inside"
+  elif records.startswith(model.rstrip("/") + "/"):
+    where = "contains"
+  else:
+    return
+  raise UserError(f"--model_dir={model_dir} {where} --records_dir={records_dir}: training "
+                  "writes (and with --overwrite removes) files there that would mix with the "
+                  "records'; give a --model_dir outside the records")
+
+
+def _comparable_path(path):
+  """`path` absolute and normalized, symlinks resolved (for local paths), "/" separated."""
+  if "://" in path:
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+  return os.path.realpath(os.path.expanduser(path)).replace(os.sep, "/")
 
 
 def _check_fine_tune(options):

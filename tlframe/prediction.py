@@ -64,26 +64,30 @@ def list_images(spec):
   return paths
 
 
-def _load(path, image_size, resize_mode):
-  """(image [S, S, 3] float32, ok): a file that does not read or decode gives ok=False."""
+def _load(path, image_size, resize_mode, max_pixels):
+  """(image [S, S, 3] float32, ok): a file that does not read, pass the header check
+  (`imageformat.check_header`: no bomb is decoded) or decode gives ok=False."""
   return pipeline.try_map(
-      path, lambda p: pipeline.preprocess(imageformat.decode_image(tf.io.read_file(p)),
-                                          image_size, resize_mode),
+      path, lambda p: pipeline.preprocess(
+          imageformat.decode_within(tf.io.read_file(p), max_pixels), image_size, resize_mode),
       tf.zeros([image_size, image_size, 3]))
 
 
-def image_batches(paths, batch_size, image_size, resize_mode):
+def image_batches(paths, batch_size, image_size, resize_mode,
+                  max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """A dataset of (images [B, S, S, 3] float32, ok [B] bool) in the order of `paths`."""
   if batch_size < 1:
     raise UserError(f"--batch_size={batch_size} must be positive")
+  if max_pixels < 1:
+    raise UserError(f"--max_pixels={max_pixels} must be positive")
   dataset = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
-  dataset = dataset.interleave(lambda path: _load(path, image_size, resize_mode),
+  dataset = dataset.interleave(lambda path: _load(path, image_size, resize_mode, max_pixels),
                                cycle_length=tf.data.AUTOTUNE,
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def explain_failure(path):
+def explain_failure(path, max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """Why `path` did not load, in a few words (read again: only for the files that failed)."""
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
@@ -91,17 +95,22 @@ def explain_failure(path):
   except (tf.errors.OpError, OSError) as e:
     return f"unreadable: {imageformat.op_error_text(e)}"
   try:
-    imageformat.decode_checked(data)
+    imageformat.decode_checked(data, max_pixels, "--max_pixels")
   except imageformat.ImageError as e:
     return str(e)
   return "does not decode"
 
 
-def predict_files(classifier, paths, *, batch_size=32, top_k=3, log_progress=True):
-  """Yields a Row per path, in order, classifying with a loaded `Classifier`."""
+def predict_files(classifier, paths, *, batch_size=32, top_k=3, log_progress=True,
+                  max_pixels=imageformat.DEFAULT_MAX_PIXELS):
+  """Yields a Row per path, in order, classifying with a loaded `Classifier`.
+
+  A file whose header declares more than `max_pixels` pixels gets an error row
+  without a pixel decoded (a decompression bomb).
+  """
   progress = Progress(len(paths), what="images") if log_progress else None
   batches = image_batches(paths, batch_size, classifier.image_size,
-                          classifier.info["resize_mode"])
+                          classifier.info["resize_mode"], max_pixels)
   position = 0
   label_names = classifier.label_names
   for images, ok in batches:
@@ -115,7 +124,7 @@ def predict_files(classifier, paths, *, batch_size=32, top_k=3, log_progress=Tru
     row_of_loaded = np.cumsum(ok) - 1
     for i, path in enumerate(batch_paths):
       if not ok[i]:
-        yield Row(path=path, error=explain_failure(path))
+        yield Row(path=path, error=explain_failure(path, max_pixels))
         continue
       row = probabilities[row_of_loaded[i]]
       order = np.argsort(-row, kind="stable")[:top_k]

@@ -36,6 +36,7 @@ import collections
 import concurrent.futures
 import ctypes
 import csv
+import fnmatch
 import hashlib
 import json
 import multiprocessing
@@ -77,7 +78,8 @@ _IMAGES_PER_TASK = 16
 _TASKS_IN_FLIGHT_PER_WORKER = 3
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _PARENT_POLL_SECONDS = 1.0
-_FILELIST_HEADER_NAMES = ("path", "filename", "file", "filepath", "image", "image_path")
+_FILELIST_HEADER_NAMES = ("path", "filename", "file_name", "file", "filepath", "file_path",
+                          "image", "image_path")
 _NOT_IN_A_CLASS_FOLDER = "not inside a class sub-folder"
 # How many ignored or skipped file names the log and the summary show.
 _NAMES_SHOWN = 5
@@ -107,13 +109,24 @@ def read_label_lines(path):
   """
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
-      text = f.read().decode("utf-8-sig")
+      data = f.read()
   except tf.errors.NotFoundError:
     raise UserError(f"{path}: no such labels file") from None
+  return [line for line in _text_lines(data, path) if line.strip()]
+
+
+def _text_lines(data, origin):
+  """The lines of a UTF-8 text file's bytes, as spreadsheets and editors save them.
+
+  A byte-order mark is dropped ("CSV UTF-8"); lines end at "\n" alone, a
+  trailing "\r" dropped (CRLF): not at str.splitlines' other breaks (U+2028,
+  U+0085, ...), which a file or class name may hold.
+  """
+  try:
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-  lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
-  return [line for line in lines if line.strip()]
+    raise UserError(f"{origin}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+  return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def check_class_name(name, origin):
@@ -286,21 +299,24 @@ def _folder_of(path):
 def read_filelist(path, flag, need_labels=True):
   """[(resolved path, label or None)] from a CSV or TSV of `path[,label]`; optional header.
 
-  Blank lines and lines starting with '#' are skipped; a first line whose first
-  field is a column name such as `path` or `filename` is a header.
+  UTF-8, as `_text_lines` reads it (a spreadsheet's "CSV UTF-8": byte-order
+  mark, CRLF). Blank lines and lines starting with '#' are skipped; a first
+  line whose first field is a column name such as `path` or `filename` is a
+  header.
   """
   try:
-    with tf.io.gfile.GFile(path, "r") as f:
-      lines = [(number, line) for number, line in enumerate(f.read().splitlines(), 1)
-               if line.strip() and not line.startswith("#")]
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read()
   except tf.errors.NotFoundError:
     raise UserError(f"--{flag} {path}: no such file") from None
+  lines = [(number, line) for number, line in enumerate(_text_lines(data, f"--{flag} {path}"), 1)
+           if line.strip() and not line.startswith("#")]
   delimiter = "\t" if lines and "\t" in lines[0][1] else ","
   base_dir = _folder_of(path)
   entries = []
   for number, line in lines:
     row = [field.strip() for field in next(csv.reader([line], delimiter=delimiter))]
-    if number == lines[0][0] and row[0].lower() in _FILELIST_HEADER_NAMES:
+    if number == lines[0][0] and row[0].lower().replace(" ", "_") in _FILELIST_HEADER_NAMES:
       continue
     if len(row) > 2 or not row[0] or (need_labels and (len(row) < 2 or not row[1])):
       expected = "path,label" if need_labels else "path or path,label"
@@ -571,8 +587,12 @@ def _remove_stale_outputs(output_dir, shards):
 
   The old manifest and labels go first, so that a run killed from here on
   leaves no manifest describing shards that are not there. Then temp files of
-  killed runs, and shards (with their sidecars) this conversion does not write.
+  killed runs, and shards (with their sidecars) this conversion does not
+  write, but only those an earlier conversion wrote (its sidecars or its
+  manifest list them): a file a user put there, even one named like a shard,
+  stays (`check_shards` names it before training reads it).
   """
+  written = _shards_written_before(output_dir)
   for name in (MANIFEST_FILENAME, LABELS_FILENAME):
     if tf.io.gfile.exists(_join(output_dir, name)):
       tf.io.gfile.remove(_join(output_dir, name))
@@ -580,13 +600,34 @@ def _remove_stale_outputs(output_dir, shards):
   progress_dir = _join(output_dir, PROGRESS_DIRNAME)
   for split in SPLITS:
     for path in tf.io.gfile.glob(split_file_pattern(output_dir, split)):
-      if posixpath.basename(path) not in planned:
+      name = posixpath.basename(path)
+      if name in planned:
+        continue
+      if name in written:
         logging.info("Removing %s: not part of this conversion", path)
         tf.io.gfile.remove(path)
+      else:
+        logging.warning("Keeping %s: named like a shard, but no conversion here wrote it "
+                        "(training refuses a shard the manifest does not list)", path)
     for path in tf.io.gfile.glob(_join(progress_dir, f"{split}-*.json")):
       if posixpath.basename(path)[:-len(".json")] not in planned:
         tf.io.gfile.remove(path)
   _remove_temp_files(output_dir)
+
+
+def _shards_written_before(output_dir):
+  """The names of the shards earlier conversions in `output_dir` wrote: the sidecars'
+  and the manifest's."""
+  names = {posixpath.basename(path)[:-len(".json")]
+           for split in SPLITS for path in tf.io.gfile.glob(
+               _join(_join(output_dir, PROGRESS_DIRNAME), f"{split}-*.json"))}
+  try:
+    manifest = read_manifest(output_dir)
+    names.update(shard["name"] for info in manifest["splits"].values()
+                 for shard in info["shards"])
+  except (UserError, KeyError, TypeError, AttributeError):
+    pass  # none, or not readable: the sidecars alone say
+  return names
 
 
 def _remove_temp_files(output_dir):
@@ -748,7 +789,7 @@ def _some(names):
 def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=None,
             test_filelist=None, labels=None, validation_percentage=10.0, test_percentage=10.0,
             shard_size=DEFAULT_SHARD_SIZE, max_side=None, max_pixels=imageformat.DEFAULT_MAX_PIXELS,
-            num_workers=1):
+            num_workers=1, overwrite=False):
   """Converts images to sharded TFRecords in `output_dir`; returns the manifest (also written).
 
   Exactly one of `image_dir` (one sub-folder per class) or `filelist` (CSV/TSV
@@ -756,7 +797,8 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
   explicitly and replace their percentage; everything else is split by a hash
   of its relative path. `labels` fixes the class order (else sorted names).
   `max_side` downscales larger images; `max_pixels` rejects bigger headers
-  before decoding. `num_workers` never changes the output.
+  before decoding. `num_workers` never changes the output. `overwrite`: convert
+  into a folder that holds other files (see `write_conversion`).
   """
   if num_workers < 1:
     raise UserError("--num_workers must be positive")
@@ -766,7 +808,7 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
       test_percentage=test_percentage, shard_size=shard_size, max_side=max_side,
       max_pixels=max_pixels)
   return write_conversion(output_dir, plan, lambda todo: _write_shards_locally(
-      output_dir, todo, plan.labels, num_workers, max_pixels, max_side))
+      output_dir, todo, plan.labels, num_workers, max_pixels, max_side), overwrite=overwrite)
 
 
 # What a conversion will write, decided before any image is decoded: the
@@ -816,7 +858,7 @@ def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
   return Plan(options, labels, labels_given, shards, skipped, ignored)
 
 
-def write_conversion(output_dir, plan, write_shards):
+def write_conversion(output_dir, plan, write_shards, overwrite=False):
   """Carries out `plan` in `output_dir`; returns the manifest (also written).
 
   `write_shards(todo)` writes the shards that no previous run finished (each
@@ -824,9 +866,16 @@ def write_conversion(output_dir, plan, write_shards):
   sidecars by shard name. The rest is the same however the shards are
   written: the lock, resuming, the checks after decoding, labels.txt, the
   manifest, and the one error for a failed write.
+
+  `output_dir` must be new, empty (hidden files aside) or an earlier
+  conversion's; a folder holding other files is a UserError unless
+  `overwrite`, which replaces the files there named like this conversion's
+  outputs and keeps the rest. A conversion removes only files a conversion
+  wrote: shards its sidecars or manifest list, its own temp files.
   """
   with locking.DirectoryLock(output_dir, what="make_tfrecords"):
     try:
+      _check_output_dir(output_dir, overwrite)
       sidecars, todo = _finished_and_todo(output_dir, plan.shards)
       sidecars.update(write_shards(todo))
       _check_classes_after_decoding(output_dir, plan.labels, plan.labels_given, sidecars)
@@ -838,6 +887,32 @@ def write_conversion(output_dir, plan, write_shards):
       num_finished = len(tf.io.gfile.glob(_join(output_dir, "*-of-*.tfrecord")))
       raise UserError(_write_error(e, output_dir, num_finished)) from None
   return manifest
+
+
+def _check_output_dir(output_dir, overwrite):
+  """UserError for a folder that holds files and no earlier conversion, unless `overwrite`.
+
+  An earlier conversion is known by its folder of sidecars (PROGRESS_DIRNAME),
+  made before its first shard. With `overwrite`, the files named like a
+  conversion's outputs (labels.txt, manifest.json, shards) are removed here:
+  the user asked for that; all else stays.
+  """
+  if tf.io.gfile.isdir(_join(output_dir, PROGRESS_DIRNAME)):
+    return
+  names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(output_dir)
+                 if not name.startswith("."))
+  if not names:
+    return
+  like_ours = [name for name in names if name in (LABELS_FILENAME, MANIFEST_FILENAME)
+               or any(fnmatch.fnmatchcase(name, f"{split}-*-of-*.tfrecord") for split in SPLITS)]
+  if not overwrite:
+    replaced = f"replaces {_some(like_ours)}" if like_ours else "removes none of its files"
+    raise UserError(f"--output_dir {output_dir} is not empty and holds no make_tfrecords "
+                    f"output ({_some(names)}): give a new or empty folder, or add --overwrite "
+                    f"to convert into it ({replaced})")
+  for name in like_ours:
+    logging.warning("--overwrite: removing %s", _join(output_dir, name))
+    tf.io.gfile.remove(_join(output_dir, name))
 
 
 def _finished_and_todo(output_dir, shards):

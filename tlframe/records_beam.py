@@ -49,7 +49,7 @@ _PROGRESS_POLL_SECONDS = 10.0
 _BEAM_RUNNER_NAMES = {"DirectRunner": "FnApiRunner"}
 
 
-def convert(output_dir, runner, pipeline_args=(), **conversion):
+def convert(output_dir, runner, pipeline_args=(), overwrite=False, **conversion):
   """`records.convert` with the shards written by a Beam pipeline on `runner`.
 
   `pipeline_args` are Beam pipeline options (`--project=...`,
@@ -62,7 +62,7 @@ def convert(output_dir, runner, pipeline_args=(), **conversion):
                              *pipeline_args])
   decoding = {"max_pixels": plan.options["max_pixels"], "max_side": plan.options["max_side"]}
   return records.write_conversion(output_dir, plan, functools.partial(
-      _write_shards, output_dir, runner, options, plan.labels, decoding))
+      _write_shards, output_dir, runner, options, plan.labels, decoding), overwrite=overwrite)
 
 
 def _write_shards(output_dir, runner, options, labels, decoding, todo):
