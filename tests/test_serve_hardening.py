@@ -93,6 +93,16 @@ def _half_open(server, head):
   return sock
 
 
+def _is_closed(sock):
+  """True if the server has closed `sock` (EOF or reset), without waiting or reading."""
+  try:
+    return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+  except BlockingIOError:
+    return False
+  except ConnectionResetError:
+    return True
+
+
 def _closed_by_server(sock, within_s):
   """True if the server closes `sock` (EOF or reset) within `within_s` seconds."""
   sock.settimeout(within_s)
@@ -109,9 +119,18 @@ def _closed_by_server(sock, within_s):
 def test_idle_and_slow_clients_are_timed_out_and_never_lock_out_the_others(server, tiny_pngs):
   good = {"instances": [_b64(tiny_pngs[0])]}
   # Three times --max_connections sockets that send a few header bytes and then nothing.
+  opened_at = time.monotonic()
   idle = [_half_open(server, b"POST /v1/models/x:predict HTTP/1.1\r\nHost: a\r\n")
           for _ in range(3 * MAX_CONNECTIONS)]
-  time.sleep(0.2)
+  # Until the first of them could time out, only making room closes them: the oldest, and
+  # no more than needed.
+  before_timeouts = opened_at + CLIENT_TIMEOUT_S - 0.2
+  while (sum(map(_is_closed, idle)) < 2 * MAX_CONNECTIONS
+         and time.monotonic() < before_timeouts - 0.3):
+    time.sleep(0.05)
+  closed = [_is_closed(sock) for sock in idle]
+  if time.monotonic() < before_timeouts:
+    assert sum(closed) == 2 * MAX_CONNECTIONS and not any(closed[-MAX_CONNECTIONS:]), closed
   for _ in range(3):
     status, answer = server.predict(good)
     assert status == 200, answer

@@ -649,11 +649,13 @@ class _GuardedH11Protocol(h11_impl.H11Protocol):
   def connection_made(self, transport):
     super().connection_made(transport)
     self._await_head()
-    excess = len(self.connections) - self.max_connections
+    # Connections closed a moment ago stay in the set until their connection_lost runs.
+    open_connections = [connection for connection in self.connections
+                        if not connection.transport.is_closing()]
+    excess = len(open_connections) - self.max_connections
     if excess > 0:
-      waiting = sorted((connection for connection in self.connections
-                        if connection is not self and connection._head_timer is not None
-                        and not connection.transport.is_closing()),
+      waiting = sorted((connection for connection in open_connections
+                        if connection is not self and connection._head_timer is not None),
                        key=lambda connection: connection._waiting_since)
       for connection in waiting[:excess]:
         connection.transport.close()
