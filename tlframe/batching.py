@@ -9,6 +9,12 @@ one call, and slices the outputs back to their requests. The timeout counts
 from the oldest request's arrival, so requests that queued while the previous
 batch ran go at once.
 
+No model call holds more than `max_batch_size` images, whatever one request
+holds: a larger request runs in slices of that size (its outputs are joined
+again), and after each slice its rest goes to the back of the queue, so that
+the requests that came meanwhile take their turn. A model's memory is that of
+one batch, and one huge request cannot starve the others.
+
 If a merged call fails, each of its requests is rerun alone, so that one bad
 request (an undecodable image) fails only itself.
 """
@@ -29,6 +35,25 @@ class _Request:
   size: int
   future: concurrent.futures.Future
   arrived_at: float
+  taken: int = 0  # images already given to a batch
+  outputs: list = dataclasses.field(default_factory=list)  # one {name: array} per slice run
+
+
+@dataclasses.dataclass
+class _Slice:
+  """Images [start, end) of one request, in one batch."""
+  request: _Request
+  start: int
+  end: int
+
+  @property
+  def size(self):
+    return self.end - self.start
+
+  def inputs(self):
+    if (self.start, self.end) == (0, self.request.size):
+      return self.request.inputs
+    return {name: value[self.start:self.end] for name, value in self.request.inputs.items()}
 
 
 class ShuttingDown(Exception):
@@ -76,7 +101,7 @@ class DynamicBatcher:
     self._thread.join()
 
   def _next_batch(self):
-    """The requests of the next batch, oldest first; None once closed and empty."""
+    """The slices of the next batch, oldest request first; None once closed and empty."""
     with self._cond:
       while not self._pending and not self._closed:
         self._cond.wait()
@@ -88,50 +113,73 @@ class DynamicBatcher:
         if remaining <= 0:
           break
         self._cond.wait(remaining)
-      batch = [self._pending.popleft()]
-      size = batch[0].size
-      while self._pending and size + self._pending[0].size <= self._max_batch_size:
-        batch.append(self._pending.popleft())
-        size += batch[-1].size
-      self._pending_size -= size
-    # A request whose caller gave up (client gone) is dropped; the rest can no longer be cancelled.
-    return [request for request in batch if request.future.set_running_or_notify_cancel()]
-
+      batch, room = [], self._max_batch_size
+      while self._pending and room:
+        request = self._pending[0]
+        left = request.size - request.taken
+        # A request that fits goes whole; one larger than any batch goes in slices.
+        if left > room and (batch or left <= self._max_batch_size):
+          break
+        self._pending.popleft()
+        count = min(left, room)
+        self._pending_size -= count
+        # A request whose caller gave up (client gone) is dropped; the rest can no longer be
+        # cancelled. A request whose earlier slice failed is done.
+        if request.taken == 0 and not request.future.set_running_or_notify_cancel():
+          self._pending_size -= left - count
+          continue
+        if request.future.done():
+          self._pending_size -= left - count
+          continue
+        batch.append(_Slice(request, request.taken, request.taken + count))
+        request.taken += count
+        room -= count
+        if request.taken < request.size:
+          self._pending.append(request)  # its rest: after the requests that came meanwhile
+    return batch
   def _work(self):
     while True:
       batch = self._next_batch()
       if batch is None:
         return
       groups = collections.defaultdict(list)
-      for request in batch:
-        groups[request.group].append(request)
-      for group, requests in groups.items():
-        self._run_group(group, requests)
+      for piece in batch:
+        groups[piece.request.group].append(piece)
+      for group, pieces in groups.items():
+        self._run_group(group, pieces)
 
-  def _run_group(self, group, requests):
+  def _run_group(self, group, pieces):
     try:
-      outputs = self._call(group, requests)
+      outputs = self._call(group, pieces)
     except Exception as e:  # pylint: disable=broad-except
-      if len(requests) == 1:
-        requests[0].future.set_exception(e)
+      if len(pieces) == 1:
+        if not pieces[0].request.future.done():
+          pieces[0].request.future.set_exception(e)
         return
       # Find the request at fault by running each alone; the others still succeed.
-      for request in requests:
-        self._run_group(group, [request])
+      for piece in pieces:
+        self._run_group(group, [piece])
       return
     start = 0
-    for request in requests:
-      end = start + request.size
-      request.future.set_result({name: value[start:end] for name, value in outputs.items()})
+    for piece in pieces:
+      end = start + piece.size
+      request = piece.request
+      request.outputs.append({name: value[start:end] for name, value in outputs.items()})
       start = end
+      if piece.end == request.size and not request.future.done():
+        parts = request.outputs
+        request.future.set_result(parts[0] if len(parts) == 1 else
+                                  {name: np.concatenate([part[name] for part in parts])
+                                   for name in parts[0]})
+        request.outputs = []
 
-  def _call(self, group, requests):
-    if len(requests) == 1:
-      inputs = requests[0].inputs
+  def _call(self, group, pieces):
+    if len(pieces) == 1:
+      inputs = pieces[0].inputs()
     else:
-      inputs = {name: np.concatenate([r.inputs[name] for r in requests])
-                for name in requests[0].inputs}
-    size = sum(r.size for r in requests)
+      inputs = {name: np.concatenate([piece.inputs()[name] for piece in pieces])
+                for name in pieces[0].request.inputs}
+    size = sum(piece.size for piece in pieces)
     start = self._clock()
     outputs = self._run_batch(group, inputs)
     if self._on_batch:

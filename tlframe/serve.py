@@ -13,13 +13,16 @@ Serving answers them (tensorflow_serving/util/json_tensor.cc):
 - `GET /v1/models/NAME[/versions/N]` (version status) and `.../metadata`
   (the SignatureDefs, plus the export's tlframe_export.json under "tlframe").
 - Errors as `{"error": "..."}` with TF Serving's status codes: 400 for a bad
-  request, 404 for an unknown model or version; 413 for a body over
-  `max_request_bytes`, refused while it is read.
+  request (more than `max_instances_per_request` instances among them), 404 for
+  an unknown model or version; 413 for a body over `max_request_bytes`, refused
+  while it is read; 408 for a body slower than `client_timeout_s`.
 
 Beyond the protocol: `/healthz` (liveness), `/readyz` (readiness: 503 while
 draining), and Prometheus metrics at `/metrics`. Predict requests go through
-`batching.DynamicBatcher`, so concurrent requests share one model call, and
-TensorFlow runs in its worker thread, off the event loop. On SIGTERM the server
+`batching.DynamicBatcher`, so concurrent requests share one model call, no call
+holds more than `max_batch_size` images (a larger request runs in slices), and
+TensorFlow runs in its worker thread, off the event loop. Connections are guarded
+against clients that send nothing (`_GuardedH11Protocol`). On SIGTERM the server
 stops accepting connections, answers every request it has accepted, and
 returns normally (exit status 0).
 
@@ -46,7 +49,9 @@ import numpy as np
 import prometheus_client
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
+import starlette.requests
 import uvicorn
+from uvicorn.protocols.http import h11_impl
 
 from tlframe import batching
 from tlframe import export
@@ -62,6 +67,12 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_TIMEOUT_MS = 2.0
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 256
+# More instances in one request are refused (400): bounds the request's own arrays and its
+# answer. The model never sees more than --max_batch_size of them at once.
+DEFAULT_MAX_INSTANCES_PER_REQUEST = 1024
+# Seconds a client has to send a request's head (after connecting or after its previous
+# answer), and again its body; slower ones are disconnected or answered 408.
+DEFAULT_CLIENT_TIMEOUT_S = 30.0
 # Seconds a drain waits for accepted requests before cancelling them.
 DRAIN_TIMEOUT_S = 60
 # After a 413 the rest of the body is read and dropped (at most this much), so
@@ -186,17 +197,18 @@ def _short_json(value, limit=200):
   return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _string_value(value):
+def _string_value(value, index):
   if _is_b64(value):
     text = value["b64"]
     try:
       return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-      raise RequestError(400, "Unable to base64 decode") from None
+      raise RequestError(400, f"instance {index}: Unable to base64 decode its \"b64\" "
+                         "value") from None
   if isinstance(value, str):
     return value.encode("utf-8")
-  raise RequestError(400, f"JSON Value: {_short_json(value)} is not of expected type: string "
-                     '(bytes go as {"b64": "<base64>"})')
+  raise RequestError(400, f"instance {index}: JSON Value: {_short_json(value)} is not of "
+                     'expected type: string (bytes go as {"b64": "<base64>"})')
 
 
 def _to_array(values, name, spec):
@@ -204,15 +216,26 @@ def _to_array(values, name, spec):
   if spec.dtype == tf.string:
     if spec.shape.rank != 1:
       raise RequestError(400, f"input {name!r} of rank {spec.shape.rank} is not supported")
-    return np.array([_string_value(value) for value in values], dtype=object)
+    return np.array([_string_value(value, index) for index, value in enumerate(values)],
+                    dtype=object)
   try:
-    array = np.asarray(values, dtype=spec.dtype.as_numpy_dtype)
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf: refused below
+      array = np.asarray(values, dtype=spec.dtype.as_numpy_dtype)
   except (TypeError, ValueError) as e:
     raise RequestError(400, f"input {name!r}: the values are not a dense numeric "
                        f"{spec.dtype.name} tensor: {e}") from None
   if not spec.shape.is_compatible_with(array.shape):
     raise RequestError(400, f"input {name!r}: expecting shape {_shape_text(spec.shape)} but got "
                        f"{list(array.shape)}")
+  if spec.dtype.is_floating and array.size:
+    # Python's JSON reads NaN and Infinity; a model would answer them with confident nonsense.
+    rows = np.atleast_1d(array)
+    finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
+    if not finite.all():
+      index = int(np.argmin(finite))
+      raise RequestError(400, f"instance {index}: input {name!r} holds NaN or infinite values "
+                         "(or values beyond float32's range); send finite numbers (pixels are "
+                         "floats in [0, 1])")
   return array
 
 
@@ -438,11 +461,14 @@ async def _discard_body(request, read=0):
 class _ServerState:
   """What the handlers share: the servable, its batcher, metrics and the drain flag."""
 
-  def __init__(self, servable, model_name, max_request_bytes, max_pixels):
+  def __init__(self, servable, model_name, max_request_bytes, max_pixels,
+               max_instances_per_request, client_timeout_s):
     self.servable = servable
     self.model_name = model_name
     self.max_request_bytes = max_request_bytes
     self.max_pixels = max_pixels
+    self.max_instances_per_request = max_instances_per_request
+    self.client_timeout_s = client_timeout_s
     self.metrics = _Metrics()
     self.batcher = None
     self.draining = threading.Event()
@@ -464,10 +490,13 @@ class _ServerState:
     # Parsing megabytes of JSON (float pixels) would stall the event loop's other requests.
     signature, inputs, row_format = await asyncio.to_thread(parse_predict_request, body,
                                                             self.servable)
+    size = len(next(iter(inputs.values())))
+    if size > self.max_instances_per_request:
+      raise RequestError(400, f"{size} instances is over --max_instances_per_request="
+                         f"{self.max_instances_per_request}; send them in several requests")
     images = inputs.get(IMAGE_BYTES_INPUT)
     if images is not None:
       check_image_headers(images, self.max_pixels)
-    size = len(next(iter(inputs.values())))
     group = (signature,) + tuple((name, inputs[name].shape[1:]) for name in sorted(inputs))
     try:
       future = self.batcher.submit(group, inputs, size)
@@ -501,9 +530,12 @@ class _ServerState:
 def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SIZE,
                batch_timeout_ms=DEFAULT_BATCH_TIMEOUT_MS,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
-               max_pixels=imageformat.DEFAULT_MAX_PIXELS):
+               max_pixels=imageformat.DEFAULT_MAX_PIXELS,
+               max_instances_per_request=DEFAULT_MAX_INSTANCES_PER_REQUEST,
+               client_timeout_s=DEFAULT_CLIENT_TIMEOUT_S):
   """The FastAPI app serving `servable` as `model_name`; run it with `run_server`."""
-  state = _ServerState(servable, model_name, max_request_bytes, max_pixels)
+  state = _ServerState(servable, model_name, max_request_bytes, max_pixels,
+                       max_instances_per_request, client_timeout_s)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -548,7 +580,12 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
       status = _STATUS_PATH.fullmatch(path) if request.method == "GET" else None
       if predict:
         api = "predict"
-        body = await _read_body(request, state.max_request_bytes)
+        try:
+          async with asyncio.timeout(state.client_timeout_s):
+            body = await _read_body(request, state.max_request_bytes)
+        except TimeoutError:
+          raise RequestError(408, f"the request body took over --client_timeout_s="
+                             f"{state.client_timeout_s:g} seconds to arrive") from None
         state.check_model(*predict.groups())
         response = _json_response(await state.predict(body))
       elif status:
@@ -560,6 +597,13 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
         raise RequestError(400, f"Malformed request: {request.method} {path}")
     except RequestError as e:
       response = _error_response(e.status, e.message)
+      if e.status == 408:
+        response.headers["connection"] = "close"  # the rest of the body is not waited for
+    except starlette.requests.ClientDisconnect:
+      # Nobody to answer; nginx's 499 in the metrics.
+      logging.warning("%s %s: the client disconnected before sending the whole body",
+                      request.method, path)
+      response = fastapi.Response(status_code=499)
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("%s %s failed", request.method, path)
       response = _error_response(500, f"internal error: {type(e).__name__}: {e}")
@@ -581,6 +625,64 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
 
 # ---------------------------------------------------------------------------
 # Running it.
+
+
+class _GuardedH11Protocol(h11_impl.H11Protocol):
+  """uvicorn's HTTP/1.1 protocol, guarded against clients that hold a connection and send nothing.
+
+  - A request's head (request line and headers) must arrive within
+    `client_timeout_s` of the connection, or of the previous answer on it; else
+    the connection is closed. (uvicorn's keep-alive timeout stops at the first
+    byte, so a client sending one header byte a second would stay forever.)
+  - Past `max_connections` open connections, a new one closes the one that has
+    waited longest with no request in progress (idle, or still sending its head):
+    idle sockets never lock out clients with work. Only when every connection
+    has a request in progress does uvicorn answer 503 (its `limit_concurrency`,
+    one more than `max_connections`, counts the new connection too).
+
+  run_server subclasses it with the server's `client_timeout_s` and `max_connections`.
+  """
+
+  client_timeout_s = DEFAULT_CLIENT_TIMEOUT_S
+  max_connections = DEFAULT_MAX_CONNECTIONS
+
+  def connection_made(self, transport):
+    super().connection_made(transport)
+    self._await_head()
+    # Connections closed a moment ago stay in the set until their connection_lost runs.
+    open_connections = [connection for connection in self.connections
+                        if not connection.transport.is_closing()]
+    excess = len(open_connections) - self.max_connections
+    if excess > 0:
+      waiting = sorted((connection for connection in open_connections
+                        if connection is not self and connection._head_timer is not None),
+                       key=lambda connection: connection._waiting_since)
+      for connection in waiting[:excess]:
+        connection.transport.close()
+
+  def _await_head(self):
+    self._waiting_since = self.loop.time()
+    self._head_timer = self.loop.call_later(self.client_timeout_s, self.transport.close)
+
+  def _stop_waiting(self):
+    if self._head_timer is not None:
+      self._head_timer.cancel()
+      self._head_timer = None
+
+  def handle_events(self):
+    super().handle_events()
+    if self.cycle is not None and not self.cycle.response_complete:
+      self._stop_waiting()  # a request's head arrived
+
+  def on_response_complete(self):
+    if not self.transport.is_closing():
+      self._stop_waiting()
+      self._await_head()  # before a pipelined request's head is handled, which stops it
+    super().on_response_complete()
+
+  def connection_lost(self, exc):
+    self._stop_waiting()
+    super().connection_lost(exc)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -640,9 +742,12 @@ def run_server(app, host="127.0.0.1", port=8501, max_connections=DEFAULT_MAX_CON
     sock.close()
     raise UserError(f"--host={host} --port={port}: cannot listen there ({e.strerror}); "
                     "choose another port or host") from None
-  config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                          limit_concurrency=max_connections,
-                          timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
   state = app.state.server_state
+  protocol = type("GuardedH11Protocol", (_GuardedH11Protocol,),
+                  {"client_timeout_s": state.client_timeout_s,
+                   "max_connections": max_connections})
+  config = uvicorn.Config(app, http=protocol, ws="none", log_config=None, access_log=False,
+                          lifespan="on", limit_concurrency=max_connections + 1,
+                          timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
   _DrainingServer(config, state, on_listening).run(sockets=[sock])
   return state.accepted, state.answered
