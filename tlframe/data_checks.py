@@ -112,6 +112,25 @@ def suspected_label_errors(out_of_fold_scores, labels, filenames, label_names, *
                label_probability=float(label_probability[i])) for i in suspects]
 
 
+def check(feature_sets, out_of_fold_scores, cv_set, label_names, *,
+          similarity=DEFAULT_NEAR_DUPLICATE_SIMILARITY, confidence=DEFAULT_SUSPECT_CONFIDENCE):
+  """bin/train's checks, as metrics.json's `data_checks` dict.
+
+  feature_sets: {split: features.FeatureSet or None}, train first (its mean
+  centres the features). out_of_fold_scores: [N, C] of `cv_set`'s rows, or
+  None (too few images: `suspects` is then None).
+  """
+  splits = {split: ((lambda s=feature_set: (part[0] for part in s.parts())),
+                    feature_set.filenames)
+            for split, feature_set in feature_sets.items() if feature_set is not None}
+  pairs = near_duplicates(splits, threshold=similarity) if len(splits) > 1 else []
+  suspects = (None if out_of_fold_scores is None else suspected_label_errors(
+      out_of_fold_scores, cv_set.labels, cv_set.filenames, label_names, threshold=confidence))
+  return dict(near_duplicates=pairs, near_duplicate_threshold=similarity, suspects=suspects,
+              suspect_threshold=confidence, suspects_checked=None if suspects is None else
+              len(cv_set.labels))
+
+
 def write_suspects_csv(path, suspects):
   """suspect_labels.csv (atomic): rank, file, label, suspected_label and both probabilities."""
   table = io.StringIO()

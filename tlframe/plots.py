@@ -144,7 +144,7 @@ def cv_curve_figure(cv):
   `cv`: train.py's metrics["cross_validation"] (rows of l2, accuracy, loss and
   their std across folds; best_l2, best_normalization).
   """
-  figure = _figure(6.4, 4.2)
+  figure = _figure(6.4, 5.0)
   accuracy_axes = figure.add_subplot()
   loss_axes = accuracy_axes.twinx()
   normalizations = sorted({row["feature_normalization"] for row in cv["rows"]})
@@ -172,8 +172,8 @@ def cv_curve_figure(cv):
   loss_axes.set_ylabel("held-out loss", color="tab:orange")
   accuracy_axes.set_title(f"{cv['folds']}-fold cross-validation on {cv['examples']} images")
   handles = (accuracy_axes.get_legend_handles_labels(), loss_axes.get_legend_handles_labels())
-  accuracy_axes.legend(handles[0][0] + handles[1][0], handles[0][1] + handles[1][1],
-                       fontsize=7, loc="lower left")
+  figure.legend(handles[0][0] + handles[1][0], handles[0][1] + handles[1][1], fontsize=7,
+                loc="outside lower center", ncols=2)
   return figure
 
 
