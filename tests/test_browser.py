@@ -38,6 +38,7 @@ CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", 
                 None)
 CHROMEDRIVER = shutil.which("chromedriver")
 WINDOW = (1000, 640)
+MAX_SCREENSHOT_HEIGHT = 4000
 WAIT_S = 60
 # Screenshots are palette PNGs: a page is mostly flat colour; they stay small in git.
 SCREENSHOT_COLOURS = 128
@@ -116,6 +117,7 @@ def _upload(driver, path):
   return status.get_attribute("data-state"), status.text
 
 
+@pytest.mark.slow
 def test_serve_page_classifies_an_uploaded_photo(browser, server, trained_model, tmp_path,
                                                  screenshot_dir):
   photo = tmp_path / "chelsea.jpg"
@@ -159,6 +161,49 @@ def test_serve_page_classifies_an_uploaded_photo(browser, server, trained_model,
   assert all(url.startswith(base_url + "/") for url in browser.execute_script(_RESOURCES))
   assert _console_errors(browser) == []
   _assert_drawn(_save_screenshot(browser, os.path.join(screenshot_dir, "serve_page.png")))
+
+
+@pytest.fixture(scope="module")
+def evaluation_dir(trained_model, tmp_path_factory):
+  """bin/evaluate's output on the four full photos plus two mislabelled ones (mistakes to show).
+
+  Run from its folder with relative paths: the page (and the screenshot) names them so.
+  """
+  tmp = tmp_path_factory.mktemp("browser_evaluation")
+  files = {f"{name}/{name}.jpg": name for name in CLASSES}
+  files.update({"coffee/IMG_0007.jpg": "chelsea", "astronaut/IMG_0012.jpg": "rocket"})
+  for path, photo in files.items():
+    (tmp / "photos" / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp / "photos" / path).write_bytes(
+        tf.io.encode_jpeg(trained_model.photos[photo], quality=90).numpy())
+  (tmp / "model").symlink_to(trained_model.model_dir)
+  result = subprocess.run([sys.executable, EVALUATE, "--model=model", "--image_dir=photos",
+                           "--output_dir=evaluation"],
+                          cwd=tmp, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return tmp / "evaluation"
+
+
+@pytest.mark.slow
+def test_report_html_shows_every_image_without_errors(browser, evaluation_dir, screenshot_dir):
+  browser.get((evaluation_dir / "report.html").as_uri())
+  browser.wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+  # The plots and the two mistakes' thumbnails at least, each decoded.
+  assert _assert_images_load(browser) >= 4
+  mistakes = browser.find_elements("css selector", "figure")
+  assert {"IMG_0007.jpg", "IMG_0012.jpg"} <= {
+      name for figure in mistakes for name in re.findall(r"IMG_\d+\.jpg", figure.text)}
+  assert not [url for url in browser.execute_script(_RESOURCES)
+              if not url.startswith(("data:", "file:"))]
+  assert _console_errors(browser) == []
+  # The whole page in one picture: a window whose viewport is as tall as the page.
+  height = browser.execute_script("return document.documentElement.scrollHeight"
+                                  " + window.outerHeight - window.innerHeight")
+  browser.set_window_size(WINDOW[0], min(height, MAX_SCREENSHOT_HEIGHT))
+  try:
+    _assert_drawn(_save_screenshot(browser, os.path.join(screenshot_dir, "report.png")))
+  finally:
+    browser.set_window_size(*WINDOW)
 
 
 def test_serve_page_references_nothing_outside_and_its_policy_allows_only_its_own_code(server):
