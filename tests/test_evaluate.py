@@ -1,10 +1,13 @@
 """bin/evaluate on a held-out split of real photos, and its numbers against numpy."""
 
+import base64
 import csv
+import html.parser
 import json
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -19,6 +22,32 @@ from production_fixtures import trained_model  # pylint: disable=unused-import  
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(REPO, "bin", "evaluate")
+
+
+class _Page(html.parser.HTMLParser):
+  """The <img> sources and the visible text of an HTML page."""
+
+  def __init__(self):
+    super().__init__()
+    self.image_sources, self.text = [], ""
+
+  def handle_starttag(self, tag, attrs):
+    if tag == "img":
+      self.image_sources.append(dict(attrs)["src"])
+
+  def handle_data(self, data):
+    self.text += data
+
+
+def _parse_page(path):
+  page = _Page()
+  page.feed(open(path, encoding="utf-8").read())
+  return page
+
+
+def _svg_texts(path):
+  return [element.text for element in ElementTree.parse(path).iter()
+          if element.tag.endswith("}text") and element.text]
 
 
 def _numpy_report(probabilities, labels, num_classes, k, num_bins=15):
@@ -83,9 +112,17 @@ def test_evaluate_on_the_test_split_matches_numpy(trained_model, tmp_path):
   _check_report(report, _numpy_report(probabilities, labels, 4, k=2), CLASSES)
   assert report["accuracy"] >= 0.9
   confusion_png = tf.io.decode_png((output_dir / "confusion_matrix.png").read_bytes())
-  assert confusion_png.shape == (4 * 12, 4 * 12, 3)
+  assert confusion_png.shape[2] == 3 and min(confusion_png.shape[:2]) >= 250
+  # The class names are on the plot's axes: text in the SVG, once per axis.
+  svg_texts = _svg_texts(output_dir / "confusion_matrix.svg")
+  for name in CLASSES:
+    assert svg_texts.count(name) == 2, (name, svg_texts)
   reliability_png = tf.io.decode_png((output_dir / "reliability_diagram.png").read_bytes())
-  assert reliability_png.shape[2] == 3 and reliability_png.shape[0] >= 100
+  assert reliability_png.shape[2] == 3 and reliability_png.shape[0] >= 300
+  page = _parse_page(output_dir / "report.html")
+  assert all(src.startswith("data:image/") for src in page.image_sources)
+  assert len(page.image_sources) == 2 + min(len(report["misclassified"]), 60)
+  assert "http://" not in page.text and "https://" not in page.text
   rows = list(csv.reader(open(output_dir / "misclassified.csv")))
   assert rows[0] == ["file", "true_label", "predicted_label", "probability"]
   assert len(rows) - 1 == len(report["misclassified"])
@@ -134,3 +171,13 @@ def test_evaluate_an_image_dir_skips_bad_files(trained_model, tmp_path):
   paths = evaluation.write_report(str(tmp_path / "out"), report)
   for name in (evaluation.CONFUSION_PNG, evaluation.RELIABILITY_PNG):
     assert tf.io.decode_png(open(paths[name], "rb").read()).shape[2] == 3
+  # A model that errs on purpose: the report shows each mistake's photo, read from its file.
+  wrong = np.roll(labels, 1)
+  report = evaluation.evaluate(probabilities, wrong, classifier.label_names, filenames=filenames)
+  thumbnails = evaluation.misclassified_thumbnails(report)
+  assert sorted(thumbnails) == sorted(filenames)
+  paths = evaluation.write_report(str(tmp_path / "wrong"), report, thumbnails=thumbnails)
+  page = _parse_page(paths[evaluation.REPORT_HTML])
+  assert sum(src.startswith("data:image/jpeg") for src in page.image_sources) == 4
+  decoded = tf.io.decode_jpeg(base64.b64decode(page.image_sources[-1].split(",", 1)[1]))
+  assert max(decoded.shape[:2]) == 128

@@ -357,3 +357,49 @@ def test_reconverting_with_other_flags_replaces_the_old_output(photo_tree, tmp_p
   assert sorted(p.name for p in (output_dir / records.PROGRESS_DIRNAME).iterdir()) == [
       "train-00000-of-00001.tfrecord.json"]
   assert len(read_examples(str(output_dir / "*.tfrecord"))) == manifest["num_examples"] == 18
+
+
+def test_exact_duplicates_within_and_across_classes_and_splits_are_listed(photo_tree, tmp_path):
+  tree = tmp_path / "photos"
+  copies = {  # file in the new tree: file of photo_tree whose bytes it holds
+      "cat/chelsea_0.jpg": "cat/chelsea_0.jpg", "cat/chelsea_1.png": "cat/chelsea_1.png",
+      "cat/chelsea_copy.jpg": "cat/chelsea_0.jpg",
+      "cup/coffee_0.jpg": "cup/coffee_0.jpg", "cup/coffee_1.png": "cup/coffee_1.png",
+      "cup/cat_by_mistake.png": "cat/chelsea_1.png",
+      "rocket/rocket_0.jpg": "rocket/rocket_0.jpg", "rocket/rocket_1.png": "rocket/rocket_1.png",
+      "rocket/rocket_held_out.jpg": "rocket/rocket_0.jpg"}
+  for path, source in copies.items():
+    (tree / path).parent.mkdir(parents=True, exist_ok=True)
+    (tree / path).write_bytes((photo_tree / source).read_bytes())
+  # The same pixels in other bytes are no exact duplicate (near-duplicates are bin/train's).
+  pixels = imageformat.decode_image((photo_tree / "rocket/rocket_0.jpg").read_bytes()).numpy()
+  (tree / "rocket/rocket_0_as_png.png").write_bytes(encode(pixels, "PNG"))
+  test_list = tmp_path / "test.txt"
+  test_list.write_text(f"{tree / 'rocket/rocket_held_out.jpg'}\n")
+  output_dir = tmp_path / "out"
+  manifest = records.convert(str(output_dir), image_dir=str(tree), test_filelist=str(test_list),
+                             validation_percentage=0)
+  assert manifest["num_examples"] == 10 and not manifest["skipped"]  # reported, none removed
+
+  def group(problems, *paths):
+    return {"sha256": hashlib.sha256((tree / paths[0]).read_bytes()).hexdigest(),
+            "problems": problems,
+            "files": [{"path": path, "label": path.split("/")[0],
+                       "split": "test" if path == "rocket/rocket_held_out.jpg" else "train"}
+                      for path in paths]}
+
+  assert manifest["exact_duplicates"] == [
+      group(["within_class"], "cat/chelsea_0.jpg", "cat/chelsea_copy.jpg"),
+      group(["across_classes"], "cat/chelsea_1.png", "cup/cat_by_mistake.png"),
+      group(["across_splits", "within_class"], "rocket/rocket_0.jpg",
+            "rocket/rocket_held_out.jpg")]
+  assert records.read_manifest(str(output_dir))["exact_duplicates"] == manifest[
+      "exact_duplicates"]
+  lines = records.summary_lines(manifest, str(output_dir))
+  assert ("Exact duplicates (identical bytes): 3 groups of 6 files, kept as they are: "
+          "1 across classes (one photo, two labels), 1 across splits (held-out accuracy "
+          "inflated), 2 within a class (weighs double)") in lines
+  assert ("  across classes: cat/chelsea_1.png (train) = cup/cat_by_mistake.png (train)"
+          in lines)
+  assert ("  across splits, within class: rocket/rocket_0.jpg (train) = "
+          "rocket/rocket_held_out.jpg (test)") in lines

@@ -2,19 +2,17 @@
 
 From the calibrated probabilities [N, C] of N labelled images it computes
 accuracy, top-k accuracy, per-class precision / recall / F1 and macro-F1, the
-confusion matrix, and calibration (the expected calibration error over 15
-equal-width bins and the reliability diagram's bins), and writes:
+confusion matrix, the most-confused class pairs, and calibration (the
+expected calibration error over 15 equal-width bins, before and after the
+model's temperature, and the reliability diagram's bins), and writes:
 
 - `evaluation.json`: all of the above, plus the misclassified images;
-- `confusion_matrix.png`: rows = true class, columns = predicted, darker =
-  larger fraction of the row (the image TensorBoard shows during training);
-- `reliability_diagram.png`: one column per confidence bin, its height the
-  bin's accuracy (blue, darker for more images), a red tick at the bin's mean
-  confidence and the grey diagonal of perfect calibration (no labels: the
-  numbers are in the JSON);
-- `misclassified.csv`: file, true label, predicted label, its probability.
-
-PNGs are drawn with numpy and encoded by TensorFlow (no plotting library).
+- `report.html`: one self-contained page of it all for a person (`report`),
+  with the misclassified photos as thumbnails;
+- `confusion_matrix.png` / `.svg` and `reliability_diagram.png`: labelled
+  plots (`plots`; need matplotlib, the `plots` extra);
+- `misclassified.csv`: file, true label, predicted label, its probability,
+  most confident mistakes first.
 """
 
 import csv
@@ -23,25 +21,27 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tlframe import calibration
 from tlframe import fileio
 from tlframe import imageformat
 from tlframe import metrics
 from tlframe import pipeline
+from tlframe import plots
 from tlframe import prediction
 from tlframe import records
-from tlframe import summaries
+from tlframe import report as report_lib
 from tlframe.errors import UserError
 from tlframe.progress import Progress
 
 REPORT_FILENAME = "evaluation.json"
 CONFUSION_PNG = "confusion_matrix.png"
+CONFUSION_SVG = "confusion_matrix.svg"
 RELIABILITY_PNG = "reliability_diagram.png"
 MISCLASSIFIED_CSV = "misclassified.csv"
+REPORT_HTML = report_lib.REPORT_HTML
 DEFAULT_TOP_K = 5
-_DIAGRAM_SIZE = 300
-_DIAGRAM_MARGIN = 10
 
 
 def _label_map(data_labels, model_labels, source):
@@ -109,11 +109,20 @@ def predict_image_dir(classifier, image_dir, *, batch_size=32,
   return np.stack(probabilities), np.array(labels, np.int64), filenames, skipped
 
 
+def uncalibrated(probabilities, temperature):
+  """softmax(scores) from softmax(scores / T): log p = scores / T + a constant per row."""
+  logs = np.log(np.maximum(np.asarray(probabilities, np.float64), np.finfo(np.float64).tiny))
+  return calibration.softmax(logs * temperature)
+
+
 def evaluate(probabilities, labels, label_names, *, filenames=None, top_k=DEFAULT_TOP_K,
-             num_bins=calibration.DEFAULT_NUM_BINS):
+             num_bins=calibration.DEFAULT_NUM_BINS, temperature=None):
   """The evaluation report (a JSON-ready dict) of [N, C] probabilities and [N] true labels.
 
   Ties between classes go to the lower index (np.argmax), as in the export.
+  `temperature`: the one the probabilities were calibrated with, if known:
+  the report then also gives the ECE before calibration. Misclassified
+  images are listed most confident first.
   """
   probabilities = np.asarray(probabilities, np.float64)
   labels = np.asarray(labels, np.int64)
@@ -146,12 +155,18 @@ def evaluate(probabilities, labels, label_names, *, filenames=None, top_k=DEFAUL
           num_bins=num_bins,
           expected_calibration_error=calibration.expected_calibration_error(
               probabilities, labels, num_bins),
+          expected_calibration_error_uncalibrated=(
+              None if temperature is None else calibration.expected_calibration_error(
+                  uncalibrated(probabilities, temperature), labels, num_bins)),
+          temperature=temperature,
           reliability_bins=calibration.reliability_bins(probabilities, labels, num_bins)),
       labels=list(label_names),
+      most_confused=report_lib.most_confused_pairs(confusion, label_names),
       misclassified=[dict(file=filenames[i], true_label=label_names[labels[i]],
                           predicted_label=label_names[predictions[i]],
                           probability=float(probabilities[i, predictions[i]]))
-                     for i in wrong])
+                     for i in wrong[np.argsort(-probabilities[wrong, predictions[wrong]],
+                                               kind="stable")]])
   return report
 
 
@@ -169,44 +184,55 @@ def confusion_text(confusion, label_names):
   return "\n".join(lines)
 
 
-def reliability_image(bins):
-  """uint8 RGB reliability diagram of `calibration.reliability_bins` (see the module doc)."""
-  size, margin = _DIAGRAM_SIZE, _DIAGRAM_MARGIN
-  image = np.full([size + 2 * margin, size + 2 * margin, 3], 255, np.uint8)
-  plot = image[margin:margin + size, margin:margin + size]  # a view: row 0 is the top
-  total = max(1, sum(b["count"] for b in bins))
-  for b in bins:
-    left, right = int(round(b["lower"] * size)), int(round(b["upper"] * size))
-    if not b["count"]:
-      continue
-    height = int(round(b["accuracy"] * size))
-    # More images in the bin: a more saturated blue.
-    shade = 0.35 + 0.65 * min(1.0, 4 * b["count"] / total)
-    colour = np.array([255, 255, 255]) + shade * (np.array([8, 48, 107]) - 255)
-    plot[size - height:, left + 1:right] = colour.astype(np.uint8)
-    tick = min(size - 1, max(0, size - int(round(b["confidence"] * size))))
-    plot[max(0, tick - 1):tick + 2, left + 1:right] = [220, 30, 30]
-  diagonal = np.arange(size)
-  plot[size - 1 - diagonal, diagonal] = [120, 120, 120]
-  for edge in (0, size - 1):  # the frame
-    plot[edge, :] = 0
-    plot[:, edge] = 0
-  return image
+def report_plots(report, *, title_suffix=""):
+  """[(file name, caption, Figure)] of the report's labelled plots; [] without matplotlib."""
+  if not plots.available():
+    return []
+  calibration_report = report["calibration"]
+  return [
+      (CONFUSION_PNG, "confusion matrix", plots.confusion_matrix_figure(
+          report["confusion_matrix"], report["labels"],
+          title=f"Confusion matrix{title_suffix} ({report['num_examples']} images)")),
+      (RELIABILITY_PNG, "reliability diagram", plots.reliability_figure(
+          calibration_report["reliability_bins"],
+          calibration_report["expected_calibration_error"],
+          calibration_report.get("expected_calibration_error_uncalibrated"),
+          title=f"Reliability diagram{title_suffix}")),
+  ]
 
 
-def _png(image):
-  return tf.io.encode_png(tf.constant(image, tf.uint8)).numpy()
+def misclassified_thumbnails(report, *, records_dir=None, split=None):
+  """{file: data: URI} of the misclassified images the report page shows.
+
+  From the split's records when `records_dir` is given, else from the files.
+  """
+  files = [row["file"] for row in report["misclassified"][:report_lib.MAX_THUMBNAILS]]
+  if records_dir:
+    return report_lib.record_thumbnails(records_dir, split, files)
+  return report_lib.file_thumbnails(files)
 
 
-def write_report(output_dir, report):
-  """Writes the report's JSON, PNGs and misclassified.csv into `output_dir`; returns the paths."""
+def write_report(output_dir, report, *, thumbnails=None, title="Evaluation"):
+  """Writes evaluation.json, report.html, misclassified.csv and the plots into `output_dir`.
+
+  Returns {file name: path} of what was written (the plots only with
+  matplotlib; without it one warning says how to get them).
+  """
   tf.io.gfile.makedirs(output_dir)
   paths = {name: os.path.join(output_dir, name)
-           for name in (REPORT_FILENAME, CONFUSION_PNG, RELIABILITY_PNG, MISCLASSIFIED_CSV)}
-  fileio.atomic_write_bytes(paths[CONFUSION_PNG],
-                            _png(summaries.confusion_image(report["confusion_matrix"])))
-  fileio.atomic_write_bytes(paths[RELIABILITY_PNG],
-                            _png(reliability_image(report["calibration"]["reliability_bins"])))
+           for name in (REPORT_FILENAME, REPORT_HTML, MISCLASSIFIED_CSV)}
+  figures = report_plots(report)
+  if not figures:
+    logging.warning(plots.MISSING_MESSAGE)
+  page_plots = []
+  for name, caption, figure in figures:
+    paths[name] = os.path.join(output_dir, name)
+    png = plots.png_bytes(figure)
+    fileio.atomic_write_bytes(paths[name], png)
+    page_plots.append((caption, png))
+    if name == CONFUSION_PNG:  # text stays text in the SVG: names searchable, any size
+      paths[CONFUSION_SVG] = os.path.join(output_dir, CONFUSION_SVG)
+      fileio.atomic_write_text(paths[CONFUSION_SVG], plots.svg_text(figure))
   table = io.StringIO()
   writer = csv.writer(table, lineterminator="\n")
   writer.writerow(["file", "true_label", "predicted_label", "probability"])
@@ -215,4 +241,6 @@ def write_report(output_dir, report):
                      f"{row['probability']:.6f}"])
   fileio.atomic_write_text(paths[MISCLASSIFIED_CSV], table.getvalue())
   fileio.atomic_write_json(paths[REPORT_FILENAME], report)
+  report_lib.write(paths[REPORT_HTML], report_lib.render(
+      report, title=title, plots=page_plots, thumbnails=thumbnails))
   return paths

@@ -39,7 +39,8 @@ RECORDS_DIRNAME = options_lib.RECORDS_DIRNAME
 # Everything a run writes into the model dir (the lock file aside).
 OUTPUTS = (RUN_OPTIONS_FILENAME, CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME,
            CONFUSION_FILENAME, "head", "head_config.json", "labels.txt", "calibration.json",
-           "export", "fine_tuned_backbone")   # the last: finetune.BACKBONE_DIRNAME
+           "export", "fine_tuned_backbone",   # finetune.BACKBONE_DIRNAME
+           "report.html", "plots", "suspect_labels.csv")   # training_report
 # What the model is a model of: a change makes another model.
 _MODEL_IDENTITY = ("records", "backbone", "features", "input_size", "precision", "resize_mode")
 # How a run is carried out, not what it computes: a change still resumes.

@@ -1009,10 +1009,62 @@ def _manifest(plan, sidecars):
       "skipped": skipped,
       "ignored": plan.ignored,
       "files": files,
+      "exact_duplicates": exact_duplicates(files),
   }
 
 
-def summary_lines(manifest, output_dir, max_skipped_lines=20):
+def exact_duplicates(files):
+  """Groups of converted files with the same bytes (the manifest's sha256), reported, not removed.
+
+  `files`: the manifest's entries (path, label, split, sha256). Each group lists
+  its files (path order) and its `problems`: "across_classes" (one photo, two
+  labels: one is wrong), "across_splits" (a photo both trained on and held out:
+  the held-out accuracy is inflated), "within_class" (a photo counted twice in a
+  class: it weighs double). Groups are in the order of their first path.
+  """
+  by_sha256 = collections.defaultdict(list)
+  for entry in files:
+    by_sha256[entry["sha256"]].append(entry)
+  groups = []
+  for sha256, entries in by_sha256.items():
+    if len(entries) < 2:
+      continue
+    labels = [entry["label"] for entry in entries]
+    problems = []
+    if len(set(labels)) > 1:
+      problems.append("across_classes")
+    if len({entry["split"] for entry in entries}) > 1:
+      problems.append("across_splits")
+    if len(set(labels)) < len(labels):
+      problems.append("within_class")
+    groups.append({"sha256": sha256, "problems": problems,
+                   "files": [{"path": entry["path"], "label": entry["label"],
+                              "split": entry["split"]}
+                             for entry in sorted(entries, key=lambda entry: entry["path"])]})
+  return sorted(groups, key=lambda group: group["files"][0]["path"])
+
+
+def _duplicate_lines(groups, max_lines):
+  """The summary's lines on exact duplicates: counts by problem, then the groups."""
+  if not groups:
+    return []
+  counts = collections.Counter(problem for group in groups for problem in group["problems"])
+  meaning = (("across_classes", "across classes (one photo, two labels)"),
+             ("across_splits", "across splits (held-out accuracy inflated)"),
+             ("within_class", "within a class (weighs double)"))
+  lines = [f"Exact duplicates (identical bytes): {len(groups)} groups of "
+           f"{sum(len(group['files']) for group in groups)} files, kept as they are: "
+           + ", ".join(f"{counts[problem]} {text}" for problem, text in meaning if counts[problem])]
+  for group in groups[:max_lines]:
+    problems = ", ".join(problem.replace("_", " ") for problem in group["problems"])
+    lines.append(f"  {problems}: " + " = ".join(f"{entry['path']} ({entry['split']})"
+                                                for entry in group["files"]))
+  if len(groups) > max_lines:
+    lines.append(f"  ... and {len(groups) - max_lines} more (manifest.json: exact_duplicates)")
+  return lines
+
+
+def summary_lines(manifest, output_dir, max_lines=20):
   """What a user wants to see after a conversion: counts, skipped files, where things are."""
   splits = manifest["splits"]
   counts = ", ".join(f"{split} {splits[split]['examples']}" for split in SPLITS)
@@ -1022,9 +1074,9 @@ def summary_lines(manifest, output_dir, max_skipped_lines=20):
   skipped = manifest["skipped"]
   if skipped:
     lines.append(f"Skipped {len(skipped)} files:")
-    lines.extend(f"  {entry['path']}: {entry['reason']}" for entry in skipped[:max_skipped_lines])
-    if len(skipped) > max_skipped_lines:
-      lines.append(f"  ... and {len(skipped) - max_skipped_lines} more")
+    lines.extend(f"  {entry['path']}: {entry['reason']}" for entry in skipped[:max_lines])
+    if len(skipped) > max_lines:
+      lines.append(f"  ... and {len(skipped) - max_lines} more")
   ignored = [entry["path"] for entry in manifest["ignored"]]
   if ignored:
     lines.append(f"Ignored {len(ignored)} files that are not named like images: {_some(ignored)}")
@@ -1032,6 +1084,7 @@ def summary_lines(manifest, output_dir, max_skipped_lines=20):
            if not sum(splits[split]["per_class"][label] for split in SPLITS)]
   if empty:
     lines.append(f"Classes from --labels with no images: {_some(empty)}")
+  lines.extend(_duplicate_lines(manifest["exact_duplicates"], max_lines))
   lines.append(f"Labels: {_join(output_dir, LABELS_FILENAME)}")
   lines.append(f"Manifest: {_join(output_dir, MANIFEST_FILENAME)}")
   return lines

@@ -56,6 +56,7 @@ from uvicorn.protocols.http import h11_impl
 from tlframe import batching
 from tlframe import export
 from tlframe import imageformat
+from tlframe import serve_page
 from tlframe.errors import UserError
 
 DEFAULT_SIGNATURE = export.SERVING_DEFAULT
@@ -551,6 +552,12 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
   app = fastapi.FastAPI(title="tlframe serve", lifespan=lifespan, docs_url=None,
                         redoc_url=None, openapi_url=None)
   app.state.server_state = state
+
+  page = serve_page.Page(model_name)
+
+  @app.get("/")
+  async def index():
+    return fastapi.Response(page.body, media_type="text/html; charset=utf-8", headers=page.headers)
 
   @app.get("/healthz")
   async def healthz():

@@ -32,6 +32,7 @@ from absl import logging
 
 from tlframe import backbone as backbone_lib
 from tlframe import calibration as calibration_lib
+from tlframe import data_checks
 from tlframe import distribution
 from tlframe import export as export_lib
 from tlframe import features as features_lib
@@ -45,6 +46,7 @@ from tlframe import options as options_lib
 from tlframe import records
 from tlframe import summaries
 from tlframe import trainer as trainer_lib
+from tlframe import training_report
 from tlframe import tuning
 from tlframe.errors import UserError
 from tlframe.options import TrainOptions  # pylint: disable=unused-import  (the API's options)
@@ -92,14 +94,12 @@ def _run(options, strategy):
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
   # originals only, so that no image's mirror sits in the folds that hold it out.
   # All the training features in memory, or a subsample when they are streamed.
-  cv_set = None
-  if options.l2 is None or val_set is None:
-    cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
+  cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
   def normalization_constants(normalization):
     return features_lib.normalization_constants(train_set, normalization)
 
-  cv = None
+  cv, out_of_fold = None, None
   if options.l2 is None:
     cv_start = time.monotonic()
     normalization, best_l2, rows, out_of_fold, widened = tuning.tune_head(
@@ -132,14 +132,15 @@ def _run(options, strategy):
 
   metrics = {split: _evaluate(head, feature_set, label_names)
              for split, feature_set in feature_sets.items()}
+  if out_of_fold is None:  # --l2 given: the suspected labels need them too
+    out_of_fold = tuning.out_of_fold_scores(strategy, options, cv_set.features, cv_set.labels,
+                                            len(label_names), shift=shift, scale=scale)
+  metrics["data_checks"] = data_checks.check(feature_sets, out_of_fold, cv_set, label_names)
   if val_set is not None:
     scores, labels, fitted_on = _scores(head, val_set), val_set.labels, "validation"
   else:
-    if cv is None:
-      out_of_fold = tuning.out_of_fold_scores(strategy, options, cv_set.features,
-                                              cv_set.labels, len(label_names),
-                                              shift=shift, scale=scale)
     scores, labels, fitted_on = out_of_fold, cv_set.labels, "out_of_fold"
+  report_set = val_set if val_set is not None else cv_set
   calibration_start = time.monotonic()
   calibration = (calibration_lib.calibrate(scores, labels, fitted_on) if scores is not None
                  else None)
@@ -189,6 +190,11 @@ def _run(options, strategy):
     metrics["timings"]["export_s"] = time.monotonic() - export_start
   fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
                            metrics)
+  if scores is not None:
+    training_report.write(options.model_dir, options.records_dir, metrics, label_names,
+                          scores=scores, labels=labels, filenames=report_set.filenames,
+                          split=fitted_on,
+                          log_dir=os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME))
   shown = metrics["validation"] or metrics["train"]
   confusion_png = tf.io.encode_png(summaries.confusion_image(shown["confusion_matrix"]))
   fileio.atomic_write_bytes(os.path.join(options.model_dir, model_dir_lib.CONFUSION_FILENAME),
