@@ -177,8 +177,9 @@ def _misclassified(rows, thumbnails, csv_name):
 
 def _suspects(rows, thumbnails, csv_name, threshold):
   if rows is None:
-    return ("<p>Not checked: too few training images for the cross-validation's "
-            "out-of-fold predictions.</p>")
+    return ("<p>Not checked: the check needs the cross-validation's out-of-fold "
+            "predictions, and none ran (--l2 was given with validation data, or there are "
+            "fewer training images than --cv_folds). Leave --l2 unset to check the labels.</p>")
   intro = (f"<p>Training photos whose out-of-fold prediction (a head that never saw the photo) "
            f"gives another class at least {threshold:.2f}, least likely labels first. Check "
            f"them: nothing was changed.</p>")
