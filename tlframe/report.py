@@ -157,8 +157,10 @@ def _confused(pairs):
 
 
 def _more(total, shown, where):
-  return (f'<p class="note">{shown} of {total} shown; all are in {_e(where)}.</p>'
-          if total > shown else "")
+  if total <= shown:
+    return ""
+  return (f'<p class="note">{shown} of {total} shown'
+          + (f"; all are in {_e(where)}" if where else "") + ".</p>")
 
 
 def _misclassified(rows, thumbnails, csv_name):
@@ -222,7 +224,8 @@ def render(report, *, title, plots=(), thumbnails=None, misclassified_csv="miscl
   """The page (a str) of `evaluation.evaluate`'s report.
 
   plots: (caption, PNG bytes) pairs. thumbnails: {file: data: URI} of the
-  misclassified files. data_checks (bin/train): dict with near_duplicates
+  misclassified files. misclassified_csv: where all mistakes are listed (None:
+  nowhere else). data_checks (bin/train): dict with near_duplicates
   (pairs or None), near_duplicate_threshold, suspects (rows or None),
   suspect_threshold, suspects_csv and thumbnails {(split, file): URI}.
   """

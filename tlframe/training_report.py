@@ -104,7 +104,7 @@ def write(model_dir, records_dir, metrics, label_names, *, scores, labels, filen
   report_lib.write(paths[report_lib.REPORT_HTML], report_lib.render(
       report, title=f"Training report: {os.path.basename(os.path.normpath(model_dir))}",
       plots=page_plots, thumbnails=thumbnails, data_checks=checks,
-      misclassified_csv="metrics.json"))
+      misclassified_csv=None))
   return paths
 
 
