@@ -1,4 +1,5 @@
-"""bin/evaluate on a held-out split of real photos, and its numbers against numpy."""
+"""bin/evaluate on a held-out split of real photos, its numbers against numpy, and bin/train's
+report.html and data checks on the same trained model."""
 
 import base64
 import csv
@@ -15,7 +16,9 @@ import tensorflow as tf
 
 from tlframe import evaluation
 from tlframe import imageformat
+from tlframe import plots
 from tlframe import records
+from tlframe import report as report_lib
 from tlframe.classifier import Classifier
 from production_fixtures import CLASSES
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
@@ -181,3 +184,36 @@ def test_evaluate_an_image_dir_skips_bad_files(trained_model, tmp_path):
   assert sum(src.startswith("data:image/jpeg") for src in page.image_sources) == 4
   decoded = tf.io.decode_jpeg(base64.b64decode(page.image_sources[-1].split(",", 1)[1]))
   assert max(decoded.shape[:2]) == 128
+
+
+def test_training_writes_the_report_the_checks_and_suspect_labels(trained_model):
+  model_dir = trained_model.model_dir
+  checks = trained_model.metrics["data_checks"]
+  # The fixture's images are crops of one photo per class: a pair across splits may be two
+  # crops of one photo, never two photos.
+  assert checks["near_duplicates"], "overlapping crops of one photo are near-duplicates"
+  for pair in checks["near_duplicates"]:
+    assert pair["split_a"] != pair["split_b"] and pair["similarity"] >= 0.85
+    assert pair["file_a"].split("/")[0] == pair["file_b"].split("/")[0], pair
+  assert checks["suspects"] == []   # every label there is right
+  with open(os.path.join(model_dir, "suspect_labels.csv")) as f:
+    assert f.read().split(",")[:3] == ["rank", "file", "label"]
+  with open(os.path.join(model_dir, "report.html"), encoding="utf-8") as f:
+    page = _Page()
+    page.feed(f.read())
+  assert all(src.startswith("data:image/") for src in page.image_sources)
+  shown_pairs = min(len(checks["near_duplicates"]), report_lib.MAX_THUMBNAILS // 2)
+  assert len(page.image_sources) == (
+      (4 if plots.available() else 0) + 2 * shown_pairs +
+      min(len(trained_model.metrics["validation"]["confusion_matrix"]) and
+          sum(r[c] for i, r in enumerate(trained_model.metrics["validation"]["confusion_matrix"])
+              for c in range(len(r)) if c != i), report_lib.MAX_THUMBNAILS))
+  for heading in ("Near-duplicates across splits", "Suspected label errors",
+                  "Most-confused classes", "Per class"):
+    assert heading in page.text
+  for name in CLASSES:
+    assert name in page.text
+  if plots.available():
+    for name in ("confusion_matrix.png", "reliability_diagram.png", "cv_curve.png",
+                 "training_curves.png"):
+      assert os.path.getsize(os.path.join(model_dir, "plots", name)) > 1000

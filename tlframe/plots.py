@@ -76,10 +76,10 @@ def confusion_matrix_figure(confusion, label_names, title="Confusion matrix"):
   confusion = np.asarray(confusion, np.int64)
   num_classes = len(label_names)
   fractions = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-  cell = 0.62 if num_classes <= _FRACTIONS_UP_TO else (0.4 if num_classes <= _COUNTS_UP_TO
-                                                       else 0.18)
+  cell = 0.62 if num_classes <= _FRACTIONS_UP_TO else (0.42 if num_classes <= _COUNTS_UP_TO
+                                                       else 0.25)
   name_inches = 0.075 * max(len(name) for name in label_names) + 0.6
-  side = max(2.5, cell * num_classes)
+  side = min(max(2.5, cell * num_classes), 40.0)   # 40 inches: 4000 pixels
   figure = _figure(side + name_inches + 1.4, side + name_inches + 0.8)
   axes = figure.add_subplot()
   image = axes.imshow(fractions, cmap=_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")

@@ -157,8 +157,10 @@ def _confused(pairs):
 
 
 def _more(total, shown, where):
-  return (f'<p class="note">{shown} of {total} shown; all are in {_e(where)}.</p>'
-          if total > shown else "")
+  if total <= shown:
+    return ""
+  return (f'<p class="note">{shown} of {total} shown'
+          + (f"; all are in {_e(where)}" if where else "") + ".</p>")
 
 
 def _misclassified(rows, thumbnails, csv_name):
@@ -177,8 +179,9 @@ def _misclassified(rows, thumbnails, csv_name):
 
 def _suspects(rows, thumbnails, csv_name, threshold):
   if rows is None:
-    return ("<p>Not checked: too few training images for the cross-validation's "
-            "out-of-fold predictions.</p>")
+    return ("<p>Not checked: the check needs the cross-validation's out-of-fold "
+            "predictions, and none ran (--l2 was given with validation data, or there are "
+            "fewer training images than --cv_folds). Leave --l2 unset to check the labels.</p>")
   intro = (f"<p>Training photos whose out-of-fold prediction (a head that never saw the photo) "
            f"gives another class at least {threshold:.2f}, least likely labels first. Check "
            f"them: nothing was changed.</p>")
@@ -221,7 +224,8 @@ def render(report, *, title, plots=(), thumbnails=None, misclassified_csv="miscl
   """The page (a str) of `evaluation.evaluate`'s report.
 
   plots: (caption, PNG bytes) pairs. thumbnails: {file: data: URI} of the
-  misclassified files. data_checks (bin/train): dict with near_duplicates
+  misclassified files. misclassified_csv: where all mistakes are listed (None:
+  nowhere else). data_checks (bin/train): dict with near_duplicates
   (pairs or None), near_duplicate_threshold, suspects (rows or None),
   suspect_threshold, suspects_csv and thumbnails {(split, file): URI}.
   """

@@ -94,7 +94,9 @@ def _run(options, strategy):
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
   # originals only, so that no image's mirror sits in the folds that hold it out.
   # All the training features in memory, or a subsample when they are streamed.
-  cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
+  cv_set = None
+  if options.l2 is None or val_set is None:
+    cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
   def normalization_constants(normalization):
     return features_lib.normalization_constants(train_set, normalization)
@@ -132,14 +134,16 @@ def _run(options, strategy):
 
   metrics = {split: _evaluate(head, feature_set, label_names)
              for split, feature_set in feature_sets.items()}
-  if out_of_fold is None:  # --l2 given: the suspected labels need them too
-    out_of_fold = tuning.out_of_fold_scores(strategy, options, cv_set.features, cv_set.labels,
-                                            len(label_names), shift=shift, scale=scale)
-  metrics["data_checks"] = data_checks.check(feature_sets, out_of_fold, cv_set, label_names)
   if val_set is not None:
     scores, labels, fitted_on = _scores(head, val_set), val_set.labels, "validation"
   else:
+    if cv is None:
+      out_of_fold = tuning.out_of_fold_scores(strategy, options, cv_set.features,
+                                              cv_set.labels, len(label_names),
+                                              shift=shift, scale=scale)
     scores, labels, fitted_on = out_of_fold, cv_set.labels, "out_of_fold"
+  # Suspected labels need the out-of-fold scores: none when --l2 is given with validation data.
+  metrics["data_checks"] = data_checks.check(feature_sets, out_of_fold, cv_set, label_names)
   report_set = val_set if val_set is not None else cv_set
   calibration_start = time.monotonic()
   calibration = (calibration_lib.calibrate(scores, labels, fitted_on) if scores is not None

@@ -5,7 +5,7 @@ Written into the model dir at the end of a run:
   one, the out-of-fold predictions on the training split), the near-duplicate
   pairs across splits and the suspected label errors with thumbnails, and the
   plots below;
-- `plots/`: confusion_matrix.png/.svg, reliability_diagram.png, cv_curve.png
+- `plots/`: confusion_matrix.png, reliability_diagram.png, cv_curve.png
   (held-out accuracy and loss against l2, the choice marked) and
   training_curves.png (loss and accuracy by epoch, read back from the
   TensorBoard logs); only with matplotlib (the `plots` extra);
@@ -84,10 +84,6 @@ def write(model_dir, records_dir, metrics, label_names, *, scores, labels, filen
     png = plots.png_bytes(figure)
     fileio.atomic_write_bytes(paths[name], png)
     page_plots.append((caption, png))
-    if name == evaluation.CONFUSION_PNG:
-      svg = os.path.join(model_dir, PLOTS_DIRNAME, evaluation.CONFUSION_SVG)
-      fileio.atomic_write_text(svg, plots.svg_text(figure))
-      paths[evaluation.CONFUSION_SVG] = svg
 
   checks = dict(metrics["data_checks"])
   if checks["suspects"] is not None:
@@ -108,7 +104,7 @@ def write(model_dir, records_dir, metrics, label_names, *, scores, labels, filen
   report_lib.write(paths[report_lib.REPORT_HTML], report_lib.render(
       report, title=f"Training report: {os.path.basename(os.path.normpath(model_dir))}",
       plots=page_plots, thumbnails=thumbnails, data_checks=checks,
-      misclassified_csv="metrics.json"))
+      misclassified_csv=None))
   return paths
 
 
