@@ -64,7 +64,66 @@ def test_tensorflow_noise_is_there_to_filter():
 
 def test_unknown_flag_is_one_error_line():
   result = run_bin("train", "--no_such_flag=1")
-  assert_one_error_line(result, "--no_such_flag=1", "unknown flag")
+  line = assert_one_error_line(result, "--no_such_flag=1", "unknown flag")
+  assert "did you mean" not in line
+
+
+@pytest.mark.parametrize("typo, suggested", [("--records_dri=r", "--records_dir"),
+                                             ("--lerning_rate=0.1", "--learning_rate"),
+                                             ("--lr=0.1", "--learning_rate"),
+                                             ("--noaugmnt", "--noaugment")])
+def test_an_unknown_flag_suggests_the_nearest(typo, suggested):
+  result = run_bin("train", typo)
+  line = assert_one_error_line(result, typo, "unknown flag", "did you mean")
+  assert suggested in line.split("did you mean", 1)[1].split("?")[0], line
+
+
+# Runs a bin/ program twice in one interpreter (TensorFlow, which most programs
+# import at the top, loads once): with --help, then with argv[2:]. The program's
+# flags are removed between the runs, as a fresh process would not have them.
+_HELP_THEN_RUN = """
+import runpy, sys
+from absl import flags
+path, bad_flag = sys.argv[1:3]
+defined = set(flags.FLAGS)
+def run(*args):
+  sys.argv = [path, *args]
+  try:
+    runpy.run_path(path, run_name="__main__")
+  except SystemExit as e:
+    return e.code
+  return 0
+print("--help exit status:", run("--help"), flush=True)
+for name in set(flags.FLAGS) - defined:
+  delattr(flags.FLAGS, name)
+flags.FLAGS.unparse_flags()
+sys.exit(run(bad_flag))
+"""
+
+
+def _misspelled(name):
+  """`name` with two neighbouring letters swapped (the first pair that differs)."""
+  i = next(i for i in range(1, len(name) - 1) if name[i] != name[i + 1] and "_" not in
+           name[i:i + 2])
+  return name[:i] + name[i + 1] + name[i] + name[i + 2:]
+
+
+@pytest.mark.parametrize("program", sorted(os.listdir(os.path.join(REPO, "bin"))))
+def test_every_program_answers_help_and_suggests_a_flag_for_a_typo(program):
+  """--help exits 0; an unknown flag exits 2 with one `error:` line naming the nearest flag."""
+  path = os.path.join(REPO, "bin", program)
+  source = open(path, encoding="utf-8").read()
+  flag = next(name for name in re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source)
+              if len(name) >= 5)
+  typo = f"--{_misspelled(flag)}=1"
+  result = subprocess.run([sys.executable, "-c", _HELP_THEN_RUN, path, typo],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  first_line = result.stdout.splitlines()[0] if result.stdout else ""
+  assert "--help exit status: 0" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+  assert f"--{flag}" in result.stdout.split("--help exit status")[0], first_line
+  line = assert_one_error_line(result, typo, "unknown flag", f"did you mean --{flag}")
+  assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-2000:]
+  assert line == result.stderr.strip(), result.stderr[-2000:]
 
 
 def test_flag_errors_in_a_flagfile_name_the_file_and_line(tmp_path):
