@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -215,3 +216,37 @@ def test_every_program_quiets_tensorflow_before_loading_it(program):
   assert lines[first_tlframe].startswith("from tlframe import cli"), (program,
                                                                        lines[first_tlframe])
   assert not any("tensorflow" in lines[i] for i in imports if i < first_tlframe), program
+
+
+def test_printed_commands_run_as_printed_without_an_activated_venv(monkeypatch, tmp_path):
+  """tensorboard and tlframe-<program> in hints: the interpreter's own copy when PATH lacks it."""
+  from tlframe import cli  # pylint: disable=g-import-not-at-top
+  own_bin = os.path.dirname(sys.executable)
+  if not os.access(os.path.join(own_bin, "tensorboard"), os.X_OK):
+    pytest.skip(f"no tensorboard beside {sys.executable}")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("PATH", "/usr/bin:/bin")
+  printed = cli.command("tensorboard")
+  assert os.path.isabs(printed) and os.access(printed, os.X_OK), printed
+  assert shutil.which(printed) == os.path.join(own_bin, "tensorboard")
+  monkeypatch.setenv("PATH", f"{own_bin}:/usr/bin:/bin")
+  assert cli.command("tensorboard") == "tensorboard"
+  monkeypatch.setenv("PATH", "/usr/bin:/bin")
+  predict = cli.program("predict").split()
+  assert os.access(predict[0], os.X_OK), predict
+  assert predict[-1].endswith("tlframe-predict") or predict[-1].endswith("bin/predict"), predict
+
+
+def test_a_missing_records_dir_is_refused_before_tensorflow_loads(tmp_path):
+  code = (f"import runpy, sys\n"
+          f"sys.argv = ['train', '--records_dir={tmp_path}/nope', '--model_dir={tmp_path}/m']\n"
+          f"try:\n"
+          f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
+          f"except SystemExit as e:\n"
+          f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+  assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
+  assert result.stderr.strip() == (f"error: --records_dir={tmp_path}/nope does not exist: run "
+                                   "bin/make_tfrecords first"), result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "m")

@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from tlframe import native_logs
+from tlframe import programs
 from tlframe.errors import UserError
 
 USAGE_EXIT_CODE = 2
@@ -184,6 +185,25 @@ def command(name):
     return name
   relative = os.path.relpath(own)
   return relative if "/" in relative and not relative.startswith("..") else own
+
+
+def program(name):
+  """How to type the bin/ program `name` (predict, make_tfrecords) in a hint that runs as printed.
+
+  Its console command (`tlframe-predict`, see `command`) where tlframe is
+  installed beside this interpreter, else this interpreter on the program's file.
+  """
+  console = programs.PREFIX + name.replace("_", "-")
+  if os.access(os.path.join(os.path.dirname(sys.executable), console), os.X_OK):
+    return command(console)
+  return f"{sys.executable} {os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), name)}"
+
+
+def check_exists(path, flag, fix):
+  """UserError '--flag=path does not exist: fix' for a missing local path, before TensorFlow
+  loads. Paths on other filesystems (gs://, ...) are left to the run, which needs TensorFlow."""
+  if path and "://" not in path and not os.path.exists(path):
+    raise UserError(f"{flag}={path} does not exist: {fix}")
 
 
 def _origin_in_flagfiles(name, argv):
