@@ -250,3 +250,23 @@ def test_a_missing_records_dir_is_refused_before_tensorflow_loads(tmp_path):
   assert result.stderr.strip() == (f"error: --records_dir={tmp_path}/nope does not exist: run "
                                    "bin/make_tfrecords first"), result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("flag, choices", [
+    ("resize_mode", "RESIZE_MODES"), ("loss", "LOSSES"), ("precision", "PRECISIONS"),
+    ("feature_normalization", "FEATURE_NORMALIZATIONS"), ("optimizer", "OPTIMIZERS"),
+    ("lr_schedule", "LR_SCHEDULES"), ("class_weight", "CLASS_WEIGHTS"),
+    ("features", "FEATURES"), ("feature_storage", "FEATURE_STORAGES")])
+def test_the_template_explains_every_choice_of_a_flag(flag, choices):
+  """configs/template.cfg's comment above --flag names each value bin/train accepts."""
+  from tlframe import options  # pylint: disable=g-import-not-at-top
+  lines = open(os.path.join(REPO, "configs", "template.cfg"), encoding="utf-8").read().splitlines()
+  index = next(i for i, line in enumerate(lines) if re.match(rf"#?--(no)?{flag}(=|$)", line))
+  comment = []
+  for line in reversed(lines[:index]):
+    if not line.startswith("# ") or line.startswith("# ---"):
+      break
+    comment.append(line)
+  text = " ".join(comment)
+  missing = [value for value in getattr(options, choices) if not re.search(rf"\b{value}\b", text)]
+  assert not missing, (flag, missing, text)

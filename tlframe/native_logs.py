@@ -3,9 +3,9 @@
 TensorFlow's C++ runtime writes straight to file descriptor 2, where no Python
 setting reaches: CUDA probing on CPU-only machines ("failed call to cuInit",
 "Could not find cuda drivers"), oneDNN notices, absl's "before InitializeLog"
-banner, INFO lines, libjpeg's "Improper call to JPEG library", and "Local
-rendezvous is aborting" before an error that reaches Python as an exception
-anyway. To a user they look like failures. So fd 2 becomes a pipe whose reader
+banner, INFO lines, libjpeg's "Improper call to JPEG library", and an op's error
+("OP_REQUIRES failed", "Local rendezvous is aborting") that reaches Python as
+an exception anyway. To a user they look like failures. So fd 2 becomes a pipe whose reader
 thread passes every other line on, for the bin/ programs and the library alike
 (`tlframe.Classifier` in a user's script or notebook). TLFRAME_NATIVE_LOGS=1
 shows everything.
@@ -25,10 +25,11 @@ ENV = "TLFRAME_NATIVE_LOGS"
 _NATIVE_LINE = re.compile(rb"^(?:([IWEF])\d{4} [\d:.]+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) )"
                           rb"[\w/.\-]+\.(?:cc|h|cpp|c):\d+\] (.*)")
 # Native warnings and errors that are start-up probing, or an op's error that
-# Python raises (and tlframe explains) itself, not trouble of their own.
+# reaches Python as an exception (which tlframe reports, naming the file) and is
+# not trouble of its own.
 _NATIVE_NOISE = re.compile(rb"cuInit|cuda|CUDA|TensorRT|oneDNN|"
                            rb"computation placer|Unable to register cu|rocm|ROCm|"
-                           rb"Local rendezvous is aborting")
+                           rb"Local rendezvous is aborting|OP_REQUIRES failed")
 _PLAIN_NOISE = (b"WARNING: All log messages before absl::InitializeLog() is called",
                 b"Improper call to JPEG library in state")
 _installed = False

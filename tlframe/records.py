@@ -283,11 +283,12 @@ def _folder_of(path):
   return posixpath.dirname(path) if _is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
-def read_filelist(path, flag, need_labels=True):
+def read_filelist(path, flag, need_labels=True, line_numbers=None):
   """[(resolved path, label or None)] from a CSV or TSV of `path[,label]`; optional header.
 
   Blank lines and lines starting with '#' are skipped; a first line whose first
-  field is a column name such as `path` or `filename` is a header.
+  field is a column name such as `path` or `filename` is a header. A dict
+  `line_numbers` gets each resolved path's line number, for messages.
   """
   try:
     with tf.io.gfile.GFile(path, "r") as f:
@@ -306,6 +307,8 @@ def read_filelist(path, flag, need_labels=True):
       expected = "path,label" if need_labels else "path or path,label"
       raise UserError(f"--{flag} {path}: line {number} {line.strip()!r} is not {expected}")
     entries.append((_resolve(base_dir, row[0]), row[1] if len(row) == 2 and row[1] else None))
+    if line_numbers is not None:
+      line_numbers.setdefault(entries[-1][0], number)
   if not entries:
     raise UserError(f"--{flag} {path}: no entries")
   return entries
