@@ -166,26 +166,6 @@ def test_tilde_in_path_flags_is_the_home_folder(tmp_path, skimage_photos):
   assert_one_error_line(result, f"--records_dir={home}/no_records does not exist")
 
 
-@pytest.mark.slow
-def test_offline_demo_prints_results_and_no_tensorflow_noise(tmp_path):
-  """The README's quickstart, end to end, as a user runs it (built-in backbone)."""
-  images, records_dir, model_dir = tmp_path / "images", tmp_path / "records", tmp_path / "model"
-  steps = [("make_sample_images", f"--output_dir={images}"),
-           ("make_tfrecords", f"--image_dir={images}", f"--output_dir={records_dir}",
-            "--validation_percentage=30", "--test_percentage=0"),
-           ("train", f"--flagfile={REPO}/configs/offline_demo.cfg",
-            f"--records_dir={records_dir}", f"--model_dir={model_dir}")]
-  for program, *args in steps:
-    result = run_bin(program, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-3000:]
-    assert not TENSORFLOW_INFO_LINE.search(result.stderr), result.stderr[-3000:]
-  assert "validation accuracy: 1.0000" in result.stdout
-  assert "cross-validation of --l2" in result.stdout and "<- best" in result.stdout
-  assert "export: " in result.stdout
-  assert f"TensorBoard: tensorboard --logdir={model_dir}/logs" in result.stdout
-
-
 def test_every_train_option_has_a_flag_and_every_flag_an_option():
   """bin/train binds flags to TrainOptions by name: a mismatch would fail only at run time."""
   from tlframe import options  # pylint: disable=g-import-not-at-top
