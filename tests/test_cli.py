@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -64,7 +65,66 @@ def test_tensorflow_noise_is_there_to_filter():
 
 def test_unknown_flag_is_one_error_line():
   result = run_bin("train", "--no_such_flag=1")
-  assert_one_error_line(result, "--no_such_flag=1", "unknown flag")
+  line = assert_one_error_line(result, "--no_such_flag=1", "unknown flag")
+  assert "did you mean" not in line
+
+
+@pytest.mark.parametrize("typo, suggested", [("--records_dri=r", "--records_dir"),
+                                             ("--lerning_rate=0.1", "--learning_rate"),
+                                             ("--lr=0.1", "--learning_rate"),
+                                             ("--noaugmnt", "--noaugment")])
+def test_an_unknown_flag_suggests_the_nearest(typo, suggested):
+  result = run_bin("train", typo)
+  line = assert_one_error_line(result, typo, "unknown flag", "did you mean")
+  assert suggested in line.split("did you mean", 1)[1].split("?")[0], line
+
+
+# Runs a bin/ program twice in one interpreter (TensorFlow, which most programs
+# import at the top, loads once): with --help, then with argv[2:]. The program's
+# flags are removed between the runs, as a fresh process would not have them.
+_HELP_THEN_RUN = """
+import runpy, sys
+from absl import flags
+path, bad_flag = sys.argv[1:3]
+defined = set(flags.FLAGS)
+def run(*args):
+  sys.argv = [path, *args]
+  try:
+    runpy.run_path(path, run_name="__main__")
+  except SystemExit as e:
+    return e.code
+  return 0
+print("--help exit status:", run("--help"), flush=True)
+for name in set(flags.FLAGS) - defined:
+  delattr(flags.FLAGS, name)
+flags.FLAGS.unparse_flags()
+sys.exit(run(bad_flag))
+"""
+
+
+def _misspelled(name):
+  """`name` with two neighbouring letters swapped (the first pair that differs)."""
+  i = next(i for i in range(1, len(name) - 1) if name[i] != name[i + 1] and "_" not in
+           name[i:i + 2])
+  return name[:i] + name[i + 1] + name[i] + name[i + 2:]
+
+
+@pytest.mark.parametrize("program", sorted(os.listdir(os.path.join(REPO, "bin"))))
+def test_every_program_answers_help_and_suggests_a_flag_for_a_typo(program):
+  """--help exits 0; an unknown flag exits 2 with one `error:` line naming the nearest flag."""
+  path = os.path.join(REPO, "bin", program)
+  source = open(path, encoding="utf-8").read()
+  flag = next(name for name in re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source)
+              if len(name) >= 5)
+  typo = f"--{_misspelled(flag)}=1"
+  result = subprocess.run([sys.executable, "-c", _HELP_THEN_RUN, path, typo],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  first_line = result.stdout.splitlines()[0] if result.stdout else ""
+  assert "--help exit status: 0" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+  assert f"--{flag}" in result.stdout.split("--help exit status")[0], first_line
+  line = assert_one_error_line(result, typo, "unknown flag", f"did you mean --{flag}")
+  assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-2000:]
+  assert line == result.stderr.strip(), result.stderr[-2000:]
 
 
 def test_flag_errors_in_a_flagfile_name_the_file_and_line(tmp_path):
@@ -106,26 +166,6 @@ def test_tilde_in_path_flags_is_the_home_folder(tmp_path, skimage_photos):
   assert_one_error_line(result, f"--records_dir={home}/no_records does not exist")
 
 
-@pytest.mark.slow
-def test_offline_demo_prints_results_and_no_tensorflow_noise(tmp_path):
-  """The README's quickstart, end to end, as a user runs it (built-in backbone)."""
-  images, records_dir, model_dir = tmp_path / "images", tmp_path / "records", tmp_path / "model"
-  steps = [("make_sample_images", f"--output_dir={images}"),
-           ("make_tfrecords", f"--image_dir={images}", f"--output_dir={records_dir}",
-            "--validation_percentage=30", "--test_percentage=0"),
-           ("train", f"--flagfile={REPO}/configs/offline_demo.cfg",
-            f"--records_dir={records_dir}", f"--model_dir={model_dir}")]
-  for program, *args in steps:
-    result = run_bin(program, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-3000:]
-    assert not TENSORFLOW_INFO_LINE.search(result.stderr), result.stderr[-3000:]
-  assert "validation accuracy: 1.0000" in result.stdout
-  assert "cross-validation of --l2" in result.stdout and "<- best" in result.stdout
-  assert "export: " in result.stdout
-  assert f"TensorBoard: tensorboard --logdir={model_dir}/logs" in result.stdout
-
-
 def test_every_train_option_has_a_flag_and_every_flag_an_option():
   """bin/train binds flags to TrainOptions by name: a mismatch would fail only at run time."""
   from tlframe import options  # pylint: disable=g-import-not-at-top
@@ -156,3 +196,57 @@ def test_every_program_quiets_tensorflow_before_loading_it(program):
   assert lines[first_tlframe].startswith("from tlframe import cli"), (program,
                                                                        lines[first_tlframe])
   assert not any("tensorflow" in lines[i] for i in imports if i < first_tlframe), program
+
+
+def test_printed_commands_run_as_printed_without_an_activated_venv(monkeypatch, tmp_path):
+  """tensorboard and tlframe-<program> in hints: the interpreter's own copy when PATH lacks it."""
+  from tlframe import cli  # pylint: disable=g-import-not-at-top
+  own_bin = os.path.dirname(sys.executable)
+  if not os.access(os.path.join(own_bin, "tensorboard"), os.X_OK):
+    pytest.skip(f"no tensorboard beside {sys.executable}")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("PATH", "/usr/bin:/bin")
+  printed = cli.command("tensorboard")
+  assert os.path.isabs(printed) and os.access(printed, os.X_OK), printed
+  assert shutil.which(printed) == os.path.join(own_bin, "tensorboard")
+  monkeypatch.setenv("PATH", f"{own_bin}:/usr/bin:/bin")
+  assert cli.command("tensorboard") == "tensorboard"
+  monkeypatch.setenv("PATH", "/usr/bin:/bin")
+  predict = cli.program("predict").split()
+  assert os.access(predict[0], os.X_OK), predict
+  assert predict[-1].endswith("tlframe-predict") or predict[-1].endswith("bin/predict"), predict
+
+
+def test_a_missing_records_dir_is_refused_before_tensorflow_loads(tmp_path):
+  code = (f"import runpy, sys\n"
+          f"sys.argv = ['train', '--records_dir={tmp_path}/nope', '--model_dir={tmp_path}/m']\n"
+          f"try:\n"
+          f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
+          f"except SystemExit as e:\n"
+          f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+  assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
+  assert result.stderr.strip() == (f"error: --records_dir={tmp_path}/nope does not exist: run "
+                                   "bin/make_tfrecords first"), result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("flag, choices", [
+    ("resize_mode", "RESIZE_MODES"), ("loss", "LOSSES"), ("precision", "PRECISIONS"),
+    ("feature_normalization", "FEATURE_NORMALIZATIONS"), ("optimizer", "OPTIMIZERS"),
+    ("lr_schedule", "LR_SCHEDULES"), ("class_weight", "CLASS_WEIGHTS"),
+    ("features", "FEATURES"), ("feature_storage", "FEATURE_STORAGES")])
+def test_the_template_explains_every_choice_of_a_flag(flag, choices):
+  """configs/template.cfg's comment above --flag names each value bin/train accepts."""
+  from tlframe import options  # pylint: disable=g-import-not-at-top
+  lines = open(os.path.join(REPO, "configs", "template.cfg"), encoding="utf-8").read().splitlines()
+  index = next(i for i, line in enumerate(lines) if re.match(rf"#?--(no)?{flag}(=|$)", line))
+  comment = []
+  for line in reversed(lines[:index]):
+    if not line.startswith("# ") or line.startswith("# ---"):
+      break
+    comment.append(line)
+  text = " ".join(comment)
+  missing = [value for value in getattr(options, choices) if not re.search(rf"\b{value}\b", text)]
+  assert not missing, (flag, missing, text)

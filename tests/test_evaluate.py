@@ -103,6 +103,7 @@ def test_evaluate_on_the_test_split_matches_numpy(trained_model, tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "accuracy:" in result.stdout and "confusion matrix" in result.stdout
+  assert "top-2 accuracy:" in result.stdout   # 2 < 4 classes; top-4 would not be printed
   report = json.load(open(output_dir / "evaluation.json"))
   # The same predictions, made here from the test records' bytes with the export.
   pattern = records.split_file_pattern(trained_model.records_dir, "test")

@@ -8,6 +8,13 @@ softmax head) -> export.
 
 import os
 
+from tlframe import native_logs
+
+# First, before TensorFlow loads: its native start-up lines ("failed call to
+# cuInit", oneDNN notices) look like failures to a user of the library as much
+# as to one of bin/. TLFRAME_NATIVE_LOGS=1 shows them (tlframe/native_logs.py).
+native_logs.filter_stderr()
+
 # oneDNN's fused convolutions run the backbone ~2.4x faster on x86 CPUs where
 # TensorFlow leaves them off by default (those without AVX512-VNNI/BF16 or AMX,
 # e.g. AVX2-only AMD EPYC; bench/bench_backbone.py). TensorFlow reads this once,

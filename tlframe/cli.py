@@ -1,96 +1,37 @@
 """Shared plumbing of the thin absl programs in bin/; only bin/ imports it.
 
-Importing it (first thing in every program, before TensorFlow loads) filters
-TensorFlow's native start-up noise out of stderr: CUDA probing on CPU-only
-machines ("failed call to cuInit", "Could not find cuda drivers"), the oneDNN
-notice, absl's "before InitializeLog" banner, INFO lines of the C++ runtime
-and libjpeg's "Improper call to JPEG library". Those are written by C++ straight
-to file descriptor 2, where no Python setting reaches, so fd 2 becomes a pipe
-whose reader thread passes every other line on. TLFRAME_NATIVE_LOGS=1 shows
-everything.
+Importing it comes first in every program: it imports `tlframe`, whose import
+keeps TensorFlow's native start-up noise out of stderr (tlframe/native_logs.py)
+before TensorFlow loads.
 
 `run(main)` then parses the flags (one `error:` line and exit 2 for a bad
-flag, naming the flagfile and line it came from; --help exits 0), expands
-`~` in flag values, and turns a UserError, or a disk that is full or
-read-only, into one `error:` line and exit 2.
+flag, naming the flagfile and line it came from and, for an unknown one, the
+nearest flag names; --help exits 0), expands `~` in flag values, and turns a
+UserError, or a disk that is full or read-only, into one `error:` line and
+exit 2. `command(name)` spells a console command (tensorboard, tlframe-predict)
+so that a printed hint runs as printed.
 """
 
-import atexit
+import difflib
 import errno
 import importlib.util
 import logging
 import os
 import re
+import shutil
 import sys
-import threading
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from tlframe import native_logs
+from tlframe import programs
 from tlframe.errors import UserError
 
 USAGE_EXIT_CODE = 2
-NATIVE_LOGS_ENV = "TLFRAME_NATIVE_LOGS"
 _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
-# A native (C++) log line: severity, date, time, thread, source file:line] -- in
-# absl's format ("I0000 00:00:1795760330.016 19932 port.cc:153] ...") or TF's
-# older one ("2026-11-27 06:19:16.123456: I tensorflow/core/x.cc:42] ..."). A C++
-# source file tells them from absl's Python log lines, which name a .py file.
-_NATIVE_LINE = re.compile(rb"^(?:([IWEF])\d{4} [\d:.]+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) )"
-                          rb"[\w/.\-]+\.(?:cc|h|cpp|c):\d+\] (.*)")
-# Native warnings and errors that are start-up probing, not trouble.
-_NATIVE_NOISE = re.compile(rb"cuInit|cuda|CUDA|TensorRT|oneDNN|"
-                           rb"computation placer|Unable to register cu|rocm|ROCm")
-_PLAIN_NOISE = (b"WARNING: All log messages before absl::InitializeLog() is called",
-                b"Improper call to JPEG library in state")
-
-
-def _is_noise(line):
-  match = _NATIVE_LINE.match(line)
-  if match:
-    severity = match.group(1) or match.group(2)
-    return severity == b"I" or bool(_NATIVE_NOISE.search(match.group(3)))
-  return line.startswith(_PLAIN_NOISE)
-
-
-def _filter_native_stderr():
-  """Routes fd 2 through a thread that drops `_is_noise` lines (see the module doc)."""
-  if os.environ.get(NATIVE_LOGS_ENV, "") not in ("", "0"):
-    return
-  # TensorFlow's own INFO level too, where it honours the setting.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  try:
-    sys.stderr.flush()
-    original = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-  except OSError:
-    return
-
-  def forward():
-    with os.fdopen(read_end, "rb", buffering=0) as pipe:
-      for line in iter(pipe.readline, b""):
-        if not _is_noise(line):
-          os.write(original, line)
-
-  thread = threading.Thread(target=forward, name="native-stderr-filter", daemon=True)
-  thread.start()
-
-  def restore():
-    # Closing the pipe's last writer ends the reader once it has passed everything on.
-    try:
-      sys.stderr.flush()
-    except (OSError, ValueError):
-      pass
-    os.dup2(original, 2)
-    thread.join(timeout=5)
-
-  atexit.register(restore)
-
-
-_filter_native_stderr()
+_SUGGESTIONS = 3
 
 
 class _TensorFlowInfoFilter(logging.Filter):
@@ -118,7 +59,7 @@ def run(main):
     # TensorFlow's own INFO lines (checkpoint sharding, dataset buffers, SavedModel
     # signatures) would bury tlframe's progress lines; its warnings and errors still show.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if os.environ.get(NATIVE_LOGS_ENV, "") in ("", "0"):
+    if native_logs.enabled():
       absl_logging.get_absl_handler().addFilter(_TensorFlowInfoFilter())
     try:
       return main(argv)
@@ -197,9 +138,72 @@ def _describe_flag_error(error, argv):
   message = str(error).strip().splitlines()[0]
   if isinstance(error, flags.UnrecognizedFlagError):
     value = getattr(error, "flagvalue", "") or f"--{name}"
-    message = f"{value}: unknown flag; see --help for the flags"
+    nearest = nearest_flags(name) if name else []
+    hint = f"did you mean {' or '.join(f'--{n}' for n in nearest)}? " if nearest else ""
+    message = f"{value}: unknown flag; {hint}see --help for the flags"
   where = _origin_in_flagfiles(name, argv) if name else None
   return f"{where}: {message}" if where else message
+
+
+def nearest_flags(name):
+  """The program's flag names nearest to the unknown `name`, nearest first (at most 3).
+
+  Close spellings (difflib, as git and pip suggest commands), then flags whose
+  words' initials `name` spells, or that it starts (`--lr`: --learning_rate).
+  absl's own flags (logging, --flagfile) are left out; `--noname` counts for a
+  boolean --name.
+  """
+  names = []
+  for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+    if module.startswith("absl."):
+      continue
+    for flag in module_flags:
+      names.append(flag.name)
+      if flag.boolean:
+        names.append(f"no{flag.name}")
+  names = sorted(set(names))
+  close = difflib.get_close_matches(name, names, n=_SUGGESTIONS, cutoff=0.7)
+  if len(name) >= 2:
+    close += [n for n in names if "".join(word[:1] for word in n.split("_")) == name]
+    close += [n for n in names if n.startswith(name) and not n.startswith("no")]
+  return list(dict.fromkeys(close))[:_SUGGESTIONS]
+
+
+def command(name):
+  """How to type the console command `name` (tensorboard, tlframe-predict) so it runs here.
+
+  `name` itself where PATH finds this interpreter's own copy (an activated
+  venv) or the interpreter has none; else the path to the copy beside the
+  interpreter (`.venv/bin/tensorboard` from a non-activated venv), relative to
+  the current folder when inside it.
+  """
+  own = os.path.join(os.path.dirname(sys.executable), name)
+  if not os.access(own, os.X_OK):
+    return name
+  found = shutil.which(name)
+  if found and os.path.realpath(found) == os.path.realpath(own):
+    return name
+  relative = os.path.relpath(own)
+  return relative if "/" in relative and not relative.startswith("..") else own
+
+
+def program(name):
+  """How to type the bin/ program `name` (predict, make_tfrecords) in a hint that runs as printed.
+
+  Its console command (`tlframe-predict`, see `command`) where tlframe is
+  installed beside this interpreter, else this interpreter on the program's file.
+  """
+  console = programs.PREFIX + name.replace("_", "-")
+  if os.access(os.path.join(os.path.dirname(sys.executable), console), os.X_OK):
+    return command(console)
+  return f"{sys.executable} {os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), name)}"
+
+
+def check_exists(path, flag, fix):
+  """UserError '--flag=path does not exist: fix' for a missing local path, before TensorFlow
+  loads. Paths on other filesystems (gs://, ...) are left to the run, which needs TensorFlow."""
+  if path and "://" not in path and not os.path.exists(path):
+    raise UserError(f"{flag}={path} does not exist: {fix}")
 
 
 def _origin_in_flagfiles(name, argv):

@@ -11,7 +11,7 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 NAMES = ("image_dir", "filelist", "labels", "validation_percentage", "test_percentage",
-         "validation_filelist", "test_filelist", "shard_size", "max_side", "max_pixels")
+         "validation_filelist", "test_filelist", "test_dir", "shard_size", "max_side", "max_pixels")
 
 
 def define(where=""):
@@ -35,6 +35,10 @@ def define(where=""):
                       "--validation_percentage.")
   flags.DEFINE_string("test_filelist", None,
                       "Explicit test files: `path` or `path,label` lines; replaces "
+                      "--test_percentage.")
+  flags.DEFINE_string("test_dir", None,
+                      "A folder of test photos, one sub-folder per class like --image_dir's: "
+                      "all of them are the test split (bin/evaluate scores it); replaces "
                       "--test_percentage.")
   flags.DEFINE_integer("shard_size", None, "Images per shard, at most. Default: "
                        "tlframe.records.DEFAULT_SHARD_SIZE.")

@@ -39,8 +39,11 @@ class Row:
   error: str = None
 
 
-def list_images(spec):
-  """The image files `spec` names (DIR | GLOB | LIST file | one image), in a stable order."""
+def list_images(spec, line_numbers=None):
+  """The image files `spec` names (DIR | GLOB | LIST file | one image), in a stable order.
+
+  When `spec` is read as a list file, a dict `line_numbers` gets each path's line.
+  """
   fileio.check_filesystem(spec, "--images")
   if tf.io.gfile.isdir(spec):
     files, _ = records.walk_files(spec)
@@ -51,7 +54,8 @@ def list_images(spec):
     paths = sorted(tf.io.gfile.glob(spec))
     what = f"no files match {spec}"
   elif spec.lower().endswith(_LIST_EXTENSIONS) and tf.io.gfile.exists(spec):
-    paths = [path for path, _ in records.read_filelist(spec, "images", need_labels=False)]
+    paths = [path for path, _ in records.read_filelist(spec, "images", need_labels=False,
+                                                       line_numbers=line_numbers)]
     what = f"list {spec} names no files"
   elif tf.io.gfile.exists(spec):
     paths = [spec]

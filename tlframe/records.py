@@ -296,13 +296,14 @@ def _folder_of(path):
   return posixpath.dirname(path) if _is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
-def read_filelist(path, flag, need_labels=True):
+def read_filelist(path, flag, need_labels=True, line_numbers=None):
   """[(resolved path, label or None)] from a CSV or TSV of `path[,label]`; optional header.
 
   UTF-8, as `_text_lines` reads it (a spreadsheet's "CSV UTF-8": byte-order
   mark, CRLF). Blank lines and lines starting with '#' are skipped; a first
   line whose first field is a column name such as `path` or `filename` is a
-  header.
+  header. A dict `line_numbers` gets each resolved path's line number, for
+  messages.
   """
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
@@ -322,6 +323,8 @@ def read_filelist(path, flag, need_labels=True):
       expected = "path,label" if need_labels else "path or path,label"
       raise UserError(f"--{flag} {path}: line {number} {line.strip()!r} is not {expected}")
     entries.append((_resolve(base_dir, row[0]), row[1] if len(row) == 2 and row[1] else None))
+    if line_numbers is not None:
+      line_numbers.setdefault(entries[-1][0], number)
   if not entries:
     raise UserError(f"--{flag} {path}: no entries")
   return entries
@@ -706,12 +709,16 @@ def _first_damage(path, expected_records):
 # The conversion.
 
 
-def _collect_sources(image_dir, filelist, split_filelists):
+def _absolute(path):
+  return path if _is_remote(path) else os.path.abspath(path)
+
+
+def _collect_sources(image_dir, filelist, split_filelists, test_dir=None):
   if bool(image_dir) == bool(filelist):
     raise UserError("give exactly one of --image_dir or --filelist")
   if image_dir:
     # Absolute, so that paths in the split lists (resolved against their own folder) match.
-    root = image_dir if _is_remote(image_dir) else os.path.abspath(image_dir)
+    root = _absolute(image_dir)
     sources, skipped, ignored = list_image_dir(root)
   else:
     (sources, root), skipped, ignored = _sources_from_filelist(filelist), [], []
@@ -719,7 +726,35 @@ def _collect_sources(image_dir, filelist, split_filelists):
   if duplicates:
     raise UserError(f"--filelist {filelist}: {duplicates[0]} is listed more than once")
   sources = _apply_split_lists(sources, root, split_filelists, skipped)
+  if test_dir:
+    sources = _with_test_dir(sources, root, _absolute(test_dir), skipped, ignored)
   return sources, skipped, ignored
+
+
+def _with_test_dir(sources, root, test_root, skipped, ignored):
+  """`sources` plus the class folders of `test_root`, all in the test split.
+
+  Files under `test_root` found by the main listing too (a test folder inside
+  --image_dir) are the test folder's only. Keys are relative to `root` where
+  the test folder is inside it, else `<test folder name>/<class>/<file>`.
+  """
+  test_sources, test_skipped, test_ignored = list_image_dir(test_root)
+  prefix = test_root.rstrip("/") + "/"
+  inside = prefix.startswith(root.rstrip("/") + "/")
+  rekey = (lambda key: _relative_key(root, _join(test_root, key))) if inside else (
+      lambda key: posixpath.join(posixpath.basename(test_root.rstrip("/")), key))
+  kept = [source for source in sources if not source.path.startswith(prefix)]
+  for entries, into in ((test_skipped, skipped), (test_ignored, ignored)):
+    into[:] = [entry for entry in into if not _join(root, entry["path"]).startswith(prefix)]
+    into.extend(dict(entry, path=rekey(entry["path"])) for entry in entries)
+  keys = {source.key for source in kept}
+  for source in test_sources:
+    key = rekey(source.key)
+    if key in keys:
+      raise UserError(f"--test_dir {test_root}: {key} is also a training image's name; name "
+                      "the test folder differently from the class folders")
+    kept.append(source._replace(key=key, split="test"))
+  return kept
 
 
 def _without_missing_classes(sources, skipped):
@@ -787,14 +822,15 @@ def _some(names):
 
 
 def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=None,
-            test_filelist=None, labels=None, validation_percentage=10.0, test_percentage=10.0,
+            test_filelist=None, test_dir=None, labels=None, validation_percentage=10.0, test_percentage=10.0,
             shard_size=DEFAULT_SHARD_SIZE, max_side=None, max_pixels=imageformat.DEFAULT_MAX_PIXELS,
             num_workers=1, overwrite=False):
   """Converts images to sharded TFRecords in `output_dir`; returns the manifest (also written).
 
   Exactly one of `image_dir` (one sub-folder per class) or `filelist` (CSV/TSV
   `path,label`). `validation_filelist` / `test_filelist` fix those splits
-  explicitly and replace their percentage; everything else is split by a hash
+  explicitly and replace their percentage, as does `test_dir` (a folder of
+  one sub-folder per class, all test images); everything else is split by a hash
   of its relative path. `labels` fixes the class order (else sorted names).
   `max_side` downscales larger images; `max_pixels` rejects bigger headers
   before decoding. `num_workers` never changes the output. `overwrite`: convert
@@ -804,9 +840,9 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
     raise UserError("--num_workers must be positive")
   plan = plan_conversion(
       image_dir=image_dir, filelist=filelist, validation_filelist=validation_filelist,
-      test_filelist=test_filelist, labels=labels, validation_percentage=validation_percentage,
-      test_percentage=test_percentage, shard_size=shard_size, max_side=max_side,
-      max_pixels=max_pixels)
+      test_filelist=test_filelist, test_dir=test_dir, labels=labels,
+      validation_percentage=validation_percentage, test_percentage=test_percentage,
+      shard_size=shard_size, max_side=max_side, max_pixels=max_pixels)
   return write_conversion(output_dir, plan, lambda todo: _write_shards_locally(
       output_dir, todo, plan.labels, num_workers, max_pixels, max_side), overwrite=overwrite)
 
@@ -818,17 +854,21 @@ Plan = collections.namedtuple("Plan", "options labels labels_given shards skippe
 
 
 def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
-                    test_filelist=None, labels=None, validation_percentage=10.0,
+                    test_filelist=None, test_dir=None, labels=None, validation_percentage=10.0,
                     test_percentage=10.0, shard_size=DEFAULT_SHARD_SIZE, max_side=None,
                     max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """The `Plan` of a conversion (arguments as `convert`'s): lists, labels, splits and shards."""
+  if test_dir and test_filelist:
+    raise UserError("give one of --test_dir or --test_filelist: each is the whole test split")
   split_filelists = {split: path for split, path in
                      (("validation", validation_filelist), ("test", test_filelist)) if path}
   for split in split_filelists:
     logging.info("The %s split comes from --%s_filelist; --%s_percentage is not used",
                  split, split, split)
   validation_percentage = 0.0 if validation_filelist else validation_percentage
-  test_percentage = 0.0 if test_filelist else test_percentage
+  if test_dir:
+    logging.info("The test split is --test_dir %s; --test_percentage is not used", test_dir)
+  test_percentage = 0.0 if test_filelist or test_dir else test_percentage
   if not (0 <= validation_percentage and 0 <= test_percentage and
           validation_percentage + test_percentage <= 100):
     raise UserError("--validation_percentage and --test_percentage must be >= 0 and sum to "
@@ -836,7 +876,7 @@ def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
   if shard_size < 1 or max_pixels < 1 or (max_side is not None and max_side < 1):
     raise UserError("--shard_size, --max_pixels and --max_side must be positive")
 
-  sources, skipped, ignored = _collect_sources(image_dir, filelist, split_filelists)
+  sources, skipped, ignored = _collect_sources(image_dir, filelist, split_filelists, test_dir)
   if ignored:
     logging.warning("Ignored %d files that are not named like images: %s (all are listed in "
                     "the manifest)", len(ignored), _some([entry["path"] for entry in ignored]))
@@ -849,6 +889,7 @@ def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
 
   options = {"image_dir": image_dir, "filelist": filelist,
              "validation_filelist": validation_filelist, "test_filelist": test_filelist,
+             **({"test_dir": test_dir} if test_dir else {}),
              "labels": labels, "validation_percentage": validation_percentage,
              "test_percentage": test_percentage, "shard_size": shard_size,
              "max_side": max_side, "max_pixels": max_pixels}
