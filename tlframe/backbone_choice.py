@@ -53,7 +53,7 @@ RELATIVE_SPEED = {MOBILENET_V2: 1.0, EFFICIENTNET_LITE0: 0.85, "efficientnet_lit
 SPEEDS_FILENAME = "backbone_speeds.json"
 # Images per measuring call: large enough for the batched kernels, small
 # enough that a first measure costs a second or two.
-MEASURE_BATCH_SIZE = 16
+MEASURE_BATCH_SIZE = 8
 SEPARATOR = ","
 
 
@@ -179,7 +179,7 @@ class MachineSpeeds:
 
 
 def measure_builtin(name, precision, batch_size=MEASURE_BATCH_SIZE):
-  """Images/s of built-in `name` on one batch of random images: the faster of two timed calls."""
+  """Images/s of built-in `name` on one batch of random images, timed after a first (tracing) call."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tlframe import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
   model = backbone_lib.load_backbone(name, precision=precision)
@@ -187,12 +187,9 @@ def measure_builtin(name, precision, batch_size=MEASURE_BATCH_SIZE):
                                        seed=[0, 0])
   run = tf.function(model.__call__)
   run(images).numpy()   # traces
-  fastest = float("inf")
-  for _ in range(2):
-    start = time.perf_counter()
-    run(images).numpy()
-    fastest = min(fastest, time.perf_counter() - start)
-  return batch_size / fastest
+  start = time.perf_counter()
+  run(images).numpy()
+  return batch_size / (time.perf_counter() - start)
 
 
 def machine_speeds(precision):
@@ -238,7 +235,7 @@ def resolve(options, images_per_second=None):
   num_images = images_to_pass(records.read_manifest(options.records_dir),
                               options.flip_features)
   choice = choose(num_images, options.backbone_budget_s,
-                  images_per_second or machine_speeds(options.precision))
+                  images_per_second or machine_speeds(options.precision), candidates=CANDIDATES)
   logging.info("--backbone=auto: %s, %s", choice.backbone, choice.reason)
   return dataclasses.replace(options, backbone=choice.backbone), choice
 
