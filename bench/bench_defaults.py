@@ -18,6 +18,12 @@ Prints test accuracy (mean over seeds, and its spread), seconds of each, and
 the backbone pass's images/s (taken under whatever else runs on the machine:
 compare rates within one run).
 
+Then, per data set and k, what `--backbone=auto` (tlframe/backbone_choice.py,
+bin/train's default) would choose for records of those training images plus
+the test split, at this machine's cached images/s and --backbone_budget_s,
+against every backbone run: test accuracy and seconds (the backbone pass over
+those images at this run's rate, plus the head's training).
+
 Data sets: oxford_flowers12 (its TEST_SPLIT.txt is the test split; 60 train
 images per class) and scikit-image's LFW subset (100 face / 100 not-face
 photos, 25x25 grayscale, half held out by file-name hash), a second real set
@@ -42,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe import backbone as backbone_lib  # pylint: disable=wrong-import-position
+from tlframe import backbone_choice  # pylint: disable=wrong-import-position
 from tlframe import features as features_lib  # pylint: disable=wrong-import-position
 from tlframe import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import options as options_lib  # pylint: disable=wrong-import-position
@@ -53,7 +60,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from bench_common import cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
-K_SHOTS = (5, 10, 20, None)   # None: every training image
+K_SHOTS = (1, 5, 10, 20, None)   # None: every training image
 MOBILENET, LITE0 = "mobilenet_v2_100_224", "efficientnet_lite0"
 # (backbone, resize mode, flip features): every built-in at the default crop,
 # the concatenation of the two fastest, then the crop and flip options.
@@ -167,6 +174,7 @@ def bench_set(name, records_dir, seeds, option_list, losses, precision):
         runs = [default_head(train, rows, test, len(labels), loss) for rows in subsets]
         ours = [run[0] for run in runs]
         row = dict(data=name, backbone=handle, precision=backbone.precision,
+                   num_classes=len(labels), num_test=len(test.labels),
                    resize_mode=resize_mode, flip=flip,
                    images_per_second=rate, k=k or int(per_class), loss=loss, tlframe=ours,
                    svc=svc, l2=[run[2] for run in runs], svc_c=[run[2] for run in svc_runs],
@@ -179,6 +187,39 @@ def bench_set(name, records_dir, seeds, option_list, losses, precision):
               f"{' '.join(f'{v:g}' for v in row['svc_c'])} | {row['head_seconds']:.1f} | "
               f"{row['svc_seconds']:.1f} |", flush=True)
   return results
+
+
+def auto_table(results, budget_s, precision):
+  """Per data set and k: bin/train's auto choice against every backbone run, accuracy and seconds."""
+  speeds = backbone_choice.machine_speeds(precision)
+  runs = [row for row in results if row["resize_mode"] == "center_crop" and not row["flip"]
+          and row["loss"] == "softmax"]
+  handles = list(dict.fromkeys(row["backbone"] for row in runs))
+  print(f"\n## --backbone=auto (budget {budget_s:g} s; images/s cached for {speeds.key}) "
+        "against each backbone: test accuracy % (seconds: pass over train + test at this run's "
+        "rate, plus the head)\n")
+  print("| data | k | images | auto choice | auto % | " + " | ".join(handles) + " |")
+  print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in handles) + " |")
+  for data in dict.fromkeys(row["data"] for row in runs):
+    for k in dict.fromkeys(row["k"] for row in runs if row["data"] == data):
+      by_handle = {row["backbone"]: row for row in runs if row["data"] == data and row["k"] == k}
+      any_row = next(iter(by_handle.values()))
+      images = any_row["num_classes"] * k + any_row["num_test"]
+      choice = backbone_choice.choose(images, budget_s, speeds)
+      chosen = by_handle.get(choice.backbone)
+      auto = "not run" if chosen is None else f"{100 * np.mean(chosen['tlframe']):.1f}"
+      cells = []
+      for handle in handles:
+        row = by_handle.get(handle)
+        if row is None:
+          cells.append("-")
+          continue
+        seconds = (f"{images / row['images_per_second'] + row['head_seconds']:.0f} s"
+                   if row["images_per_second"] else "cached")
+        cells.append(f"{100 * np.mean(row['tlframe']):.1f} ({seconds})")
+      print(f"| {data} | {k} | {images} | {choice.backbone} (~{choice.estimated_pass_s:.0f} s) | "
+            f"{auto} | "
+            + " | ".join(cells) + " |", flush=True)
 
 
 def main():
@@ -204,7 +245,18 @@ def main():
   parser.add_argument("--datasets", default="oxford_flowers12,lfw",
                       help="Comma-separated: oxford_flowers12, lfw.")
   parser.add_argument("--json_out", default=None, help="Also write the rows to this JSON file.")
+  parser.add_argument("--backbone_budget_s", type=float,
+                      default=options_lib.DEFAULT_BACKBONE_BUDGET_S,
+                      help="The budget of the --backbone=auto table (bin/train's default).")
+  parser.add_argument("--auto_table_from", default=None,
+                      help="Comma-separated --json_out files of earlier runs: print only the "
+                           "--backbone=auto table of their rows together.")
   args = parser.parse_args()
+  if args.auto_table_from:
+    rows = [row for path in args.auto_table_from.split(",")
+            for row in json.load(open(path))["rows"]]
+    auto_table(rows, args.backbone_budget_s, args.precision)
+    return
   option_list = FEATURE_OPTIONS if args.only is None else [
       FEATURE_OPTIONS[int(i)] for i in args.only.split(",")]
   losses = args.losses.split(",")
@@ -226,6 +278,7 @@ def main():
     if "lfw" in datasets:
       results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
                            option_list, losses, args.precision)
+  auto_table(results, args.backbone_budget_s, args.precision)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(dict(rows=results, cpu=cpu_model(), date=datetime.date.today().isoformat(),

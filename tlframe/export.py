@@ -251,7 +251,8 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
       _write_tflite(module, os.path.join(tmp, TFLITE_DIRNAME), config.labels)
     info = dict(
         format_version=FORMAT_VERSION, tlframe_version=tlframe.__version__,
-        backbone=config.backbone, features=config.features, image_size=config.image_size,
+        backbone=config.backbone, backbone_choice=config.backbone_choice,
+        features=config.features, image_size=config.image_size,
         resize_mode=config.resize_mode, average_flips=module.average_flips,
         fine_tuned_blocks=config.fine_tune["blocks"] if config.fine_tune else None,
         precision=backbone.precision, loss=config.loss,

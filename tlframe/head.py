@@ -162,6 +162,8 @@ class HeadConfig:
   flip_features: bool = False   # scores are averaged over each image and its mirror
   # After --fine_tune: {"blocks": K or "all", "directory": the fine-tuned variables' folder}.
   fine_tune: dict = None
+  # With --backbone=auto: backbone_choice.Choice as a dict (the choice and its reason).
+  backbone_choice: dict = None
 
   def write(self, model_dir):
     fileio.atomic_write_json(os.path.join(model_dir, HEAD_CONFIG_FILENAME),

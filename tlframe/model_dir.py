@@ -46,7 +46,8 @@ _MODEL_IDENTITY = ("records", "backbone", "features", "input_size", "precision",
 # How a run is carried out, not what it computes: a change still resumes.
 _NOT_IN_RUN_IDENTITY = ("strategy", "checkpoint_every_epochs", "extract_batch_size",
                         "log_every_steps", "num_thumbnails_per_class", "overwrite", "export",
-                        "force_export", "feature_cache_dir", "max_in_memory_features")
+                        "force_export", "feature_cache_dir", "max_in_memory_features",
+                        "backbone_budget_s")
 
 
 def records_identity(records_dir):

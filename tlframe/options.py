@@ -27,6 +27,10 @@ FEATURES = ("feature_vector", "logits")
 BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0", "efficientnet_lite1",
                      "efficientnet_lite2")
 DEFAULT_BACKBONE = BUILTIN_BACKBONES[0]
+# bin/train's default: a backbone chosen from the data size and this machine's
+# speed (tlframe/backbone_choice.py).
+AUTO_BACKBONE = "auto"
+DEFAULT_BACKBONE_BUDGET_S = 120.0
 STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -67,7 +71,8 @@ class TrainOptions:
   """
   records_dir: str
   model_dir: str
-  backbone: str = DEFAULT_BACKBONE
+  backbone: str = AUTO_BACKBONE   # resolved by backbone_choice.resolve before the backbone loads
+  backbone_budget_s: float = DEFAULT_BACKBONE_BUDGET_S   # what --backbone=auto's pass may take
   features: str = "feature_vector"
   input_size: int = None
   precision: str = "auto"   # bfloat16 where the hardware computes it natively, else float32
@@ -170,6 +175,8 @@ def check(options):
                "log_every_steps", "max_in_memory_features"):
     if not getattr(options, name) > 0:
       bad(f"--{name}={getattr(options, name)} must be positive")
+  if not (math.isfinite(options.backbone_budget_s) and options.backbone_budget_s > 0):
+    bad(f"--backbone_budget_s={options.backbone_budget_s} must be a positive number of seconds")
   if options.batch_size is not None and options.batch_size < 1:
     bad(f"--batch_size={options.batch_size} must be positive")
   if options.input_size is not None and options.input_size < 1:

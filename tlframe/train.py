@@ -31,6 +31,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe import backbone as backbone_lib
+from tlframe import backbone_choice
 from tlframe import calibration as calibration_lib
 from tlframe import data_checks
 from tlframe import distribution
@@ -69,6 +70,8 @@ def train(options):
 def _run(options, strategy):
   start = time.monotonic()
   chief = distribution.is_chief(strategy)
+  options, choice = backbone_choice.resolve(options)   # --backbone=auto, before anything uses it
+  choice = choice.as_dict() if choice else None
   finished = None if options.force_export else _finished_run(options)
   if finished is not None:
     logging.info("%s is up to date: its last run had these settings and these records "
@@ -158,6 +161,7 @@ def _run(options, strategy):
       num_replicas=strategy.num_replicas_in_sync, global_batch_size=global_batch,
       backbone=dict(handle=options.backbone, input_size=backbone.input_size,
                     output_dim=backbone.output_dim, precision=backbone.precision),
+      backbone_choice=choice,
       skipped_records={split: feature_set.skipped for split, feature_set in
                        feature_sets.items() if feature_set is not None},
       streamed_splits=[split for split, feature_set in feature_sets.items()
@@ -183,7 +187,7 @@ def _run(options, strategy):
     tf.io.gfile.rmtree(out_dir)
     return metrics
   _write_model(options.model_dir, head, options, backbone, label_names, calibration,
-               fine_tuned)
+               fine_tuned, choice)
   if options.export:
     export_start = time.monotonic()
     # "auto" resolves on the machine that serves the export, not on this one:
@@ -349,7 +353,7 @@ def _evaluate(head, feature_set, label_names):
 
 
 def _write_model(model_dir, trained_head, options, backbone, label_names, calibration,
-                 fine_tuned):
+                 fine_tuned, choice):
   """head_config.json, head/ (a one-model LinearHead checkpoint), labels.txt, calibration.json,
   and fine_tuned_backbone/ after fine-tuning (an earlier run's is removed otherwise)."""
   fine_tuned_dir = os.path.join(model_dir, finetune.BACKBONE_DIRNAME)
@@ -365,6 +369,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
       flip_features=options.flip_features,
       fine_tune=dict(blocks=fine_tuned.metrics["blocks"],
                      directory=finetune.BACKBONE_DIRNAME) if fine_tuned else None,
+      backbone_choice=choice,
   ).write(model_dir)
   # A plain (unmirrored) copy, so the export loads it without a strategy.
   final_head = head_lib.LinearHead(backbone.output_dim, len(label_names),

@@ -1,0 +1,133 @@
+"""--backbone=auto (tlframe/backbone_choice.py): the rule, this machine's speeds, a run's choice."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from tlframe import backbone_choice
+from tlframe import export as export_lib
+from tlframe import model_dir as model_dir_lib
+from tlframe import options as options_lib
+from tlframe import train
+from test_backbone_concat import parts  # pylint: disable=unused-import  (a fixture)
+from test_train_helpers import make_records, save_tiny_backbone
+
+CONCATENATION, MOBILENET = backbone_choice.CANDIDATES[0], backbone_choice.MOBILENET_V2
+
+
+def fake_rates(mobilenet_rate):
+  """A machine where MobileNetV2 runs `mobilenet_rate` images/s and the rest at their ratios."""
+  def rate(handle):
+    return backbone_choice.concatenation_rate(
+        [mobilenet_rate * backbone_choice.RELATIVE_SPEED[part]
+         for part in backbone_choice.parts(handle)])
+  return rate
+
+
+def test_the_rule_picks_the_concatenation_for_a_small_set_and_mobilenet_past_the_budget():
+  assert backbone_choice.CANDIDATES[-1] == MOBILENET == options_lib.DEFAULT_BACKBONE
+  budget = options_lib.DEFAULT_BACKBONE_BUDGET_S
+  # 300 photos at 20 images/s for MobileNetV2 (~9 for the pair): ~33 s.
+  small = backbone_choice.choose(300, budget, fake_rates(20.0))
+  assert small.backbone == CONCATENATION
+  assert small.estimated_pass_s == pytest.approx(300 / fake_rates(20.0)(CONCATENATION))
+  assert "most accurate" in small.reason and "300 images" in small.reason
+  # 2,000: the pair would take ~215 s, MobileNetV2 100 s.
+  medium = backbone_choice.choose(2000, budget, fake_rates(20.0))
+  assert medium.backbone == MOBILENET and medium.estimated_pass_s == pytest.approx(100)
+  assert f"more accurate but over: {CONCATENATION}" in medium.reason
+  # 20,000: nothing fits; the fastest.
+  large = backbone_choice.choose(20000, budget, fake_rates(20.0))
+  assert large.backbone == MOBILENET and "no candidate" in large.reason
+  # The same 2,000 on a machine ten times faster: the pair fits.
+  assert backbone_choice.choose(2000, budget, fake_rates(200.0)).backbone == CONCATENATION
+  # A concatenation's time per image is the sum of its parts'.
+  assert backbone_choice.concatenation_rate([20.0, 20.0]) == pytest.approx(10.0)
+
+
+def test_images_counted_from_the_manifest_doubled_with_flips():
+  manifest = {"splits": {"train": {"examples": 70}, "validation": {"examples": 20},
+                         "test": {"examples": 10}}}
+  assert backbone_choice.images_to_pass(manifest, flip_features=False) == 100
+  assert backbone_choice.images_to_pass(manifest, flip_features=True) == 200
+
+
+def test_speeds_are_measured_once_per_machine_and_estimated_when_not_built(tmp_path):
+  cache = str(tmp_path / "speeds.json")
+  measured = []
+
+  def measure(name):
+    measured.append(name)
+    return {MOBILENET: 40.0, "efficientnet_lite0": 30.0}[name]
+
+  def speeds(key, built):
+    return backbone_choice.MachineSpeeds(key, cache, measure, is_built=lambda name: name in built)
+
+  # Lite0 not built here: estimated from MobileNetV2, which alone is measured.
+  rate = speeds("cpu A / float32", {MOBILENET})(CONCATENATION)
+  lite0_estimate = 40.0 * backbone_choice.RELATIVE_SPEED["efficientnet_lite0"]
+  assert rate == pytest.approx(1 / (1 / 40.0 + 1 / lite0_estimate))
+  assert measured == [MOBILENET]
+  # Once built, it is measured too, and both come from the cache from then on.
+  built = {MOBILENET, "efficientnet_lite0"}
+  assert speeds("cpu A / float32", built)(CONCATENATION) == pytest.approx(1 / (1 / 40 + 1 / 30))
+  assert speeds("cpu A / float32", built)(MOBILENET) == 40.0
+  assert measured == [MOBILENET, "efficientnet_lite0"]
+  # Another machine (or precision) measures its own; the first's entries stay.
+  speeds("cpu B / bfloat16", {MOBILENET})(MOBILENET)
+  assert measured[-1] == MOBILENET and len(measured) == 3
+  with open(cache) as f:
+    assert json.load(f)["cpu A / float32"] == {MOBILENET: 40.0, "efficientnet_lite0": 30.0}
+  assert backbone_choice.machine_key("float32") != backbone_choice.machine_key("bfloat16")
+  assert backbone_choice.machine_key("float32", ["GPU X"]) == "GPU X / float32"
+
+
+def test_a_first_measure_on_the_built_mobilenet_is_cheap(builtin_backbone_dirs, tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.monotonic()
+  rate = backbone_choice.measure_builtin(MOBILENET, "float32")
+  assert rate > 0 and time.monotonic() - start < 60   # seconds even on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory, skimage_photos):
+  return make_records(str(tmp_path_factory.mktemp("choice")), skimage_photos)
+
+
+def test_an_explicit_backbone_is_kept(records_dir, tmp_path):
+  options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"),
+                               backbone="efficientnet_lite2", backbone_budget_s=1e-9)
+  assert backbone_choice.resolve(options, images_per_second=fake_rates(1.0)) == (options, None)
+
+
+def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(
+    records_dir, parts, tmp_path, monkeypatch):  # pylint: disable=redefined-outer-name
+  """Auto between two tiny real modules and their concatenation: train, export, rerun."""
+  big, small = parts
+  pair = f"{big},{small}"
+  monkeypatch.setattr(backbone_choice, "CANDIDATES", (pair, big))
+  monkeypatch.setattr(backbone_choice, "machine_speeds", lambda precision: {pair: 50.0, big: 100.0}.get)
+  model_dir = str(tmp_path / "model")
+  options = train.TrainOptions(records_dir=records_dir, model_dir=model_dir, loss="hinge",
+                               l2=1e-3, epochs=10, batch_size=8, checkpoint_every_epochs=10)
+  assert options.backbone == backbone_choice.AUTO
+  metrics = train.train(options)
+  assert metrics["backbone"]["handle"] == pair and metrics["backbone"]["output_dim"] == 40
+  choice = metrics["backbone_choice"]
+  assert choice["backbone"] == pair and choice["num_images"] == 48 and "most accurate" in choice["reason"]
+  with open(os.path.join(model_dir, model_dir_lib.METRICS_FILENAME)) as f:
+    assert json.load(f)["backbone_choice"] == choice
+  with open(os.path.join(metrics["export_dir"], export_lib.EXPORT_INFO_FILENAME)) as f:
+    info = json.load(f)
+  assert info["backbone"] == pair and info["backbone_choice"] == choice
+  # A rerun into the same model dir resumes with that model's backbone, whatever the speeds say.
+  slow = {pair: 1e-3, big: 2e-3}.get
+  monkeypatch.setattr(backbone_choice, "machine_speeds", lambda precision: slow)
+  again = train.train(dataclasses.replace(options, export=False))
+  assert again["epochs_run_now"] == 0 and again["backbone"]["handle"] == pair
+  assert "already in --model_dir" in again["backbone_choice"]["reason"]
+  # --overwrite chooses again: now past the budget, the fastest.
+  resolved, fresh = backbone_choice.resolve(dataclasses.replace(options, overwrite=True))
+  assert resolved.backbone == fresh.backbone == big and "no candidate" in fresh.reason
