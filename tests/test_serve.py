@@ -95,17 +95,21 @@ class Server:
     return self.process.returncode, output
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, skimage_photos):
-  """A model trained on crops of the four photos (tiny real backbone), exported."""
-  tmp = tmp_path_factory.mktemp("serve_model")
-  records_dir = make_records(str(tmp), skimage_photos)
+def train_and_export(tmp, photos, epochs, **records_options):
+  """A model dir trained on crops of `photos` (tiny real backbone), exported."""
+  records_dir = make_records(str(tmp), photos, **records_options)
   options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp / "model"),
                                backbone=save_tiny_backbone(tmp / "tiny_backbone"),
-                               loss="softmax", batch_size=8, epochs=30)
+                               loss="softmax", batch_size=8, epochs=epochs)
   train.train(options)
   export.export_model(options.model_dir)
   return options.model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, skimage_photos):
+  """A model trained on crops of the four photos, exported."""
+  return train_and_export(tmp_path_factory.mktemp("serve_model"), skimage_photos, epochs=30)
 
 
 @pytest.fixture(scope="module")

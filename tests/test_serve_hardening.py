@@ -8,10 +8,8 @@ work, non-finite pixels and bad base64 are refused naming the instance, and a
 client that hangs up mid-body costs one log line.
 """
 
-import base64
 import http.client
 import json
-import os
 import re
 import socket
 import threading
@@ -23,9 +21,7 @@ import tensorflow as tf
 
 from tlframe import batching
 from tlframe import export
-from tlframe import train
-from test_serve import Server, _b64, _metric
-from test_train_helpers import make_records, save_tiny_backbone
+from test_serve import Server, _b64, _metric, train_and_export
 
 MAX_BATCH_SIZE = 8
 MAX_CONNECTIONS = 16
@@ -36,14 +32,8 @@ MAX_INSTANCES = 600
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, skimage_photos):
   """A model of the four photos on the tiny backbone (a few epochs: answers need not be good)."""
-  tmp = tmp_path_factory.mktemp("hardening_model")
-  records_dir = make_records(str(tmp), skimage_photos, per_class=4, validation_percentage=25)
-  options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp / "model"),
-                               backbone=save_tiny_backbone(tmp / "tiny_backbone"),
-                               loss="softmax", batch_size=8, epochs=3)
-  train.train(options)
-  export.export_model(options.model_dir)
-  return options.model_dir
+  return train_and_export(tmp_path_factory.mktemp("hardening_model"), skimage_photos, epochs=3,
+                          per_class=4, validation_percentage=25)
 
 
 @pytest.fixture(scope="module")

@@ -588,9 +588,9 @@ def create_app(servable, model_name="model", max_batch_size=DEFAULT_MAX_BATCH_SI
       if predict:
         api = "predict"
         try:
-          async with asyncio.timeout(state.client_timeout_s):
-            body = await _read_body(request, state.max_request_bytes)
-        except TimeoutError:
+          body = await asyncio.wait_for(_read_body(request, state.max_request_bytes),
+                                        state.client_timeout_s)
+        except asyncio.TimeoutError:
           raise RequestError(408, f"the request body took over --client_timeout_s="
                              f"{state.client_timeout_s:g} seconds to arrive") from None
         state.check_model(*predict.groups())
