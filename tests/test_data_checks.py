@@ -200,6 +200,7 @@ def test_near_duplicates_across_splits_are_found_on_real_photos(tmp_path, builti
   assert checks["suspects"] is None
 
 
+@pytest.mark.slow
 def test_bin_train_lists_a_mislabelled_photo_as_suspect(tmp_path, skimage_photos,
                                                        builtin_backbone_dirs):
   """Real crops of 4 photos, one cat crop filed under coffee: bin/train names it, ranked first,
