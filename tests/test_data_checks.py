@@ -1,6 +1,10 @@
 """The labelled plots, report.html, near-duplicates across splits and suspected label errors."""
 
+import csv
 import html.parser
+import os
+import subprocess
+import sys
 from xml.etree import ElementTree
 
 import numpy as np
@@ -15,6 +19,7 @@ from tlframe import records
 from tlframe import report
 from tlframe import samples
 
+TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "train")
 NAMES = ["bluebell", "lily-valley", "a <b>&amp;", 'say "cheese"', "Überweg"]
 
 
@@ -193,3 +198,32 @@ def test_near_duplicates_across_splits_are_found_on_real_photos(tmp_path, builti
   assert pairs == {("train", "chelsea/photo.png", "test", "chelsea/copy.jpg"),
                    ("train", "brick/photo.png", "test", "brick/copy.jpg")}, checks
   assert checks["suspects"] is None
+
+
+@pytest.mark.slow
+def test_bin_train_lists_a_mislabelled_photo_as_suspect(tmp_path, skimage_photos,
+                                                       builtin_backbone_dirs):
+  """Real crops of 4 photos, one cat crop filed under coffee: bin/train names it, ranked first,
+  in its output, suspect_labels.csv and report.html, and changes nothing."""
+  image_dir = tmp_path / "images"
+  samples.write_photo_crops(str(image_dir), skimage_photos, per_class=8, size=96)
+  mislabelled = tf.io.encode_jpeg(skimage_photos["chelsea"][40:260, 60:300]).numpy()
+  (image_dir / "coffee" / "odd_one.jpg").write_bytes(mislabelled)
+  records_dir = tmp_path / "records"
+  records.convert(str(records_dir), image_dir=str(image_dir), validation_percentage=0,
+                  test_percentage=0)
+  model_dir = tmp_path / "model"
+  result = subprocess.run(
+      [sys.executable, TRAIN, f"--records_dir={records_dir}", f"--model_dir={model_dir}",
+       "--feature_normalization=standardize", "--epochs=40", "--noexport"],
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "coffee/odd_one.jpg (coffee, looks like chelsea)" in result.stdout, result.stdout
+  with open(model_dir / "suspect_labels.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert rows[0]["file"] == "coffee/odd_one.jpg" and rows[0]["suspected_label"] == "chelsea"
+  assert float(rows[0]["probability"]) >= data_checks.DEFAULT_SUSPECT_CONFIDENCE
+  assert len(rows) <= 2   # the 32 right labels stay off the list (at most one borderline)
+  page = _Page((model_dir / "report.html").read_text(encoding="utf-8"))
+  assert "coffee/odd_one.jpg" in page.text and "looks like: chelsea" in page.text
+  assert records.read_labels(str(records_dir)) == sorted(skimage_photos)   # nothing changed
