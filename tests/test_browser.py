@@ -15,6 +15,7 @@ else to the test's temp dir.
 import base64
 import hashlib
 import http.client
+import importlib.util
 import io
 import os
 import re
@@ -43,8 +44,13 @@ WAIT_S = 60
 # Screenshots are palette PNGs: a page is mostly flat colour; they stay small in git.
 SCREENSHOT_COLOURS = 128
 
-_NO_CHROMIUM = ("headless Chromium not found (chromium and chromedriver on PATH; Debian: "
-                "apt-get install chromium chromium-driver)")
+# Marks, not fixture skips: they skip before the session's model is trained.
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="headless Chromium not found (chromium and chromedriver on PATH; Debian: "
+           "apt-get install chromium chromium-driver)")
+needs_selenium = pytest.mark.skipif(importlib.util.find_spec("selenium") is None,
+                                    reason="selenium is not installed: pip install -e '.[test]'")
 
 # Every image decoded: complete, with pixels (a broken one is complete with width 0).
 _IMAGES_STATE = """return Array.from(document.images).map(
@@ -54,11 +60,9 @@ _RESOURCES = "return performance.getEntriesByType('resource').map(entry => entry
 
 @pytest.fixture(scope="module")
 def browser():
-  if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip(_NO_CHROMIUM)
-  webdriver = pytest.importorskip("selenium.webdriver",
-                                  reason="selenium is not installed: pip install -e '.[test]'")
-  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (selenium is optional: see needs_selenium)
+  from selenium import webdriver
+  from selenium.webdriver.support.ui import WebDriverWait
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -118,6 +122,8 @@ def _upload(driver, path):
 
 
 @pytest.mark.slow
+@needs_chromium
+@needs_selenium
 def test_serve_page_classifies_an_uploaded_photo(browser, server, trained_model, tmp_path,
                                                  screenshot_dir):
   photo = tmp_path / "chelsea.jpg"
@@ -185,6 +191,8 @@ def evaluation_dir(trained_model, tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_chromium
+@needs_selenium
 def test_report_html_shows_every_image_without_errors(browser, evaluation_dir, screenshot_dir):
   browser.get((evaluation_dir / "report.html").as_uri())
   browser.wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
