@@ -55,6 +55,11 @@ needs_selenium = pytest.mark.skipif(importlib.util.find_spec("selenium") is None
 # Every image decoded: complete, with pixels (a broken one is complete with width 0).
 _IMAGES_STATE = """return Array.from(document.images).map(
     image => [image.currentSrc.slice(0, 80), image.complete && image.naturalWidth > 0]);"""
+_DROP = """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+document.getElementById("drop").dispatchEvent(
+    new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));"""
 _RESOURCES = "return performance.getEntriesByType('resource').map(entry => entry.name);"
 
 
@@ -162,6 +167,13 @@ def test_serve_page_classifies_an_uploaded_photo(browser, server, trained_model,
   assert [label for label, _ in shown] == expected["top_k_labels"]
   np.testing.assert_allclose([percent for _, percent in shown],
                              np.array(expected["top_k_probabilities"]) * 100, atol=0.051)
+  # Dropped instead of chosen: a drop event carrying the same bytes as a file.
+  browser.execute_script(_DROP, base64.b64encode(photo.read_bytes()).decode("ascii"))
+  status = browser.find_element("id", "status")
+  browser.wait.until(lambda _: status.text.startswith("dropped.jpg")
+                     and status.get_attribute("data-state") in ("done", "error"))
+  assert status.get_attribute("data-state") == "done", status.text
+  assert browser.find_element("id", "top-label").text == predicted
   browser.wait.until(lambda d: d.execute_script("return document.images[0].complete;"))
   assert _assert_images_load(browser) == 1  # the photo's preview
   assert all(url.startswith(base_url + "/") for url in browser.execute_script(_RESOURCES))
