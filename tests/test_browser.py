@@ -15,6 +15,7 @@ else to the test's temp dir.
 import base64
 import hashlib
 import http.client
+import importlib.util
 import io
 import os
 import re
@@ -43,22 +44,30 @@ WAIT_S = 60
 # Screenshots are palette PNGs: a page is mostly flat colour; they stay small in git.
 SCREENSHOT_COLOURS = 128
 
-_NO_CHROMIUM = ("headless Chromium not found (chromium and chromedriver on PATH; Debian: "
-                "apt-get install chromium chromium-driver)")
+# Marks, not fixture skips: they skip before the session's model is trained.
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="headless Chromium not found (chromium and chromedriver on PATH; Debian: "
+           "apt-get install chromium chromium-driver)")
+needs_selenium = pytest.mark.skipif(importlib.util.find_spec("selenium") is None,
+                                    reason="selenium is not installed: pip install -e '.[test]'")
 
 # Every image decoded: complete, with pixels (a broken one is complete with width 0).
 _IMAGES_STATE = """return Array.from(document.images).map(
     image => [image.currentSrc.slice(0, 80), image.complete && image.naturalWidth > 0]);"""
+_DROP = """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+document.getElementById("drop").dispatchEvent(
+    new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));"""
 _RESOURCES = "return performance.getEntriesByType('resource').map(entry => entry.name);"
 
 
 @pytest.fixture(scope="module")
 def browser():
-  if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip(_NO_CHROMIUM)
-  webdriver = pytest.importorskip("selenium.webdriver",
-                                  reason="selenium is not installed: pip install -e '.[test]'")
-  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (selenium is optional: see needs_selenium)
+  from selenium import webdriver
+  from selenium.webdriver.support.ui import WebDriverWait
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -118,6 +127,8 @@ def _upload(driver, path):
 
 
 @pytest.mark.slow
+@needs_chromium
+@needs_selenium
 def test_serve_page_classifies_an_uploaded_photo(browser, server, trained_model, tmp_path,
                                                  screenshot_dir):
   photo = tmp_path / "chelsea.jpg"
@@ -156,6 +167,13 @@ def test_serve_page_classifies_an_uploaded_photo(browser, server, trained_model,
   assert [label for label, _ in shown] == expected["top_k_labels"]
   np.testing.assert_allclose([percent for _, percent in shown],
                              np.array(expected["top_k_probabilities"]) * 100, atol=0.051)
+  # Dropped instead of chosen: a drop event carrying the same bytes as a file.
+  browser.execute_script(_DROP, base64.b64encode(photo.read_bytes()).decode("ascii"))
+  status = browser.find_element("id", "status")
+  browser.wait.until(lambda _: status.text.startswith("dropped.jpg")
+                     and status.get_attribute("data-state") in ("done", "error"))
+  assert status.get_attribute("data-state") == "done", status.text
+  assert browser.find_element("id", "top-label").text == predicted
   browser.wait.until(lambda d: d.execute_script("return document.images[0].complete;"))
   assert _assert_images_load(browser) == 1  # the photo's preview
   assert all(url.startswith(base_url + "/") for url in browser.execute_script(_RESOURCES))
@@ -185,6 +203,8 @@ def evaluation_dir(trained_model, tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_chromium
+@needs_selenium
 def test_report_html_shows_every_image_without_errors(browser, evaluation_dir, screenshot_dir):
   browser.get((evaluation_dir / "report.html").as_uri())
   browser.wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
