@@ -1,5 +1,6 @@
 """The programs as a user meets them: quiet start-up, flag errors, `~` paths, --help."""
 
+import atexit
 import os
 import re
 import shutil
@@ -250,3 +251,19 @@ def test_the_template_explains_every_choice_of_a_flag(flag, choices):
   text = " ".join(comment)
   missing = [value for value in getattr(options, choices) if not re.search(rf"\b{value}\b", text)]
   assert not missing, (flag, missing, text)
+
+
+def test_native_line_at_exit():
+  """Writes a TensorFlow-like native line as the process exits (see the test below)."""
+  atexit.register(os.write, 2, b"E0000 00:00:1796330988.407006    8957 cuda_platform.cc:52] "
+                               b"failed call to cuInit: UNKNOWN ERROR (303)\n")
+
+
+def test_the_run_ends_on_pytests_summary():
+  """TensorFlow's native lines at a test process's exit do not follow pytest's summary."""
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_cli.py::test_native_line_at_exit"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert result.stdout.rstrip().splitlines()[-1].startswith("1 passed"), result.stdout[-2000:]
+  assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-2000:]
