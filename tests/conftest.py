@@ -11,14 +11,13 @@ import pytest
 from tlframe import native_logs
 from tlframe import samples
 
-# Reads stderr lines on stdin and passes on those that are not TensorFlow noise.
+# Passes on the stderr lines it reads on stdin that are not TensorFlow noise.
 _EXIT_FILTER = ("import sys\n"
-                "from tlframe.native_logs import is_noise\n"
-                "dropping = False\n"
-                "for line in sys.stdin.buffer:\n"
-                "  dropping = is_noise(line) or (dropping and line[:1] in (b'\\t', b' '))\n"
-                "  if not dropping:\n"
-                "    sys.stderr.buffer.write(line); sys.stderr.buffer.flush()\n")
+                "from tlframe.native_logs import pass_on\n"
+                "def write(line):\n"
+                "  sys.stderr.buffer.write(line)\n"
+                "  sys.stderr.buffer.flush()\n"
+                "pass_on(sys.stdin.buffer, write)\n")
 
 
 def pytest_unconfigure(config):

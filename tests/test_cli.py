@@ -42,16 +42,22 @@ def test_help_exits_0_without_tensorflow_noise():
   assert not NATIVE_LOG_LINE.search(result.stdout + result.stderr), result.stderr
 
 
-def test_help_and_flag_checks_answer_before_tensorflow_loads():
-  """bin/train parses and checks its flags first: TensorFlow is imported only to run."""
+def run_train_watching_tensorflow(*args):
+  """bin/train with `args` in a process that prints, as it exits, its status and whether
+  TensorFlow was imported ("exit 2 False")."""
   code = (f"import runpy, sys\n"
-          f"sys.argv = ['train', '--records_dir=r', '--model_dir=m', '--l2=nan']\n"
+          f"sys.argv = ['train', *{list(args)!r}]\n"
           f"try:\n"
           f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
           f"except SystemExit as e:\n"
           f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=REPO)
+
+
+def test_help_and_flag_checks_answer_before_tensorflow_loads():
+  """bin/train parses and checks its flags first: TensorFlow is imported only to run."""
+  result = run_train_watching_tensorflow("--records_dir=r", "--model_dir=m", "--l2=nan")
   assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
 
 
@@ -219,14 +225,8 @@ def test_printed_commands_run_as_printed_without_an_activated_venv(monkeypatch, 
 
 
 def test_a_missing_records_dir_is_refused_before_tensorflow_loads(tmp_path):
-  code = (f"import runpy, sys\n"
-          f"sys.argv = ['train', '--records_dir={tmp_path}/nope', '--model_dir={tmp_path}/m']\n"
-          f"try:\n"
-          f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
-          f"except SystemExit as e:\n"
-          f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+  result = run_train_watching_tensorflow(f"--records_dir={tmp_path}/nope",
+                                         f"--model_dir={tmp_path}/m")
   assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
   assert result.stderr.strip() == (f"error: --records_dir={tmp_path}/nope does not exist: run "
                                    "bin/make_tfrecords first"), result.stderr[-2000:]
