@@ -1,11 +1,51 @@
 """Shared test fixtures: real photos, the benchmark data dir, and a per-run cache."""
 
+import atexit
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
+from tlframe import native_logs
 from tlframe import samples
+
+# Passes on the stderr lines it reads on stdin that are not TensorFlow noise.
+_EXIT_FILTER = ("import sys\n"
+                "from tlframe.native_logs import pass_on\n"
+                "def write(line):\n"
+                "  sys.stderr.buffer.write(line)\n"
+                "  sys.stderr.buffer.flush()\n"
+                "pass_on(sys.stdin.buffer, write)\n")
+
+
+def pytest_unconfigure(config):
+  """The run ends on pytest's summary: TensorFlow's native lines as a process ends go.
+
+  TensorFlow writes some lines while the process exits (its own exit handlers,
+  C++ destructors), after pytest has printed its summary and given fd 2 back
+  to the terminal, where tlframe's filter thread no longer runs. Registered now,
+  this exit handler runs before TensorFlow's: it hands fd 2 to a small process
+  that outlives this one and drops those lines as tlframe does.
+  """
+  del config
+  if native_logs.enabled():
+    atexit.register(_filter_stderr_in_a_process)
+
+
+def _filter_stderr_in_a_process():
+  try:
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    env = dict(os.environ, **{native_logs.ENV: "1"})   # the filter itself filters nothing
+    subprocess.Popen([sys.executable, "-c", _EXIT_FILTER], stdin=read_end, stdout=2, stderr=2,
+                     env=env, close_fds=True)
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+  except OSError:
+    pass
 
 
 @pytest.fixture(scope="session")

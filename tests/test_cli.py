@@ -1,5 +1,6 @@
 """The programs as a user meets them: quiet start-up, flag errors, `~` paths, --help."""
 
+import atexit
 import os
 import re
 import shutil
@@ -41,16 +42,22 @@ def test_help_exits_0_without_tensorflow_noise():
   assert not NATIVE_LOG_LINE.search(result.stdout + result.stderr), result.stderr
 
 
-def test_help_and_flag_checks_answer_before_tensorflow_loads():
-  """bin/train parses and checks its flags first: TensorFlow is imported only to run."""
+def run_train_watching_tensorflow(*args):
+  """bin/train with `args` in a process that prints, as it exits, its status and whether
+  TensorFlow was imported ("exit 2 False")."""
   code = (f"import runpy, sys\n"
-          f"sys.argv = ['train', '--records_dir=r', '--model_dir=m', '--l2=nan']\n"
+          f"sys.argv = ['train', *{list(args)!r}]\n"
           f"try:\n"
           f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
           f"except SystemExit as e:\n"
           f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=REPO)
+
+
+def test_help_and_flag_checks_answer_before_tensorflow_loads():
+  """bin/train parses and checks its flags first: TensorFlow is imported only to run."""
+  result = run_train_watching_tensorflow("--records_dir=r", "--model_dir=m", "--l2=nan")
   assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
 
 
@@ -218,14 +225,8 @@ def test_printed_commands_run_as_printed_without_an_activated_venv(monkeypatch, 
 
 
 def test_a_missing_records_dir_is_refused_before_tensorflow_loads(tmp_path):
-  code = (f"import runpy, sys\n"
-          f"sys.argv = ['train', '--records_dir={tmp_path}/nope', '--model_dir={tmp_path}/m']\n"
-          f"try:\n"
-          f"  runpy.run_path({os.path.join(REPO, 'bin', 'train')!r}, run_name='__main__')\n"
-          f"except SystemExit as e:\n"
-          f"  print('exit', e.code, 'tensorflow' in sys.modules)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+  result = run_train_watching_tensorflow(f"--records_dir={tmp_path}/nope",
+                                         f"--model_dir={tmp_path}/m")
   assert result.stdout.split()[-3:] == ["exit", "2", "False"], result.stderr[-2000:]
   assert result.stderr.strip() == (f"error: --records_dir={tmp_path}/nope does not exist: run "
                                    "bin/make_tfrecords first"), result.stderr[-2000:]
@@ -250,3 +251,19 @@ def test_the_template_explains_every_choice_of_a_flag(flag, choices):
   text = " ".join(comment)
   missing = [value for value in getattr(options, choices) if not re.search(rf"\b{value}\b", text)]
   assert not missing, (flag, missing, text)
+
+
+def test_native_line_at_exit():
+  """Writes a TensorFlow-like native line as the process exits (see the test below)."""
+  atexit.register(os.write, 2, b"E0000 00:00:1796330988.407006    8957 cuda_platform.cc:52] "
+                               b"failed call to cuInit: UNKNOWN ERROR (303)\n")
+
+
+def test_the_run_ends_on_pytests_summary():
+  """TensorFlow's native lines at a test process's exit do not follow pytest's summary."""
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_cli.py::test_native_line_at_exit"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert result.stdout.rstrip().splitlines()[-1].startswith("1 passed"), result.stdout[-2000:]
+  assert not NATIVE_LOG_LINE.search(result.stderr), result.stderr[-2000:]

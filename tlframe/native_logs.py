@@ -44,6 +44,16 @@ def is_noise(line):
   return line.startswith(_PLAIN_NOISE)
 
 
+def pass_on(lines, write):
+  """Calls `write` with each line of `lines` (bytes) that is not `is_noise`."""
+  dropping = False
+  for line in lines:
+    # A dropped line's continuation lines ("\t [[{{function_node ...") go with it.
+    dropping = is_noise(line) or (dropping and line[:1] in (b"\t", b" "))
+    if not dropping:
+      write(line)
+
+
 def enabled():
   return os.environ.get(ENV, "") in ("", "0")
 
@@ -65,13 +75,8 @@ def filter_stderr():
     return
 
   def forward():
-    dropping = False
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
-      for line in iter(pipe.readline, b""):
-        # A dropped line's continuation lines ("\t [[{{function_node ...") go with it.
-        dropping = is_noise(line) or (dropping and line[:1] in (b"\t", b" "))
-        if not dropping:
-          os.write(original, line)
+      pass_on(iter(pipe.readline, b""), lambda line: os.write(original, line))
 
   thread = threading.Thread(target=forward, name="native-stderr-filter", daemon=True)
   thread.start()
