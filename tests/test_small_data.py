@@ -113,4 +113,4 @@ def test_split_flags_without_photos_are_refused_at_once(tmp_path):
   usage = subprocess.run([sys.executable, TRAIN, "--help"], env=subprocess_env(),
                          capture_output=True, text=True, timeout=120).stdout
   assert all(f"  --{name}:" in usage for name in ("image_dir", "filelist", "validation_percentage",
-                                                  "test_filelist", "force_export"))
+                                                  "test_filelist", "[no]force_export"))
