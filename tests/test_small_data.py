@@ -109,3 +109,8 @@ def test_split_flags_without_photos_are_refused_at_once(tmp_path):
   assert result.returncode == 2
   assert "--validation_percentage is a setting of the conversion from photos" in result.stderr
   assert "Traceback" not in result.stderr
+  # The shared conversion flags are listed in --help as bin/train's own.
+  usage = subprocess.run([sys.executable, TRAIN, "--help"], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120).stdout
+  assert all(f"  --{name}:" in usage for name in ("image_dir", "filelist", "validation_percentage",
+                                                  "test_filelist", "[no]force_export"))

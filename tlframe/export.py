@@ -167,9 +167,10 @@ class ClassifierModule(tf.Module):
     return self._classify(self._resize(images))
 
   def signatures(self):
-    return {SERVING_DEFAULT: self.serve_bytes.get_concrete_function(),
-            SERVING_KEYED: self.serve_keyed.get_concrete_function(),
-            PREDICT_IMAGES: self.predict_images.get_concrete_function()}
+    # The functions, not their concrete functions: tf.saved_model.save traces them in its
+    # own context anyway, so tracing them here first would trace the backbone twice.
+    return {SERVING_DEFAULT: self.serve_bytes, SERVING_KEYED: self.serve_keyed,
+            PREDICT_IMAGES: self.predict_images}
 
 
 def resolve_export_dir(path):
