@@ -214,9 +214,13 @@ def check_dirs_apart(records_dir, model_dir):
 
   bin/train writes and (with --overwrite) removes files in its model dir
   (labels.txt, ...): in the records dir, those are the records' own. Symlinks
-  are resolved, so a link into the records is refused too.
+  are resolved, so a link into the records is refused too. The one exception
+  is <model_dir>/records, where bin/train --image_dir converts: the model dir
+  treats that folder as its input and never writes or removes anything in it.
   """
   records, model = _comparable_path(records_dir), _comparable_path(model_dir)
+  if records == model.rstrip("/") + "/" + RECORDS_DIRNAME:
+    return
   if model == records:
     where = "is the same folder as"
   elif model.startswith(records.rstrip("/") + "/"):
