@@ -7,6 +7,7 @@ import re
 import numpy as np
 
 from tlframe import export
+from tlframe import options
 from tlframe import records
 from tlframe import samples
 from tlframe import train
@@ -31,7 +32,7 @@ def build_model(work_dir):
   model_dir = os.path.join(work_dir, "model")
   # MobileNetV2, not bin/train's auto: the benches' numbers stay comparable across machines.
   train.train(train.TrainOptions(records_dir=records_dir, model_dir=model_dir,
-                                 backbone=train.options_lib.DEFAULT_BACKBONE))
+                                 backbone=options.DEFAULT_BACKBONE))
   if not export.latest_version(os.path.join(model_dir, export.EXPORT_DIRNAME)):
     export.export_model(model_dir)
   return model_dir
