@@ -166,6 +166,10 @@ def bench_set(name, records_dir, seeds, option_list, losses, precision):
     for k in K_SHOTS:
       if k is not None and k >= per_class:
         continue
+      if k is not None and k * len(labels) < options_lib.TrainOptions.cv_folds:
+        print(f"(k={k}: {k * len(labels)} training images, fewer than the cross-validation's "
+              "folds: skipped)")
+        continue
       subsets = [k_shot_rows(train.labels, k, seed) for seed in range(seeds if k else 1)]
       svc_runs = [cross_validated_svc(train.features[rows], train.labels[rows], test.features,
                                       test.labels) for rows in subsets]

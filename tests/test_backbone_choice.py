@@ -11,6 +11,7 @@ from tlframe import export as export_lib
 from tlframe import model_dir as model_dir_lib
 from tlframe import options as options_lib
 from tlframe import train
+from tlframe.errors import UserError
 from test_backbone_concat import parts  # pylint: disable=unused-import  (a fixture)
 from test_train_helpers import make_records, save_tiny_backbone
 
@@ -100,6 +101,8 @@ def test_an_explicit_backbone_is_kept(records_dir, tmp_path):
   options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"),
                                backbone="efficientnet_lite2", backbone_budget_s=1e-9)
   assert backbone_choice.resolve(options, images_per_second=fake_rates(1.0)) == (options, None)
+  with pytest.raises(UserError, match="--backbone_budget_s=0 must be a positive number"):
+    options_lib.check(dataclasses.replace(options, backbone_budget_s=0))
 
 
 def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(

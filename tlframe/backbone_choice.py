@@ -28,9 +28,14 @@ import platform
 import re
 import time
 
+import tensorflow as tf
 from absl import logging
 
+from tlframe import backbone as backbone_lib
+from tlframe import fileio
+from tlframe import model_dir as model_dir_lib
 from tlframe import options as options_lib
+from tlframe import records
 
 AUTO = options_lib.AUTO_BACKBONE
 MOBILENET_V2 = "mobilenet_v2_100_224"
@@ -149,11 +154,7 @@ class MachineSpeeds:
     self._is_built = is_built
 
   def _read(self):
-    from tlframe import fileio  # pylint: disable=g-import-not-at-top
-    try:
-      return fileio.read_json(self._cache_path) if os.path.exists(self._cache_path) else {}
-    except (ValueError, UnicodeDecodeError):
-      return {}   # unreadable: measured again and rewritten
+    return _read_json_or_none(self._cache_path) or {}   # unreadable: measured again, rewritten
 
   def _builtin_rate(self, name, known):
     if name in known:
@@ -165,7 +166,6 @@ class MachineSpeeds:
     return self._builtin_rate(MOBILENET_V2, known) * RELATIVE_SPEED[name]
 
   def __call__(self, handle):
-    from tlframe import fileio  # pylint: disable=g-import-not-at-top
     cache = self._read()
     known = dict(cache.get(self.key, {}))
     before = dict(known)
@@ -180,8 +180,6 @@ class MachineSpeeds:
 
 def measure_builtin(name, precision, batch_size=MEASURE_BATCH_SIZE):
   """Images/s of built-in `name` on one batch of random images, timed after a first (tracing) call."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tlframe import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
   model = backbone_lib.load_backbone(name, precision=precision)
   images = tf.random.stateless_uniform([batch_size, model.input_size, model.input_size, 3],
                                        seed=[0, 0])
@@ -194,8 +192,6 @@ def measure_builtin(name, precision, batch_size=MEASURE_BATCH_SIZE):
 
 def machine_speeds(precision):
   """The MachineSpeeds of this machine at `precision` ("auto" resolved), cached in the cache dir."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tlframe import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
   resolved = backbone_lib.resolve_precision(precision)
   gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
           for gpu in tf.config.list_physical_devices("GPU")]
@@ -217,17 +213,13 @@ def resolve(options, images_per_second=None):
   """
   if options.backbone != AUTO:
     return options, None
-  from tlframe import fileio  # pylint: disable=g-import-not-at-top
-  from tlframe import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
-  from tlframe import records  # pylint: disable=g-import-not-at-top
   earlier = os.path.join(options.model_dir, model_dir_lib.RUN_OPTIONS_FILENAME)
-  if not options.overwrite and _exists(earlier):
-    previous = _read_json_or_none(fileio, earlier)
-    if previous and previous.get("backbone") not in (None, AUTO):
-      choice = Choice(previous["backbone"], f"the backbone of the model already in "
-                      f"--model_dir={options.model_dir} (its earlier run chose it; --overwrite "
-                      "chooses again)")
-      return dataclasses.replace(options, backbone=choice.backbone), choice
+  previous = _read_json_or_none(earlier) if not options.overwrite else None
+  if previous and previous.get("backbone") not in (None, AUTO):
+    choice = Choice(previous["backbone"], f"the backbone of the model already in "
+                    f"--model_dir={options.model_dir} (its earlier run chose it; --overwrite "
+                    "chooses again)")
+    return dataclasses.replace(options, backbone=choice.backbone), choice
   if options.strategy == "multi_worker":
     choice = Choice(CANDIDATES[-1], "multi-worker runs take the fastest candidate: every worker "
                     "must choose the same without measuring")
@@ -240,13 +232,10 @@ def resolve(options, images_per_second=None):
   return dataclasses.replace(options, backbone=choice.backbone), choice
 
 
-def _exists(path):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile.exists(path)
-
-
-def _read_json_or_none(fileio, path):
+def _read_json_or_none(path):
+  if not tf.io.gfile.exists(path):
+    return None
   try:
     return fileio.read_json(path)
   except (ValueError, UnicodeDecodeError):
-    return None
+    return None   # unreadable: model_dir.prepare says so
