@@ -260,8 +260,10 @@ def test_train_refuses_a_model_dir_in_use_by_export(tmp_path):
                             stderr=subprocess.PIPE, text=True)
   try:
     lock = model_dir / locking.LOCK_FILENAME
+    deadline = time.monotonic() + 120
     while not (lock.exists() and lock.read_text()):
       assert export.poll() is None, export.stderr.read()
+      assert time.monotonic() < deadline, "bin/export took no lock on the model dir"
       time.sleep(0.05)
     (tmp_path / "records").mkdir()
     result = run_program("train", f"--records_dir={tmp_path / 'records'}",
