@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from PIL import Image
 import pytest
 
@@ -24,6 +23,9 @@ from tlframe import records
 from tlframe.classifier import Classifier
 from tlframe.errors import UserError
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
+# Real photos (4 per class of cat, cup, rocket) and the helpers of issue 10's tests.
+from test_reliability_records import (  # pylint: disable=unused-import  (photos: a fixture)
+    error_lines, jpeg, photos, tree_bytes, write_tree)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,47 +35,11 @@ def run_program(name, *args):
                         capture_output=True, text=True, timeout=300)
 
 
-def error_lines(stderr):
-  return [line for line in stderr.splitlines() if line.startswith("error: ")]
-
-
-def tree_bytes(directory):
-  return {str(path.relative_to(directory)): path.read_bytes()
-          for path in sorted(directory.rglob("*")) if path.is_file() or path.is_symlink()}
-
-
-def jpeg(array):
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, "JPEG", quality=90)
-  return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def photos(skimage_photos):
-  """Real photos at 48-64 rows: 3 per class, 2 classes, as JPEG bytes by relative path."""
-  files = {}
-  for label, name in (("cat", "chelsea"), ("cup", "coffee")):
-    for i in range(3):
-      image = Image.fromarray(skimage_photos[name][i * 9:])
-      height = 48 + 8 * i
-      image = image.resize((round(image.width * height / image.height), height))
-      files[f"{label}/{name}_{i}.jpg"] = jpeg(np.asarray(image))
-  return files
-
-
-def write_tree(root, files):
-  for name, data in files.items():
-    (root / name).parent.mkdir(parents=True, exist_ok=True)
-    (root / name).write_bytes(data)
-  return root
-
-
 # Points 6 and 11: bin/train refuses before TensorFlow loads, writing nothing.
 
 
 @pytest.mark.parametrize("model_dir", [".", "model", ".."], ids=["same", "inside", "containing"])
-def test_train_refuses_a_model_dir_overlapping_the_records_even_with_overwrite(tmp_path, photos,
-                                                                               model_dir):
+def test_train_refuses_a_model_dir_overlapping_the_records_even_with_overwrite(tmp_path, model_dir):
   records_dir = tmp_path / "data" / "records"
   write_tree(records_dir, {"labels.txt": b"cat\ncup\n", "manifest.json": b"{}",
                            "train-00000-of-00001.tfrecord": b"records"})
@@ -215,7 +181,7 @@ def test_make_tfrecords_refuses_a_folder_of_the_users_files_unless_overwrite(tmp
   records.convert(str(output_dir), image_dir=str(image_dir), overwrite=True)
   assert (output_dir / "notes.txt").read_bytes() == b"keep me"
   assert not (output_dir / "train-00000-of-00003.tfrecord").exists()
-  assert records.read_labels(str(output_dir)) == ["cat", "cup"]
+  assert records.read_labels(str(output_dir)) == ["cat", "cup", "rocket"]
 
 
 def test_a_rerun_removes_only_the_shards_a_conversion_wrote(tmp_path, photos):
@@ -226,8 +192,13 @@ def test_a_rerun_removes_only_the_shards_a_conversion_wrote(tmp_path, photos):
   ours = [shard["name"] for shard in first["splits"]["train"]["shards"]]
   user_files = {"train-00007-of-00009.tfrecord": b"named like a shard", "notes.txt": b"mine"}
   write_tree(output_dir, user_files)
+  # As a run killed after removing the manifest and the sidecars of shards to rewrite
+  # leaves it: only the list of shards written says which are the conversion's.
+  (output_dir / records.MANIFEST_FILENAME).unlink()
+  for sidecar in (output_dir / records.PROGRESS_DIRNAME).glob("*.tfrecord.json"):
+    sidecar.unlink()
   records.convert(str(output_dir), image_dir=str(image_dir), validation_percentage=0,
-                  test_percentage=0)  # one shard now: the six of the first run go
+                  test_percentage=0)  # one shard now: the twelve of the first run go
   left = set(os.listdir(output_dir))
   assert not left & set(ours)
   assert {name: (output_dir / name).read_bytes() for name in user_files} == user_files
@@ -260,8 +231,10 @@ def test_train_refuses_a_model_dir_in_use_by_export(tmp_path):
                             stderr=subprocess.PIPE, text=True)
   try:
     lock = model_dir / locking.LOCK_FILENAME
+    deadline = time.monotonic() + 120
     while not (lock.exists() and lock.read_text()):
       assert export.poll() is None, export.stderr.read()
+      assert time.monotonic() < deadline, "bin/export took no lock on the model dir"
       time.sleep(0.05)
     (tmp_path / "records").mkdir()
     result = run_program("train", f"--records_dir={tmp_path / 'records'}",

@@ -355,7 +355,7 @@ def test_reconverting_with_other_flags_replaces_the_old_output(photo_tree, tmp_p
                              validation_percentage=0, test_percentage=0)
   assert sorted(p.name for p in output_dir.glob("*.tfrecord")) == ["train-00000-of-00001.tfrecord"]
   assert sorted(p.name for p in (output_dir / records.PROGRESS_DIRNAME).iterdir()) == [
-      "train-00000-of-00001.tfrecord.json"]
+      records.SHARDS_WRITTEN_FILENAME, "train-00000-of-00001.tfrecord.json"]
   assert len(read_examples(str(output_dir / "*.tfrecord"))) == manifest["num_examples"] == 18
 
 

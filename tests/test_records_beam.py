@@ -81,6 +81,8 @@ def test_a_failed_pipeline_is_one_user_error_and_the_rerun_completes(photo_tree,
   output_dir = tmp_path / "beam"
   in_the_way = output_dir / "train-00000-of-00001.tfrecord"  # the shard's name, as a folder
   (in_the_way / "file").mkdir(parents=True)
+  # In an earlier conversion's folder: a folder of other files would be refused before.
+  (output_dir / records.PROGRESS_DIRNAME).mkdir()
   # One process (Beam's default): the failure, not the workers, is what this tests.
   with pytest.raises(UserError, match=r"^the DirectRunner pipeline failed: .*Is a directory.* "
                      r"rerun the same command \(the finished shards are kept\)$") as error:

@@ -72,7 +72,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_output(photo_dir, reference, t
                              stderr=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + 120
-    while not (progress_dir.is_dir() and len(list(progress_dir.glob("*.json"))) >= 3):
+    while not (progress_dir.is_dir() and len(list(progress_dir.glob("*.tfrecord.json"))) >= 3):
       assert process.poll() is None, "finished before it could be killed"
       assert time.monotonic() < deadline
       time.sleep(0.005)

@@ -246,8 +246,10 @@ def check_header(data, max_pixels=DEFAULT_MAX_PIXELS, limit_name="the limit of")
 
 
 def decode_within(image_bytes, max_pixels):
-  """`decode_image(image_bytes)` for tf.data, after `check_header` passed: no pixel of a
-  bomb is decoded. A header that fails raises InvalidArgumentError instead."""
+  """`decode_image` of untrusted bytes in tf.data, after `check_header`: no bomb is decoded.
+
+  A header that fails the check raises InvalidArgumentError, as undecodable bytes do.
+  """
   def header_passes(data):
     try:
       # bytes in a graph (tf.data); a 0-d object array when run eagerly.

@@ -119,7 +119,7 @@ class DirectoryLock:
       info = os.fstat(fd)
       if not stat.S_ISREG(info.st_mode):
         kind = "not a regular file"
-      elif info.st_nlink != 1:
+      elif info.st_nlink > 1:  # 0 is a file its holder just removed: the loop retries
         kind = "a file with other hard links"
       if kind:
         os.close(fd)

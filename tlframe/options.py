@@ -45,7 +45,7 @@ DEFAULT_MAX_IN_MEMORY_FEATURES = 250_000_000
 # 10, which holds the optimum from a few images per class (small l2) to
 # thousands of weakly separable ones (l2 near 1; for the SVM, C = 1/(l2 N)).
 # tuning.tune_l2 widens it when the best value sits on an edge.
-# The largest --seed: every random generator the run seeds takes a 31-bit seed.
+# The largest --seed: 31 bits suit every generator the run seeds (NumPy's, TensorFlow's).
 MAX_SEED = 2**31 - 1
 
 DEFAULT_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)

@@ -67,6 +67,9 @@ _TFRECORD_FRAMING_BYTES = 16
 # Per-shard sidecars that make a killed run resumable; kept so a rerun of a
 # finished conversion is a quick no-op.
 PROGRESS_DIRNAME = ".make_tfrecords"
+# In PROGRESS_DIRNAME: every shard name a conversion may have put in place here,
+# written before the first rename, so that a later run removes those and no other.
+SHARDS_WRITTEN_FILENAME = "shards_written.json"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 DEFAULT_SHARD_SIZE = 1000
@@ -615,21 +618,27 @@ def _remove_stale_outputs(output_dir, shards):
     for path in tf.io.gfile.glob(_join(progress_dir, f"{split}-*.json")):
       if posixpath.basename(path)[:-len(".json")] not in planned:
         tf.io.gfile.remove(path)
+  fileio.atomic_write_json(progress_path(output_dir, SHARDS_WRITTEN_FILENAME), sorted(planned))
   _remove_temp_files(output_dir)
 
 
 def _shards_written_before(output_dir):
-  """The names of the shards earlier conversions in `output_dir` wrote: the sidecars'
-  and the manifest's."""
+  """The names of the shards earlier conversions in `output_dir` may have put in place.
+
+  Their SHARDS_WRITTEN_FILENAME lists them (a sidecar is removed when its
+  shard must be rewritten, and a killed run leaves no manifest); the sidecars
+  and the manifest too, for folders converted before that file existed.
+  """
   names = {posixpath.basename(path)[:-len(".json")]
            for split in SPLITS for path in tf.io.gfile.glob(
                _join(_join(output_dir, PROGRESS_DIRNAME), f"{split}-*.json"))}
-  try:
-    manifest = read_manifest(output_dir)
-    names.update(shard["name"] for info in manifest["splits"].values()
-                 for shard in info["shards"])
-  except (UserError, KeyError, TypeError, AttributeError):
-    pass  # none, or not readable: the sidecars alone say
+  for read in (lambda: fileio.read_json(progress_path(output_dir, SHARDS_WRITTEN_FILENAME)),
+               lambda: [shard["name"] for info in read_manifest(output_dir)["splits"].values()
+                        for shard in info["shards"]]):
+    try:
+      names.update(name for name in read() if isinstance(name, str))
+    except (UserError, tf.errors.OpError, ValueError, KeyError, TypeError, AttributeError):
+      pass  # none, or not readable: the others say
   return names
 
 
