@@ -163,12 +163,9 @@ def check_image_headers(images, max_pixels):
   """
   for index, data in enumerate(images):
     try:
-      _, width, height, _ = imageformat.sniff(data)
+      imageformat.check_header(data, max_pixels, limit_name="--max_pixels")
     except imageformat.ImageError as e:
       raise RequestError(400, f"instance {index}: {e}") from None
-    if width * height > max_pixels:
-      raise RequestError(400, f"instance {index}: {width}x{height} = {width * height} pixels is "
-                         f"over --max_pixels={max_pixels} (a decompression bomb?)")
 
 
 def first_undecodable(images):
