@@ -125,12 +125,16 @@ def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(
   with open(os.path.join(metrics["export_dir"], export_lib.EXPORT_INFO_FILENAME)) as f:
     info = json.load(f)
   assert info["backbone"] == pair and info["backbone_choice"] == choice
-  # A rerun into the same model dir resumes with that model's backbone, whatever the speeds say.
+  # A rerun into the same model dir keeps that model's backbone, whatever the speeds say:
+  # unchanged, it is up to date; with another head setting, a new head on the same backbone.
   slow = {pair: 1e-3, big: 2e-3}.get
   monkeypatch.setattr(backbone_choice, "machine_speeds", lambda precision: slow)
   again = train.train(dataclasses.replace(options, export=False))
-  assert again["epochs_run_now"] == 0 and again["backbone"]["handle"] == pair
-  assert "already in --model_dir" in again["backbone_choice"]["reason"]
+  assert again["up_to_date"] and again["epochs_run_now"] == 0
+  assert again["backbone"]["handle"] == pair
+  new_head = train.train(dataclasses.replace(options, export=False, l2=1e-2))
+  assert not new_head["up_to_date"] and new_head["backbone"]["handle"] == pair
+  assert "already in --model_dir" in new_head["backbone_choice"]["reason"]
   # --overwrite chooses again: now past the budget, the fastest.
   resolved, fresh = backbone_choice.resolve(dataclasses.replace(options, overwrite=True))
   assert resolved.backbone == fresh.backbone == big and "no candidate" in fresh.reason

@@ -139,12 +139,14 @@ def test_evaluation_report_on_ram(ram_run):
   assert not tf.io.gfile.glob(f"{output_dir}/.*.tmp-*")
 
 
-def test_rerun_resumes_from_ram_with_the_ram_feature_cache(ram_run):
+def test_rerun_is_up_to_date_and_a_new_head_reads_the_ram_feature_cache(ram_run):
   options = dataclasses.replace(ram_run["options"], export=False)  # export: not in the identity
   metrics = train.train(options)
-  assert metrics["timings"]["backbone_pass_cached"]
-  assert metrics["epochs_run_now"] == 0  # resumed from the finished run's last checkpoint
+  assert metrics["up_to_date"] and metrics["epochs_run_now"] == 0  # the finished run, unchanged
   assert metrics["validation"]["accuracy"] == ram_run["metrics"]["validation"]["accuracy"]
+  # Another head on the same records: the features come from the ram:// cache.
+  new_head = train.train(dataclasses.replace(options, l2=(options.l2 or 0.01) * 3))
+  assert new_head["timings"]["backbone_pass_cached"] and new_head["epochs_run_now"] > 0
 
 
 def test_lock_on_ram():

@@ -301,7 +301,8 @@ def test_mirrored_on_two_cpus_matches_one_device(fine_tuned, tmp_path):
 
 def _train_command(records_dir, model_dir):
   return [sys.executable, os.path.join(REPO, "bin", "train"), f"--records_dir={records_dir}",
-          f"--model_dir={model_dir}", "--precision=float32", "--l2=0.3",
+          f"--model_dir={model_dir}", f"--backbone={backbone_lib.DEFAULT_HANDLE}",
+          "--precision=float32", "--l2=0.3",
           "--feature_normalization=standardize", "--epochs=30",
           "--fine_tune", "--fine_tune_blocks=1", "--fine_tune_epochs=2",
           "--fine_tune_batch_size=8", "--fine_tune_patience=0", "--seed=1", "--noexport"]

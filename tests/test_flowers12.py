@@ -38,7 +38,7 @@ def flowers12_runs(flowers12_dir, tmp_path_factory):
   for loss in LOSSES:
     # No export: tests/test_export.py covers it; here only accuracy and calibration count.
     options = train.TrainOptions(records_dir=records_dir, model_dir=str(base / loss), loss=loss,
-                                 export=False)
+                                 backbone=backbone_lib.DEFAULT_HANDLE, export=False)
     runs[loss] = options, train.train(options)
   return runs
 
