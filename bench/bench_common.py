@@ -3,6 +3,7 @@
 import os
 import pathlib
 import re
+import sys
 
 import numpy as np
 
@@ -68,3 +69,19 @@ def k_shot_rows(labels, k, seed=0):
   rng = np.random.default_rng(seed)
   return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == label))[:k]
                                  for label in np.unique(labels)]))
+
+
+def add_data_dir_argument(parser):
+  """--data_dir, the folder holding the benchmark data sets (argparse)."""
+  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
+                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
+                           "../shared/data).")
+
+
+def flowers12_dir(data_dir):
+  """data_dir/oxford_flowers12, or exits with where to get it."""
+  flowers_dir = pathlib.Path(data_dir) / "oxford_flowers12"
+  if not flowers_dir.is_dir():
+    sys.exit(f"oxford_flowers12 not found under {data_dir}: run bench/get_data, or give "
+             "--data_dir (or set TLFRAME_DATA_DIR)")
+  return flowers_dir

@@ -44,7 +44,7 @@ from tlframe import records  # pylint: disable=wrong-import-position
 from tlframe import samples  # pylint: disable=wrong-import-position
 from tlframe import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench_common import cpu_model  # pylint: disable=wrong-import-position
+from bench_common import add_data_dir_argument, cpu_model, flowers12_dir  # pylint: disable=wrong-import-position
 
 SUSPECT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SIMILARITY_THRESHOLDS = (0.8, 0.85, 0.9, 0.95)
@@ -189,9 +189,7 @@ def bench_leaks(feature_sets, leaks, image_dir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
-                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
-                           "../shared/data).")
+  add_data_dir_argument(parser)
   parser.add_argument("--work_dir", default=None,
                       help="Where images and records go (default: a temp dir, removed); reuse "
                            "it to skip the conversion.")
@@ -201,10 +199,7 @@ def main():
   parser.add_argument("--leaks", type=int, default=20,
                       help="Training photos copied (altered) into the test split.")
   args = parser.parse_args()
-  flowers_dir = pathlib.Path(args.data_dir) / "oxford_flowers12"
-  if not flowers_dir.is_dir():
-    sys.exit(f"oxford_flowers12 not found under {args.data_dir}: run bench/get_data, or give "
-             "--data_dir")
+  flowers_dir = flowers12_dir(args.data_dir)
   print(f"CPU: {cpu_model()}; TensorFlow {tf.__version__}; backbone "
         f"{options_lib.DEFAULT_BACKBONE}; defaults: suspect threshold "
         f"{data_checks.DEFAULT_SUSPECT_CONFIDENCE}, near-duplicate similarity "

@@ -57,7 +57,7 @@ from tlframe import samples  # pylint: disable=wrong-import-position
 from tlframe import trainer as trainer_lib  # pylint: disable=wrong-import-position
 from tlframe import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench_common import cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
+from bench_common import add_data_dir_argument, cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
 K_SHOTS = (1, 5, 10, 20, None)   # None: every training image
@@ -228,9 +228,7 @@ def auto_table(results, budget_s, precision):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
-                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
-                           "../shared/data).")
+  add_data_dir_argument(parser)
   parser.add_argument("--work_dir", default=None,
                       help="Where records go (default: a temp dir, removed). The features are "
                            "cached in $TLFRAME_CACHE_DIR, so a rerun on the same work dir "

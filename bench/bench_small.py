@@ -36,8 +36,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tlframe import samples  # pylint: disable=wrong-import-position
-from bench_common import cpu_model  # pylint: disable=wrong-import-position
+from bench_common import add_data_dir_argument, cpu_model, flowers12_dir  # pylint: disable=wrong-import-position
 
 TRAIN = REPO / "bin" / "train"
 STAGES = (("conversion", "conversion_s"), ("load", "backbone_load_s"),
@@ -104,9 +103,7 @@ def run_train(image_dir, filelist, model_dir, cache_dir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
-                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
-                           "../shared/data).")
+  add_data_dir_argument(parser)
   parser.add_argument("--work_dir", default=None, help="Default: a temp dir, removed.")
   parser.add_argument("--seeds", type=int, default=3, help="Random subsets per class count.")
   parser.add_argument("--classes", default="2,5", help="Comma-separated class counts.")
@@ -114,9 +111,7 @@ def main():
   parser.add_argument("--validation_per_class", type=int, default=4,
                       help="Validation photos per class (the calibration's held-out set).")
   args = parser.parse_args()
-  flowers_dir = pathlib.Path(args.data_dir) / "oxford_flowers12"
-  if not flowers_dir.is_dir():
-    sys.exit(f"{flowers_dir} not found: run bench/get_data (or set --data_dir)")
+  flowers_dir = flowers12_dir(args.data_dir)
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = pathlib.Path(args.work_dir or tmp)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ from tlframe import pipeline  # pylint: disable=wrong-import-position
 from tlframe import trainer as trainer_lib  # pylint: disable=wrong-import-position
 from tlframe import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench_common import cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
+from bench_common import add_data_dir_argument, cpu_model, flowers12_dir, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
 K_SHOTS = (1, 5, 10, 20, 60)
@@ -199,9 +199,7 @@ def keras_tutorial(images, labels, test_images, test_labels, backbone, num_class
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data_dir", default=samples.benchmark_data_dir(),
-                      help="Folder holding oxford_flowers12 (default $TLFRAME_DATA_DIR or "
-                           "../shared/data).")
+  add_data_dir_argument(parser)
   parser.add_argument("--work_dir", default=None,
                       help="Where records and models go (default: a temp dir, removed).")
   parser.add_argument("--backbone", default=backbone_lib.DEFAULT_HANDLE)
@@ -211,9 +209,7 @@ def main():
                       help="Also print the loss x normalization x batch x learning-rate sweep "
                            "the defaults were chosen from (a few minutes).")
   args = parser.parse_args()
-  flowers_dir = pathlib.Path(args.data_dir) / "oxford_flowers12"
-  if not flowers_dir.is_dir():
-    sys.exit(f"{flowers_dir} not found: pass --data_dir or set TLFRAME_DATA_DIR")
+  flowers_dir = flowers12_dir(args.data_dir)
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = pathlib.Path(args.work_dir or tmp)
     work_dir.mkdir(parents=True, exist_ok=True)
