@@ -254,7 +254,8 @@ def accuracy_table(tf, backbone):
 def main(argv):
   del argv
   # tlframe first: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
-  from tlframe import backbone, mobilenet_v2, torch_pth  # pylint: disable=g-import-not-at-top
+  from tlframe import backbone  # pylint: disable=g-import-not-at-top
+  from tlframe.backbone import inverted_residual as mobilenet_v2, torch_pth
   import bench_common  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if FLAGS.settings_child:

@@ -35,14 +35,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
-from tlframe import backbone as backbone_lib  # pylint: disable=wrong-import-position
-from tlframe import data_checks  # pylint: disable=wrong-import-position
-from tlframe import features as features_lib  # pylint: disable=wrong-import-position
-from tlframe import head as head_lib  # pylint: disable=wrong-import-position
+from tlframe.backbone import loading as backbone_lib  # pylint: disable=wrong-import-position
+from tlframe.train import data_checks  # pylint: disable=wrong-import-position
+from tlframe.train import features as features_lib  # pylint: disable=wrong-import-position
+from tlframe.train import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import options as options_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
 from tlframe import samples  # pylint: disable=wrong-import-position
-from tlframe import tuning  # pylint: disable=wrong-import-position
+from tlframe.train import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bench_common import add_data_dir_argument, cpu_model, flowers12_dir  # pylint: disable=wrong-import-position
 

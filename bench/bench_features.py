@@ -32,8 +32,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
-from tlframe import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
-from tlframe import features  # pylint: disable=g-import-not-at-top
+from tlframe.backbone import loading as backbone_lib  # pylint: disable=g-import-not-at-top
+from tlframe.train import features  # pylint: disable=g-import-not-at-top
 from tlframe import records  # pylint: disable=g-import-not-at-top
 from tlframe import samples  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -31,10 +31,10 @@ from absl import flags
 import numpy as np
 
 import tlframe  # pylint: disable=unused-import  (before TensorFlow: oneDNN on)
-from tlframe import backbone as backbone_lib
-from tlframe import prediction
+from tlframe.backbone import loading as backbone_lib
+from tlframe.predict import prediction
 from tlframe import samples
-from tlframe.classifier import Classifier
+from tlframe.predict.classifier import Classifier
 from bench_common import build_model  # pylint: disable=g-bad-import-order
 from bench_common import cpu_model  # pylint: disable=g-bad-import-order
 

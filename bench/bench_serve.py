@@ -53,7 +53,7 @@ import numpy as np
 
 import tlframe  # pylint: disable=unused-import  (before TensorFlow: oneDNN on)
 import tensorflow as tf  # pylint: disable=g-bad-import-order
-from tlframe import classifier as classifier_lib
+from tlframe.predict import classifier as classifier_lib
 from tlframe import export
 from tlframe import samples
 from bench_common import build_model  # pylint: disable=g-bad-import-order

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tlframe import native_logs
+from tlframe.util import native_logs
 from tlframe import samples
 
 # Passes on the stderr lines it reads on stdin that are not TensorFlow noise.

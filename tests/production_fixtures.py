@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tlframe import backbone as backbone_lib
+from tlframe.backbone import loading as backbone_lib
 from tlframe import export
 from tlframe import records
 from tlframe import samples

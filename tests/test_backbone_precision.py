@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from tlframe import backbone
-from tlframe import imagenet
-from tlframe import mobilenet_v2
-from tlframe import torch_pth
+from tlframe import pipeline
+from tlframe.backbone import inverted_residual
+from tlframe.backbone import torch_pth
 
 # bfloat16 keeps 8 bits of mantissa; through 52 layers features move by up to
 # ~6% of their range on the photos (measured), far from changing a prediction.
@@ -23,7 +23,7 @@ BF16_MIN_COSINE = 0.99
 @pytest.fixture(scope="module")
 def photos(skimage_photos):
   names = ("chelsea", "coffee", "rocket", "astronaut")
-  return tf.stack([imagenet.imagenet_eval_crop(skimage_photos[n], 224) for n in names])
+  return tf.stack([pipeline.imagenet_eval_crop(skimage_photos[n], 224) for n in names])
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def state_dict(builtin_backbone_dirs):
 
 
 def test_folded_export_matches_unfolded_network(state_dict, photos):
-  unfolded = mobilenet_v2.InvertedResidualNet(mobilenet_v2.MOBILENET_V2_100_224, state_dict,
+  unfolded = inverted_residual.InvertedResidualNet(inverted_residual.MOBILENET_V2_100_224, state_dict,
                                               fold_batch_norm=False)
   folded = backbone.load_backbone()  # the exported, folded SavedModel
   reference = unfolded(photos).numpy()
@@ -44,12 +44,12 @@ def test_folded_export_matches_unfolded_network(state_dict, photos):
 
 
 def test_fold_is_exact_algebra_per_layer(state_dict):
-  blocks, _ = mobilenet_v2.mobilenet_v2_architecture(mobilenet_v2.MOBILENET_V2_100_224, state_dict)
+  blocks, _ = inverted_residual.mobilenet_v2_architecture(inverted_residual.MOBILENET_V2_100_224, state_dict)
   layer = blocks[1].convs[0]  # a depthwise conv with near-zero running variances
   assert layer.depthwise and layer.var.min() < 1e-3
   x = tf.random.stateless_uniform([1, 14, 14, layer.kernel.shape[2]], seed=[3, 4], maxval=2.0)
-  unfolded = mobilenet_v2._ConvLayer(layer, fold_batch_norm=False)
-  folded = mobilenet_v2._ConvLayer(layer, fold_batch_norm=True)
+  unfolded = inverted_residual._ConvLayer(layer, fold_batch_norm=False)
+  folded = inverted_residual._ConvLayer(layer, fold_batch_norm=True)
   np.testing.assert_allclose(folded(x, folded.read_weights(tf.float32)).numpy(),
                              unfolded(x, unfolded.read_weights(tf.float32)).numpy(), atol=1e-5)
 
@@ -156,9 +156,9 @@ def test_importing_tlframe_first_turns_onednn_on(imports, env_value, tensorflow_
 @pytest.mark.parametrize("single_image", [True, False])
 def test_pointwise_layer_as_matmul_equals_a_plain_convolution(state_dict, single_image):
   """The MatMul form of 1x1 convolutions (used for a batch of one) is the same convolution."""
-  spec = mobilenet_v2.ConvSpec(state_dict, "features.2.conv.0.0", "features.2.conv.0.1", stride=1,
+  spec = inverted_residual.ConvSpec(state_dict, "features.2.conv.0.0", "features.2.conv.0.1", stride=1,
                                depthwise=False, relu6=True, epsilon=1e-5, torch_padding=True)
-  layer = mobilenet_v2._ConvLayer(spec, fold_batch_norm=True)  # pylint: disable=protected-access
+  layer = inverted_residual._ConvLayer(spec, fold_batch_norm=True)  # pylint: disable=protected-access
   assert layer.pointwise
   x = tf.random.stateless_uniform([1, 112, 112, 16], seed=[3, 4])
   kernel, bias = spec.folded()

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
 from production_fixtures import CLASSES
-from tlframe import serve_page
+from tlframe.serve import page
 from test_serve import Server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,6 +250,6 @@ def test_serve_page_references_nothing_outside_and_its_policy_allows_only_its_ow
 
 
 def test_serve_page_escapes_the_model_name():
-  body = serve_page.Page('<img src=x onerror="alert(1)">').body.decode("utf-8")
+  body = page.Page('<img src=x onerror="alert(1)">').body.decode("utf-8")
   assert "<img" not in body
   assert 'content="&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"' in body

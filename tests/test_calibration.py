@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tlframe import calibration
+from tlframe.train import calibration
 from tlframe.errors import UserError
 
 

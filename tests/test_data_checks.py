@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import backbone as backbone_lib
-from tlframe import data_checks
-from tlframe import features as features_lib
-from tlframe import plots
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import data_checks
+from tlframe.train import features as features_lib
+from tlframe.predict import plots
 from tlframe import records
-from tlframe import report
+from tlframe.predict import report
 from tlframe import samples
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "train")

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import evaluation
+from tlframe.predict import evaluation
 from tlframe import imageformat
-from tlframe import plots
+from tlframe.predict import plots
 from tlframe import records
-from tlframe import report as report_lib
-from tlframe.classifier import Classifier
+from tlframe.predict import report as report_lib
+from tlframe.predict.classifier import Classifier
 from production_fixtures import CLASSES
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
 

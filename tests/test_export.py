@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import backbone as backbone_lib
-from tlframe import calibration
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import calibration
 from tlframe import export
-from tlframe import head as head_lib
+from tlframe.train import head as head_lib
 from tlframe import imageformat
 from tlframe import pipeline
 from tlframe import records

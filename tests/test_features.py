@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import backbone as backbone_lib
+from tlframe.backbone import loading as backbone_lib
 from tlframe import export
-from tlframe import features
-from tlframe import head as head_lib
+from tlframe.train import features
+from tlframe.train import head as head_lib
 from tlframe import pipeline
 from tlframe import records
 from tlframe import samples

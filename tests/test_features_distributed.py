@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from tlframe import backbone as backbone_lib
-from tlframe import features
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import features
 from tlframe import records
 from test_train_helpers import REPO, make_records, run_local_workers, save_tiny_backbone
 from test_train_helpers import subprocess_env
@@ -38,7 +38,8 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from tlframe import backbone as backbone_lib, distribution, features
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import distribution, features
 records_dir, backbone_dir, cache = sys.argv[1:4]
 kwargs = json.loads(sys.argv[4])
 backbone = backbone_lib.load_backbone(backbone_dir)  # outside the strategy's scope

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from tlframe import backbone as backbone_lib
-from tlframe import features
-from tlframe import head as head_lib
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import features
+from tlframe.train import head as head_lib
 from tlframe import train
 from tlframe.errors import UserError
 from test_train_helpers import make_records, save_tiny_backbone

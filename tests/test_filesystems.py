@@ -17,17 +17,17 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from tlframe import backbone as backbone_lib
-from tlframe import evaluation
+from tlframe.backbone import loading as backbone_lib
+from tlframe.predict import evaluation
 from tlframe import export
-from tlframe import fileio
-from tlframe import locking
-from tlframe import model_dir as model_dir_lib
-from tlframe import prediction
+from tlframe.util import fileio
+from tlframe.util import locking
+from tlframe.train import model_dir as model_dir_lib
+from tlframe.predict import prediction
 from tlframe import records
 from tlframe import samples
 from tlframe import train
-from tlframe.classifier import Classifier
+from tlframe.predict.classifier import Classifier
 from tlframe.errors import UserError
 
 CLASSES = ("astronaut", "chelsea", "coffee", "rocket")

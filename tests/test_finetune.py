@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import backbone as backbone_lib
-from tlframe import finetune
-from tlframe import head as head_lib
-from tlframe import model_dir as model_dir_lib
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import finetune
+from tlframe.train import head as head_lib
+from tlframe.train import model_dir as model_dir_lib
 from tlframe import pipeline
 from tlframe import records
 from tlframe import train

@@ -14,10 +14,10 @@ import os
 import numpy as np
 import pytest
 
-from tlframe import backbone as backbone_lib
-from tlframe import calibration
-from tlframe import features as features_lib
-from tlframe import head as head_lib
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import calibration
+from tlframe.train import features as features_lib
+from tlframe.train import head as head_lib
 from tlframe import records
 from tlframe import samples
 from tlframe import train

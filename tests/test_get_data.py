@@ -20,7 +20,7 @@ import threading
 
 import pytest
 
-from tlframe import datasets
+from tlframe import benchmark_data
 from tlframe import samples
 from tlframe.errors import UserError
 
@@ -65,12 +65,12 @@ def photo_set(tmp_path_factory, skimage_photos):
   dataset_dir = tmp / "photos"
   samples.write_photo_crops(str(dataset_dir), skimage_photos, per_class=6, size=96)
   test_files = sorted(str(p.relative_to(dataset_dir)) for p in dataset_dir.glob("*/*.jpg"))[::3]
-  (dataset_dir / datasets.TEST_SPLIT_FILENAME).write_text("".join(f"{f}\n" for f in test_files))
+  (dataset_dir / benchmark_data.TEST_SPLIT_FILENAME).write_text("".join(f"{f}\n" for f in test_files))
   manifest_path = str(tmp / "photos.json")
-  count = datasets.write_manifest(manifest_path, "photos", "http://unused.invalid/a.tar.gz",
+  count = benchmark_data.write_manifest(manifest_path, "photos", "http://unused.invalid/a.tar.gz",
                                   ROOT, "test", str(dataset_dir))
   assert count == 24
-  return datasets.load_manifest(manifest_path), dataset_dir
+  return benchmark_data.load_manifest(manifest_path), dataset_dir
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +139,11 @@ def test_truncated_or_missing_archive_is_one_error(photo_set, tmp_path):
   truncated = tmp_path / "truncated.tar.gz"
   truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
   with pytest.raises(UserError, match="is not a complete .tar.gz archive"):
-    datasets.fetch(manifest, str(tmp_path / "data"), source=str(truncated))
+    benchmark_data.fetch(manifest, str(tmp_path / "data"), source=str(truncated))
   with pytest.raises(UserError, match="cannot read --source="):
-    datasets.fetch(manifest, str(tmp_path / "data"), source=str(tmp_path / "nowhere.tar.gz"))
+    benchmark_data.fetch(manifest, str(tmp_path / "data"), source=str(tmp_path / "nowhere.tar.gz"))
   with pytest.raises(UserError, match="cannot download http://127.0.0.1:1/a.tar.gz: .*--source"):
-    datasets.fetch(manifest, str(tmp_path / "data"), source="http://127.0.0.1:1/a.tar.gz")
+    benchmark_data.fetch(manifest, str(tmp_path / "data"), source="http://127.0.0.1:1/a.tar.gz")
   assert os.listdir(tmp_path / "data") == []
 
 
@@ -157,7 +157,7 @@ def test_entry_reaching_out_of_the_archive_is_refused(photo_set, tmp_path, entry
   manifest, dataset_dir = photo_set
   archive = _make_archive(tmp_path / "evil.tar.gz", manifest, dataset_dir, extra=[entry])
   with pytest.raises(UserError, match="refused entry"):
-    datasets.fetch(manifest, str(tmp_path / "data"), source=archive)
+    benchmark_data.fetch(manifest, str(tmp_path / "data"), source=archive)
   assert os.listdir(tmp_path / "data") == []
   assert not (tmp_path / "escaped.txt").exists()
 
@@ -168,7 +168,7 @@ def test_link_in_place_of_a_listed_file_is_refused(photo_set, tmp_path):
   with tarfile.open(tmp_path / "links.tar.gz", "w:gz") as archive:
     _add(archive, f"{ROOT}/{victim}", kind=tarfile.SYMTYPE, linkname="other.jpg")
   with pytest.raises(UserError, match="is a link or special file"):
-    datasets.fetch(manifest, str(tmp_path / "data"), source=str(tmp_path / "links.tar.gz"))
+    benchmark_data.fetch(manifest, str(tmp_path / "data"), source=str(tmp_path / "links.tar.gz"))
 
 
 def test_existing_folder_is_kept_unless_overwrite(photo_set, tmp_path):
@@ -178,9 +178,9 @@ def test_existing_folder_is_kept_unless_overwrite(photo_set, tmp_path):
   user_copy.mkdir(parents=True)
   (user_copy / "mine.txt").write_text("a user's file")
   with pytest.raises(UserError, match="does not match .* pass --overwrite"):
-    datasets.fetch(manifest, str(tmp_path / "data"), source=archive)
+    benchmark_data.fetch(manifest, str(tmp_path / "data"), source=archive)
   assert (user_copy / "mine.txt").read_text() == "a user's file"
-  datasets.fetch(manifest, str(tmp_path / "data"), source=archive, overwrite=True)
+  benchmark_data.fetch(manifest, str(tmp_path / "data"), source=archive, overwrite=True)
   assert _laid_out(user_copy) == _laid_out(dataset_dir)
   assert sorted(os.listdir(tmp_path / "data")) == ["photos"]
 
@@ -188,13 +188,13 @@ def test_existing_folder_is_kept_unless_overwrite(photo_set, tmp_path):
 def test_committed_manifest_matches_oxford_flowers12(flowers12_dir, tmp_path):
   """The manifest's sizes and sha256 are those of the source bytes, and an archive of
   them in the source repository's layout lays out exactly as ../shared/data has it."""
-  manifest = datasets.load_manifest(str(REPO / "bench" / "oxford_flowers12.json"))
+  manifest = benchmark_data.load_manifest(str(REPO / "bench" / "oxford_flowers12.json"))
   assert len(manifest.files) == 960 and len(manifest.test_split_text().split()) == 240
   assert manifest.url.startswith("https://codeload.github.com/daniele-gilio/")
-  assert datasets.verify_dir(manifest, str(flowers12_dir)) == []
+  assert benchmark_data.verify_dir(manifest, str(flowers12_dir)) == []
   archive = tmp_path / "source.tar.gz"
   with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
     for source in manifest.files:
       tar.add(flowers12_dir / manifest.layout_path(source), f"{manifest.root}/{source}")
-  datasets.fetch(manifest, str(tmp_path / "data"), source=str(archive))
+  benchmark_data.fetch(manifest, str(tmp_path / "data"), source=str(archive))
   assert _laid_out(tmp_path / "data" / "oxford_flowers12") == _laid_out(flowers12_dir)

@@ -17,10 +17,10 @@ import time
 from PIL import Image
 import pytest
 
-from tlframe import locking
-from tlframe import prediction
+from tlframe.util import locking
+from tlframe.predict import prediction
 from tlframe import records
-from tlframe.classifier import Classifier
+from tlframe.predict.classifier import Classifier
 from tlframe.errors import UserError
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
 # Real photos (4 per class of cat, cup, rocket) and the helpers of issue 10's tests.
@@ -128,7 +128,7 @@ def test_the_python_api_and_predict_files_check_the_header_first(classifier, big
 
 def test_predict_image_dir_skips_an_image_over_max_pixels(classifier, big_and_small, tmp_path):
   """What bin/evaluate --image_dir runs: the big photo is skipped, with the reason."""
-  from tlframe import evaluation  # pylint: disable=import-outside-toplevel
+  from tlframe.predict import evaluation  # pylint: disable=import-outside-toplevel
   image_dir = tmp_path / "held_out"
   (image_dir / "astronaut").mkdir(parents=True)
   for name in ("big.png", "small.jpg"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import head as head_lib
+from tlframe.train import head as head_lib
 from tlframe.errors import UserError
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import features as features_lib
-from tlframe import fileio
+from tlframe.train import features as features_lib
+from tlframe.util import fileio
 from tlframe import train
 from tlframe.errors import UserError
 from test_train_helpers import make_records, save_tiny_backbone

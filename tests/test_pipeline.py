@@ -243,7 +243,7 @@ def test_augmented_batches_give_per_replica_batches(varied_records):
   script = textwrap.dedent(f"""
       import numpy as np
       import tensorflow as tf
-      from tlframe import trainer
+      from tlframe.train import trainer
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
       strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

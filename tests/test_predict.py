@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tlframe
-from tlframe import prediction
+from tlframe.predict import prediction
 from tlframe import samples
 from tlframe.errors import UserError
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)

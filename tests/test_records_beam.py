@@ -13,7 +13,7 @@ from tlframe import records
 from tlframe.errors import UserError
 
 pytest.importorskip("apache_beam", reason="the beam extra: pip install 'tlframe[beam]'")
-from tlframe import records_beam  # pylint: disable=wrong-import-position
+from tlframe.records import beam as records_beam  # pylint: disable=wrong-import-position
 
 BEAM_ARGS = ("--", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
 CONVERSION = {"validation_percentage": 25, "test_percentage": 25, "shard_size": 3}

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tlframe import imageformat
-from tlframe import imagenet
+from tlframe.backbone import imagenet
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError

@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from tlframe import locking
+from tlframe.util import locking
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError

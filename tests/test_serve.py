@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import batching
+from tlframe.serve import batching
 from tlframe import export
 from tlframe import serve
 from tlframe import train

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import batching
+from tlframe.serve import batching
 from tlframe import export
 from test_serve import Server, _b64, _metric, train_and_export
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tlframe import options as options_lib
 from tlframe import records
 from tlframe import samples
-from tlframe import tuning
+from tlframe.train import tuning
 from test_train_helpers import save_tiny_backbone, subprocess_env
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bin", "train")

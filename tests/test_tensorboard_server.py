@@ -24,7 +24,7 @@ import pytest
 import tensorflow as tf
 
 from tlframe import train
-from tlframe.features import THUMBNAIL_SIZE
+from tlframe.train.features import THUMBNAIL_SIZE
 from test_train_helpers import make_records, save_tiny_backbone
 
 pytestmark = pytest.mark.slow  # a training run and a server start: ~30 s on 2 cores

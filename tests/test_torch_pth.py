@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tlframe import torch_pth
+from tlframe.backbone import torch_pth
 from tlframe.errors import UserError
 
 WEIGHTS = torch_pth.MOBILENET_V2_WEIGHTS

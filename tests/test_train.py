@@ -15,11 +15,11 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from tlframe import backbone as backbone_lib
-from tlframe import features as features_lib
-from tlframe import head as head_lib
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import features as features_lib
+from tlframe.train import head as head_lib
 from tlframe import train
-from tlframe import tuning
+from tlframe.train import tuning
 from test_train_helpers import make_records, save_tiny_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from tlframe import head, train
+from tlframe.train import head
+from tlframe import train
 records_dir, backbone, out = sys.argv[1:4]
 result = {}
 for strategy in ("default", "mirrored"):

@@ -7,7 +7,7 @@ import time
 
 import tensorflow as tf
 
-from tlframe import distribution
+from tlframe.train import distribution
 from tlframe import records
 from tlframe import samples
 

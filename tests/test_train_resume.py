@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlframe import head as head_lib
+from tlframe.train import head as head_lib
 from test_train_helpers import kill_when_written, make_records, save_tiny_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

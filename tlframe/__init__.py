@@ -8,11 +8,11 @@ softmax head) -> export.
 
 import os
 
-from tlframe import native_logs
+from tlframe.util import native_logs
 
 # First, before TensorFlow loads: its native start-up lines ("failed call to
 # cuInit", oneDNN notices) look like failures to a user of the library as much
-# as to one of bin/. TLFRAME_NATIVE_LOGS=1 shows them (tlframe/native_logs.py).
+# as to one of bin/. TLFRAME_NATIVE_LOGS=1 shows them (tlframe/util/native_logs.py).
 native_logs.filter_stderr()
 
 # oneDNN's fused convolutions run the backbone ~2.4x faster on x86 CPUs where
@@ -33,6 +33,6 @@ def __getattr__(name):
   """`tlframe.Classifier` (tlframe.classifier), imported on first use: `import tlframe`
   itself stays free of TensorFlow, which must load after the settings above."""
   if name == "Classifier":
-    from tlframe.classifier import Classifier  # pylint: disable=g-import-not-at-top
+    from tlframe.predict.classifier import Classifier  # pylint: disable=g-import-not-at-top
     return Classifier
   raise AttributeError(f"module 'tlframe' has no attribute {name!r}")

@@ -9,7 +9,7 @@ TF-Hub image convention) by one of four resize modes:
   ratio, then crop the centre square. The evaluation default: what ImageNet
   backbones were trained to see.
 - "imagenet_crop": resize the shorter side to image_size * 256/224, then crop
-  the centre image_size square (`imagenet.imagenet_eval_crop`): the crop the
+  the centre image_size square (`imagenet_eval_crop`): the crop the
   ImageNet backbones were evaluated with, trimming 1/8 of the square's edges.
 - "letterbox": resize the longer side to `image_size` keeping the aspect ratio
   and pad the rest with black. Keeps all content; for objects near the edges.
@@ -20,7 +20,7 @@ A record whose image does not decode (bytes another tool wrote) is skipped
 and counted in a `SkipCounter` instead of ending the run. A damaged shard is
 not skipped: a record failing its checksum (flipped bytes, a truncated file)
 raises DataLossError while iterating. Check shards first with
-`records.check_shards`, which names the shard, the offset and the fix.
+`tlframe.records.check_shards`, which names the shard, the offset and the fix.
 """
 
 import threading
@@ -29,7 +29,6 @@ from absl import logging
 import tensorflow as tf
 
 from tlframe import imageformat
-from tlframe import imagenet
 from tlframe.errors import UserError
 from tlframe.options import RESIZE_MODES
 
@@ -61,7 +60,7 @@ def preprocess(image_uint8, image_size=224, resize_mode="center_crop"):
   """
   check_resize_mode(resize_mode)
   if resize_mode == "imagenet_crop":
-    image = imagenet.imagenet_eval_crop(image_uint8, image_size)
+    image = imagenet_eval_crop(image_uint8, image_size)
     image.set_shape([image_size, image_size, 3])
     return image
   image = tf.image.convert_image_dtype(image_uint8, tf.float32)
@@ -84,6 +83,26 @@ def preprocess(image_uint8, image_size=224, resize_mode="center_crop"):
   image = tf.clip_by_value(image, 0.0, 1.0)
   image.set_shape([image_size, image_size, 3])
   return image
+
+
+def imagenet_eval_crop(image, input_size):
+  """torchvision's ImageNet eval preprocessing, scaled to `input_size`.
+
+  uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 1]: the shorter side resized
+  (bilinear, antialiased) to S * 256/224, then the central S x S crop.
+  """
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  short = round(input_size * 256 / 224)
+  # torchvision truncates the longer side and rounds the crop offsets; so do we.
+  scale = short / tf.cast(tf.minimum(height, width), tf.float64)
+  new_height = tf.cast(tf.cast(height, tf.float64) * scale, tf.int32)
+  new_width = tf.cast(tf.cast(width, tf.float64) * scale, tf.int32)
+  resized = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [new_height, new_width],
+                            method="bilinear", antialias=True)
+  top = tf.cast(tf.round((new_height - input_size) / 2), tf.int32)
+  left = tf.cast(tf.round((new_width - input_size) / 2), tf.int32)
+  return tf.clip_by_value(resized[top:top + input_size, left:left + input_size], 0.0, 1.0)
 
 
 def _resize_unless_at_size(image, resize, image_size):

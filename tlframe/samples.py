@@ -6,7 +6,7 @@ them mirrored, make a small class-per-folder image set that needs no network:
 `bin/make_sample_images` writes it for the README's demo.
 
 Larger real data sets for benchmarks (oxford_flowers12) live in
-`benchmark_data_dir()` (tlframe.datasets, which fetches them: bench/get_data);
+`benchmark_data_dir()` (tlframe.benchmark_data, which fetches them: bench/get_data);
 tests that need them skip where it is missing.
 """
 
@@ -15,9 +15,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tlframe import fileio
+from tlframe.util import fileio
 from tlframe import records
-from tlframe.datasets import DATA_DIR_ENV, TEST_SPLIT_FILENAME, benchmark_data_dir  # pylint: disable=unused-import
+from tlframe.benchmark_data import DATA_DIR_ENV, TEST_SPLIT_FILENAME, benchmark_data_dir  # pylint: disable=unused-import
 from tlframe.errors import UserError
 
 SAMPLE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "brick", "grass", "gravel")

@@ -1,0 +1,464 @@
+"""The frozen featurizer: resolve a TF-Hub handle, load it, run it in float32 or bfloat16.
+
+A handle is one of
+- a URL (tfhub.dev, Kaggle Models, a .tar.gz): resolved by tensorflow_hub into
+  its cache (`TFHUB_CACHE_DIR`);
+- a directory holding a TF2 SavedModel (local or any TF filesystem);
+- a built-in name (`BUILTIN_NAMES`): built once from published weights into
+  `$TLFRAME_CACHE_DIR` (default ~/.cache/tlframe), atomically, so concurrent
+  first uses are safe;
+- several of these separated by commas (`mobilenet_v2_100_224,efficientnet_lite0`):
+  their features side by side (`ConcatenatedModule`).
+
+Modules are loaded with `tf.saved_model.load`, not `hub.KerasLayer` (a tf-keras
+layer that cannot go into a Keras 3 model); `Backbone.__call__` is callable
+inside `tf.function`. Under tf.distribute, load it outside `strategy.scope()`:
+the frozen module has no state to mirror, and one restored inside a
+MirroredStrategy scope cannot run in the cross-replica context of the feature
+pass. Fine-tuning (tlframe/finetune.py) loads a second copy inside the scope
+on purpose: its variables are then mirrored, and it runs only in replica
+context (`strategy.run`).
+"""
+
+import hashlib
+import os
+import platform
+
+import tensorflow as tf
+from absl import logging
+
+from tlframe.util import fileio
+from tlframe.backbone import inverted_residual
+from tlframe import options
+from tlframe.backbone import torch_pth
+from tlframe.errors import UserError
+
+DEFAULT_HANDLE = options.DEFAULT_BACKBONE
+# Built-in name -> (network, its weights file).
+_BUILTINS = {
+    "mobilenet_v2_100_224": (inverted_residual.MOBILENET_V2_100_224, torch_pth.MOBILENET_V2_WEIGHTS),
+    "efficientnet_lite0": (inverted_residual.EFFICIENTNET_LITE0, torch_pth.EFFICIENTNET_LITE0_WEIGHTS),
+    "efficientnet_lite1": (inverted_residual.EFFICIENTNET_LITE1, torch_pth.EFFICIENTNET_LITE1_WEIGHTS),
+    "efficientnet_lite2": (inverted_residual.EFFICIENTNET_LITE2, torch_pth.EFFICIENTNET_LITE2_WEIGHTS),
+}
+BUILTIN_NAMES = options.BUILTIN_BACKBONES
+PRECISIONS = options.PRECISIONS
+FEATURES = options.FEATURES
+FEATURE_VECTOR = "feature_vector"
+CLASSIFICATION = "classification"
+CONCATENATION_SEPARATOR = ","
+# Bump when the built-in export changes, so old cache entries are not reused.
+BUILTIN_FORMAT_VERSION = "v4"
+DISABLE_BF16_ENV = "TLFRAME_DISABLE_BF16"
+CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
+# Google's classification modules have 1001 outputs, class 0 being "background".
+_CLASSIFIER_DIMS = (1000, 1001)
+
+
+# ---------------------------------------------------------------------------
+# Cache and built-ins.
+
+
+def cache_dir():
+  """`$TLFRAME_CACHE_DIR`, default ~/.cache/tlframe: built backbones and downloaded weights."""
+  return os.environ.get("TLFRAME_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "tlframe")
+
+
+def builtin_dir(name):
+  return os.path.join(cache_dir(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
+
+
+def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
+                  kinds=(FEATURE_VECTOR, CLASSIFICATION)):
+  """Builds built-in `name`'s `kinds` into `export_dir`/{feature_vector,classification}.
+
+  Each kind is written into a temporary sibling directory that is renamed to
+  `export_dir/<kind>` when complete; if another process finished it first,
+  its result is kept and ours discarded. With exist_ok, the kinds already
+  there are kept and only the missing ones built. Returns `export_dir`.
+  """
+  if name not in BUILTIN_NAMES:
+    raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")
+  if tf.io.gfile.isdir(export_dir) and not exist_ok:
+    raise UserError(f"{export_dir} already exists; delete it or choose another export directory")
+  missing = [kind for kind in kinds
+             if not tf.io.gfile.exists(os.path.join(export_dir, kind, "saved_model.pb"))]
+  if not missing:
+    return export_dir
+  network, weights = _BUILTINS[name]
+  data = torch_pth.find_weights(weights, weights_file=weights_file,
+                                download_dir=os.path.join(cache_dir(), "downloads"))
+  state_dict = torch_pth.load_state_dict(data, source=weights.filename)
+  for kind in missing:
+    target = os.path.join(export_dir, kind)
+    tmp = fileio.temp_path_for(target if "://" in target else os.path.abspath(target))
+    tf.io.gfile.makedirs(os.path.dirname(tmp))
+    try:
+      logging.info("Building %s (%s) into %s", name, kind, target)
+      inverted_residual.export_saved_model(
+          inverted_residual.InvertedResidualNet(
+              network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
+              class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None), tmp)
+      try:
+        fileio.publish_directory(tmp, target, last_name="saved_model.pb")
+      except tf.errors.AlreadyExistsError:
+        logging.info("%s was built concurrently by another process; using that one", target)
+    finally:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+  return export_dir
+
+
+def ensure_builtin(name, kinds=(FEATURE_VECTOR, CLASSIFICATION)):
+  """The built-in's directory in the cache, building the `kinds` missing there on first use
+  (a run builds only the kind it uses: half the first run's build)."""
+  return build_builtin(name, builtin_dir(name), exist_ok=True, kinds=kinds)
+
+
+# ---------------------------------------------------------------------------
+# Handle resolution.
+
+
+def _is_url(handle):
+  return handle.startswith(("http://", "https://"))
+
+
+def _hub_cache_entry(handle):
+  """Where tensorflow_hub caches a URL handle: `<TFHUB_CACHE_DIR>/<sha1(handle)>`."""
+  from tensorflow_hub import resolver  # pylint: disable=g-import-not-at-top
+  root = resolver.tfhub_cache_dir(use_temp=True)
+  return os.path.join(root, hashlib.sha1(handle.encode("utf8")).hexdigest())
+
+
+def _check_complete(directory, handle):
+  if not tf.io.gfile.exists(os.path.join(directory, "saved_model.pb")):
+    raise UserError(
+        f"the TF-Hub cache directory {directory} for {handle} is stale or half-written (no "
+        f"saved_model.pb): delete {directory} (and {directory}.lock if present) and retry")
+
+
+def _resolve_url(handle):
+  import tensorflow_hub as hub  # pylint: disable=g-import-not-at-top
+  entry = _hub_cache_entry(handle)
+  if tf.io.gfile.isdir(entry) and tf.io.gfile.listdir(entry):
+    _check_complete(entry, handle)  # hub itself would return it as is
+  elif tf.io.gfile.exists(entry + ".lock"):
+    logging.warning("%s.lock exists: another process is downloading %s, or a download was "
+                    "killed (then delete the lock file)", entry, handle)
+  try:
+    path = hub.resolve(handle)
+  except Exception as e:  # hub raises whatever urllib/tarfile raise
+    raise UserError(f"could not fetch {handle} ({type(e).__name__}: {e}); check the handle and the "
+                    "network, or download the module and pass its directory") from None
+  _check_complete(path, handle)
+  return path
+
+
+def resolve_handle(handle, *, features=FEATURE_VECTOR):
+  """The local SavedModel directory for `handle` (a URL, a directory or a built-in name).
+
+  `features="logits"` selects a built-in's classification variant; for other
+  handles the module itself decides what it outputs.
+  """
+  if features not in FEATURES:
+    raise UserError(f"features must be one of {', '.join(FEATURES)}, not {features!r}")
+  if handle in BUILTIN_NAMES:
+    variant = CLASSIFICATION if features == "logits" else FEATURE_VECTOR
+    return os.path.join(ensure_builtin(handle, kinds=(variant,)), variant)
+  if _is_url(handle):
+    return _resolve_url(handle)
+  if tf.io.gfile.isdir(handle):
+    if not tf.io.gfile.exists(os.path.join(handle, "saved_model.pb")):
+      raise UserError(f"{handle} has no saved_model.pb: give the directory of a TF2 SavedModel")
+    return handle
+  raise UserError(
+      f"backbone handle {handle!r} is not a URL, an existing SavedModel directory, or a "
+      f"built-in name ({', '.join(BUILTIN_NAMES)})")
+
+
+# ---------------------------------------------------------------------------
+# Precision and threads.
+
+
+def _cpu_flags():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def bfloat16_supported():
+  """Whether this machine computes bfloat16 natively.
+
+  GPUs with compute capability >= 8.0; CPUs with AMX-BF16 or AVX512-BF16.
+  `TLFRAME_DISABLE_BF16=1` says no, e.g. to check the float32 fallback.
+  """
+  if os.environ.get(DISABLE_BF16_ENV, "") not in ("", "0"):
+    return False
+  gpus = tf.config.list_physical_devices("GPU")
+  if gpus:
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+    return bool(capability) and tuple(capability) >= (8, 0)
+  return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(precision):
+  """'float32' or 'bfloat16' for a requested `precision` in PRECISIONS."""
+  if precision not in PRECISIONS:
+    raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+  if precision == "auto":
+    return "bfloat16" if bfloat16_supported() else "float32"
+  if precision == "bfloat16" and not bfloat16_supported():
+    logging.warning("precision bfloat16: this machine has no native bfloat16 (AMX/AVX512-BF16 "
+                    "CPU or GPU with compute capability >= 8.0); it will be emulated and slow")
+  return precision
+
+
+def onednn_enabled():
+  """Whether TensorFlow runs its CPU kernels with oneDNN; None where this TF cannot say."""
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):
+    return None
+
+
+def _warn_if_onednn_off():
+  """tlframe turns oneDNN on when imported before TensorFlow (see tlframe/__init__.py)."""
+  if (platform.machine().lower() in ("x86_64", "amd64") and onednn_enabled() is False
+      and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+      and not tf.config.list_physical_devices("GPU")):
+    logging.log_first_n(
+        logging.WARNING, "oneDNN is off because TensorFlow was imported before tlframe: on this "
+        "CPU the backbone may run up to ~2.4x slower. Import tlframe first, or set "
+        "TF_ENABLE_ONEDNN_OPTS=1 before starting Python", 1)
+
+
+def default_thread_counts():
+  """(intra_op, inter_op) defaults: all usable cores for both.
+
+  Measured with bench/bench_backbone.py on the 2-core reference machine:
+  intra_op=1 is clearly slower, and nothing beat this (TensorFlow's own
+  default) beyond noise; tlframe makes it explicit, counting the cores this
+  process may actually use (a container's CPU set, not the host's).
+  """
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = max(1, cores or 1)
+  return cores, cores
+
+
+def configure_threads(intra_op_threads=None, inter_op_threads=None):
+  """Sets TF's thread pools; call before TF runs any op (afterwards TF refuses; we warn)."""
+  default_intra, default_inter = default_thread_counts()
+  intra = intra_op_threads or default_intra
+  inter = inter_op_threads or default_inter
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+  except RuntimeError as e:  # TF already initialized its thread pools
+    logging.warning("could not set threads to intra=%d inter=%d: %s", intra, inter, e)
+    return
+  logging.info("TF threads: intra_op=%d inter_op=%d", intra, inter)
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+_warned_no_bf16 = set()
+
+
+def _first_input_spec(concrete_function):
+  args, kwargs = concrete_function.structured_input_signature
+  for spec in list(args) + list(kwargs.values()):
+    if isinstance(spec, tf.TensorSpec):
+      return spec
+  return None
+
+
+def _call_functions(module, path):
+  """The concrete functions `module.__call__` was saved with, by image dtype."""
+  call = getattr(module, "__call__", None)
+  concrete = getattr(call, "concrete_functions", None)
+  if not concrete:
+    raise UserError(f"{path} is not a TF2 SavedModel with a __call__ function (TF1 Hub format "
+                    "modules are not supported): use the module's TF2 version")
+  functions = {}
+  for function in concrete:
+    spec = _first_input_spec(function)
+    if spec is not None and spec.shape.rank == 4:
+      functions.setdefault(spec.dtype, function)
+  if tf.float32 not in functions:
+    raise UserError(f"{path}: __call__ takes no float32 [batch, height, width, 3] images; "
+                    "not a TF-Hub image module")
+  return functions
+
+
+def _module_fingerprint(path):
+  """A digest of the module's graph and variable index: changes when the module does."""
+  digest = hashlib.sha256()
+  for name in ("saved_model.pb", os.path.join("variables", "variables.index")):
+    file_path = os.path.join(path, name)
+    if tf.io.gfile.exists(file_path):
+      with tf.io.gfile.GFile(file_path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()[:16]
+
+
+class Backbone:
+  """A frozen image module: float32 [B, S, S, 3] in [0, 1] -> float32 [B, output_dim].
+
+  Attributes: handle, path (SavedModel directory; a concatenation's are joined
+  by commas), module (a tf.Module whose `__call__` a SavedModel can hold),
+  input_size, output_dim, kind ("feature_vector" | "classification"),
+  precision ("float32" | "bfloat16", as resolved), cache_key (identifies
+  module, size, kind and precision: anything that changes the features).
+  """
+
+  def __init__(self, handle, path, module, input_size, output_dim, kind, precision, fingerprint):
+    self.handle = handle
+    self.path = path
+    self.module = module
+    self.input_size = input_size
+    self.output_dim = output_dim
+    self.kind = kind
+    self.precision = precision
+    self._compute_dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    self.cache_key = f"{fingerprint}-{input_size}px-{kind}-{output_dim}d-{precision}"
+
+  def __call__(self, images):
+    outputs = self.module(tf.cast(images, self._compute_dtype))
+    return tf.cast(outputs, tf.float32)
+
+  def __repr__(self):
+    return (f"Backbone({self.handle!r}, input_size={self.input_size}, output_dim="
+            f"{self.output_dim}, kind={self.kind!r}, precision={self.precision!r})")
+
+
+class ConcatenatedModule(tf.Module):
+  """Frozen modules side by side: float32 or bfloat16 [B, S, S, 3] -> float32 [B, sum of dims].
+
+  S is the largest part's input size; each smaller part gets the images resized
+  (antialiased, as the pipeline resizes) to its own size inside the call, so
+  one image size flows through the pipeline. A part runs in bfloat16 when the
+  images are bfloat16 and the part has that entry point, else in float32. It
+  is a tf.Module holding the parts' loaded modules, so an export saves it as it
+  saves one module.
+  """
+
+  def __init__(self, parts, input_size):
+    super().__init__(name="concatenated_backbone")
+    self.parts = [part.module for part in parts]
+    self.part_sizes = [part.input_size for part in parts]
+    self.part_bfloat16 = [part.precision == "bfloat16" for part in parts]
+    self.input_size = input_size
+    for dtype in (tf.float32, tf.bfloat16):
+      self.__call__.get_concrete_function(tf.TensorSpec([None, input_size, input_size, 3], dtype))
+
+  @tf.function
+  def __call__(self, images):
+    features = []
+    for module, size, bfloat16 in zip(self.parts, self.part_sizes, self.part_bfloat16):
+      x = tf.cast(images, tf.float32)
+      if size != self.input_size:
+        x = tf.image.resize(x, [size, size], antialias=True)
+      dtype = tf.bfloat16 if bfloat16 and images.dtype == tf.bfloat16 else tf.float32
+      features.append(tf.cast(module(tf.cast(x, dtype)), tf.float32))
+    return tf.concat(features, axis=1)
+
+
+def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=None,
+                  precision="float32"):
+  """Resolves and loads `handle` frozen (outside any strategy.scope(); see the module doc).
+
+  input_size: required for modules that accept any image size (e.g. 299 for
+  Inception v3); must match a module's fixed size. precision: "float32",
+  "bfloat16" or "auto" (bfloat16 where the machine has it natively); a module
+  without a bfloat16 entry runs float32 with a warning. A handle of several
+  handles separated by commas loads their concatenation (`ConcatenatedModule`):
+  its input size is the largest part's (or input_size, which parts of any size
+  get).
+  """
+  _warn_if_onednn_off()
+  requested_precision = resolve_precision(precision)
+  if CONCATENATION_SEPARATOR in handle and not tf.io.gfile.isdir(handle):
+    return _load_concatenation(handle, features, input_size, precision, requested_precision)
+  path, module, functions, fixed_size = _open_module(handle, features)
+  if fixed_size is not None and input_size not in (None, fixed_size):
+    raise UserError(f"--input_size={input_size} but {handle} takes {fixed_size}x{fixed_size} images; "
+                    f"leave it unset or set {fixed_size}")
+  size = fixed_size or input_size
+  if not size:
+    raise UserError(f"{handle} accepts any image size: set --input_size (e.g. 299 for Inception v3, "
+                    "224 for most modules)")
+  return _backbone(handle, path, module, functions, size, features, precision,
+                   requested_precision)
+
+
+def _open_module(handle, features):
+  """(path, loaded module, its __call__ functions by dtype, its fixed input size or None)."""
+  path = resolve_handle(handle, features=features)
+  try:
+    module = tf.saved_model.load(path)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    raise UserError(f"could not load the SavedModel in {path} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); if it is a cache entry, delete {path}") from None
+  functions = _call_functions(module, path)
+  return path, module, functions, _first_input_spec(functions[tf.float32]).shape[1]
+
+
+def _backbone(handle, path, module, functions, size, features, precision, requested_precision):
+  precision_used = requested_precision
+  if requested_precision == "bfloat16" and tf.bfloat16 not in functions:
+    if handle not in _warned_no_bf16:
+      _warned_no_bf16.add(handle)
+      logging.warning("%s has no bfloat16 entry point; --precision=%s runs it in float32",
+                      handle, precision)
+    precision_used = "float32"
+
+  # Read from the saved signature, not by running the module: a call here
+  # would happen in a strategy's cross-replica context and break replica calls.
+  outputs = functions[tf.float32].structured_outputs
+  if not (isinstance(outputs, (tf.Tensor, tf.TensorSpec)) and outputs.shape.rank == 2
+          and outputs.shape[1] is not None):
+    raise UserError(f"{handle}: __call__ returns {outputs!r:.200}, not a [batch, dim] tensor; "
+                    "not a TF-Hub image module")
+  output_dim = int(outputs.shape[1])
+  kind = CLASSIFICATION if output_dim in _CLASSIFIER_DIMS else FEATURE_VECTOR
+  if features == "logits" and kind != CLASSIFICATION:
+    raise UserError(f"{handle} is a feature-vector module ({output_dim} outputs); logits need a "
+                    "classification module")
+  return Backbone(handle, path, module, size, output_dim, kind, precision_used,
+                  _module_fingerprint(path))
+
+
+def _load_concatenation(handle, features, input_size, precision, requested_precision):
+  """The Backbone of `ConcatenatedModule` over the comma-separated handles in `handle`."""
+  handles = [part.strip() for part in handle.split(CONCATENATION_SEPARATOR)]
+  if len(handles) < 2 or not all(handles):
+    raise UserError(f"--backbone={handle}: give two or more handles separated by commas, e.g. "
+                    "mobilenet_v2_100_224,efficientnet_lite0")
+  opened = [_open_module(part, features) for part in handles]
+  fixed_sizes = [fixed for _, _, _, fixed in opened if fixed]
+  largest = max(fixed_sizes, default=None)
+  if input_size is not None and largest is not None and (
+      input_size < largest or (input_size != largest and len(fixed_sizes) == len(opened))):
+    raise UserError(f"--input_size={input_size} but the largest part of {handle} takes "
+                    f"{largest}x{largest} images; leave it unset or set {largest}"
+                    + (" or more" if len(fixed_sizes) < len(opened) else ""))
+  size = input_size or largest
+  if len(fixed_sizes) < len(opened) and not input_size:
+    raise UserError(f"a part of {handle} accepts any image size: set --input_size (at least "
+                    f"{largest or 224})")
+  parts = [_backbone(part, path, module, functions, fixed or size, features, precision,
+                     requested_precision)
+           for part, (path, module, functions, fixed) in zip(handles, opened)]
+  module = ConcatenatedModule(parts, size)
+  return Backbone(handle, CONCATENATION_SEPARATOR.join(part.path for part in parts), module, size,
+                  sum(part.output_dim for part in parts), FEATURE_VECTOR,
+                  "bfloat16" if any(p.precision == "bfloat16" for p in parts) else "float32",
+                  "+".join(part.cache_key for part in parts))

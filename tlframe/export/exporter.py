@@ -1,0 +1,280 @@
+"""The export stage: a trained model dir -> a SavedModel that classifies raw image bytes.
+
+`export_model(model_dir)` writes `<model_dir>/export/<N>/` (TF Serving's
+versioned layout, N = 1, 2, ...): the frozen backbone and the head in one
+SavedModel that loads with `import tensorflow` alone (no tlframe, no
+tensorflow_hub), `assets/labels.txt`, and `tlframe_export.json` describing it.
+The layout, signatures and JSON are fixed in docs/production.md:
+
+- `serving_default`: `image_bytes` string [B] (JPEG, PNG, GIF, BMP, WebP) ->
+  outputs; `serving_keyed`: the same plus a `key` [B] passed through;
+- `predict_images`: `images` float32 [B, H, W, 3] in [0, 1] of any size ->
+  outputs;
+- outputs: `classes` int64 [B], `labels` string [B], `probabilities` float32
+  [B, C] (softmax of scores / T), `scores` [B, C] (the head's raw scores or SVM
+  margins), `top_k_labels` [B, k], `top_k_probabilities` [B, k], k = min(5, C).
+
+Every image goes through the training pipeline's own pieces,
+`imageformat.decode_image` and `pipeline.preprocess` in the model's resize
+mode, so the export sees the pixels training saw. T is the temperature in
+`<model_dir>/calibration.json` (tlframe.calibration), 1 without it. A head
+trained with flipped features (head_config.json's `flip_features`) scores each
+image as the mean of its scores and its left-right mirror's, as evaluation
+did (`features.average_flip_scores`); `average_flips` in the JSON says so.
+
+With `tflite=True` the version dir also holds `tflite/model.tflite` (float32
+input [1, S, S, 3] in [0, 1], already resized; outputs `classes`,
+`probabilities`, `scores`) and `tflite/labels.txt`, checked against the
+SavedModel before the export is published.
+
+A version is written into a hidden temporary directory and renamed into place
+when complete, so TF Serving and readers never see a half export.
+"""
+
+import os
+import uuid
+import warnings
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import tlframe
+from tlframe.backbone import loading as backbone_lib
+from tlframe.train import calibration as calibration_lib
+from tlframe.util import fileio
+from tlframe.train import finetune
+from tlframe.train import head as head_lib
+from tlframe import imageformat
+from tlframe import pipeline
+from tlframe import records
+from tlframe.errors import UserError
+from tlframe.export.layout import (EXPORT_DIRNAME, EXPORT_INFO_FILENAME, FORMAT_VERSION, MAX_TOP_K,
+                                   OUTPUTS, PREDICT_IMAGES, SAVED_MODEL_FILENAME, SERVING_DEFAULT,
+                                   SERVING_KEYED, SIGNATURES, TFLITE_DIRNAME, TFLITE_FILENAME,
+                                   versions)
+
+# How far the TFLite model may be from the SavedModel (float kernels differ).
+TFLITE_PROBABILITY_TOLERANCE = 1e-3
+
+
+class ClassifierModule(tf.Module):
+  """The backbone and the head behind the export's signatures."""
+
+  def __init__(self, backbone, head, labels, temperature, resize_mode, labels_file, *,
+               average_flips=False):
+    super().__init__(name="tlframe_classifier")
+    pipeline.check_resize_mode(resize_mode)
+    self.image_size = backbone.input_size
+    self.resize_mode = resize_mode
+    self.top_k = min(MAX_TOP_K, len(labels))
+    # The loaded SavedModel and the head are tracked, so their variables are saved.
+    self.backbone_module = backbone.module
+    self.head = head
+    self.labels_file = tf.saved_model.Asset(labels_file)
+    self._backbone = backbone
+    self._label_names = np.asarray(labels, dtype=object)
+    self._temperature = float(temperature)
+    self.average_flips = bool(average_flips)
+    self._image_spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
+    # Every signature classifies through this one function: the backbone's graph is
+    # traced, and saved, once (each signature tracing it anew cost seconds per export).
+    self._classify = tf.function(self.outputs, input_signature=[
+        tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)])
+
+  def outputs(self, images, backbone=None):
+    """float32 [B, S, S, 3] in [0, 1] -> the signatures' output dict."""
+    scores = self.scores(images, backbone or self._backbone)
+    probabilities = tf.nn.softmax(scores / self._temperature, axis=-1)
+    # top_k orders ties like argmax does (lower index first), so classes = top 1.
+    top = tf.math.top_k(scores, k=self.top_k)
+    label_names = tf.constant(self._label_names, tf.string)
+    classes = tf.cast(top.indices[:, 0], tf.int64)
+    return {
+        "classes": classes,
+        "labels": tf.gather(label_names, classes),
+        "probabilities": probabilities,
+        "scores": scores,
+        "top_k_labels": tf.gather(label_names, top.indices),
+        "top_k_probabilities": tf.gather(probabilities, top.indices, batch_dims=1),
+    }
+
+  def scores(self, images, backbone):
+    """[B, C] head scores; with average_flips, the mean over each image and its mirror."""
+    if not self.average_flips:
+      return self.head(backbone(images))
+    both = self.head(backbone(tf.concat([images, tf.image.flip_left_right(images)], axis=0)))
+    original, mirrored = tf.split(both, 2, axis=0)
+    return (original + mirrored) / 2
+
+  def _decode_and_resize(self, image_bytes):
+    return pipeline.preprocess(imageformat.decode_image(image_bytes), self.image_size,
+                               self.resize_mode)
+
+  def _resize(self, images):
+    size = self.image_size
+
+    def each_image():
+      return tf.map_fn(lambda image: pipeline.preprocess(image, size, self.resize_mode),
+                       images, fn_output_signature=self._image_spec)
+
+    if self.resize_mode == "imagenet_crop":
+      return tf.ensure_shape(each_image(), [None, size, size, 3])  # it crops S x S images too
+    # The other modes leave an S x S image as it is (resizing to the same size is
+    # exact), so a batch already at size skips the per-image loop.
+    shape = tf.shape(images)
+    resized = tf.cond(tf.logical_and(shape[1] == size, shape[2] == size),
+                      lambda: tf.clip_by_value(images, 0.0, 1.0), each_image)
+    return tf.ensure_shape(resized, [None, size, size, 3])
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  def serve_bytes(self, image_bytes):
+    images = tf.map_fn(self._decode_and_resize, image_bytes, fn_output_signature=self._image_spec)
+    return self._classify(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                tf.TensorSpec([None], tf.string, name="key")])
+  def serve_keyed(self, image_bytes, key):
+    outputs = self.serve_bytes(image_bytes)
+    outputs["key"] = tf.identity(key)
+    return outputs
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+  def predict_images(self, images):
+    return self._classify(self._resize(images))
+
+  def signatures(self):
+    # The functions, not their concrete functions: tf.saved_model.save traces them in its
+    # own context anyway, so tracing them here first would trace the backbone twice.
+    return {SERVING_DEFAULT: self.serve_bytes, SERVING_KEYED: self.serve_keyed,
+            PREDICT_IMAGES: self.predict_images}
+
+
+def export_model(model_dir, *, export_base=None, precision="float32", tflite=False,
+                 backbone=None):
+  """Exports the model trained into `model_dir` as the next version; returns its directory.
+
+  export_base: where the versions go, default `<model_dir>/export`. precision:
+  the backbone's compute precision in the export ("float32", "bfloat16" or
+  "auto" for bfloat16 where this machine has it). tflite: also write and check
+  a TFLite model. backbone: the model's backbone as the caller (bin/train)
+  already loaded it, to skip loading it again when its precision is the
+  export's and no fine-tuning changed it.
+  """
+  head, config = head_lib.load_head(model_dir)
+  calibration = calibration_lib.read_calibration(model_dir)
+  if (backbone is None or config.fine_tune
+      or backbone.precision != backbone_lib.resolve_precision(precision)):
+    backbone = backbone_lib.load_backbone(config.backbone, features=config.features,
+                                          input_size=config.image_size, precision=precision)
+  if backbone.output_dim != config.num_features:
+    raise UserError(f"{config.backbone} gives {backbone.output_dim} features but the head in "
+                    f"{model_dir} takes {config.num_features}: the backbone changed since "
+                    "training; retrain")
+  if config.fine_tune:
+    # Into this loaded copy only: the module's own files stay as they are.
+    finetune.restore_backbone_variables(backbone, model_dir, config.fine_tune["blocks"])
+  export_base = export_base or os.path.join(model_dir, EXPORT_DIRNAME)
+  tf.io.gfile.makedirs(export_base)
+  tmp = os.path.join(export_base, f".tmp-{uuid.uuid4().hex[:12]}")
+  try:
+    tf.io.gfile.makedirs(tmp)
+    records.write_labels(tmp, config.labels)
+    module = ClassifierModule(backbone, head, config.labels, calibration["temperature"],
+                              config.resize_mode, os.path.join(tmp, records.LABELS_FILENAME),
+                              average_flips=config.flip_features)
+    tf.saved_model.save(module, tmp, signatures=module.signatures())
+    tf.io.gfile.remove(os.path.join(tmp, records.LABELS_FILENAME))  # saved as assets/labels.txt
+    tflite_path = None
+    if tflite:
+      tflite_path = os.path.join(TFLITE_DIRNAME, TFLITE_FILENAME)
+      _write_tflite(module, os.path.join(tmp, TFLITE_DIRNAME), config.labels)
+    info = dict(
+        format_version=FORMAT_VERSION, tlframe_version=tlframe.__version__,
+        backbone=config.backbone, backbone_choice=config.backbone_choice,
+        features=config.features, image_size=config.image_size,
+        resize_mode=config.resize_mode, average_flips=module.average_flips,
+        fine_tuned_blocks=config.fine_tune["blocks"] if config.fine_tune else None,
+        precision=backbone.precision, loss=config.loss,
+        labels=list(config.labels), num_classes=len(config.labels), top_k=module.top_k,
+        calibration=dict(method=calibration["method"],
+                         temperature=float(calibration["temperature"]),
+                         fitted_on=calibration.get("fitted_on")),
+        signatures={name: dict(spec, outputs=OUTPUTS) for name, spec in SIGNATURES.items()},
+        tflite=tflite_path)
+    info["signatures"][SERVING_KEYED]["outputs"] = dict(
+        OUTPUTS, key="string [B]: the input `key`")
+    fileio.atomic_write_json(os.path.join(tmp, EXPORT_INFO_FILENAME), info)
+    return _publish(tmp, export_base)
+  finally:
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.rmtree(tmp)
+
+
+def _publish(tmp, export_base):
+  """Renames the finished `tmp` to the next free version number; returns that directory."""
+  while True:
+    version = max(versions(export_base), default=0) + 1
+    target = os.path.join(export_base, str(version))
+    try:
+      fileio.publish_directory(tmp, target, last_name=SAVED_MODEL_FILENAME)
+      return target
+    except tf.errors.AlreadyExistsError:
+      pass  # another export took this number meanwhile: take the next one
+
+
+# ---------------------------------------------------------------------------
+# TFLite.
+
+
+def _write_tflite(module, directory, labels):
+  """`directory`/model.tflite and labels.txt, after checking the model against `module`."""
+  size = module.image_size
+
+  # TFLite runs the backbone's float32 entry point whatever the export's precision.
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="images")])
+  def classify(images):
+    outputs = module.outputs(images, backbone=module.backbone_module)
+    return {name: outputs[name] for name in ("classes", "probabilities", "scores")}
+
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [classify.get_concrete_function()], module)
+  model = converter.convert()
+  _check_tflite(model, module, size)
+  tf.io.gfile.makedirs(directory)
+  fileio.atomic_write_bytes(os.path.join(directory, TFLITE_FILENAME), model)
+  records.write_labels(directory, labels)
+
+
+def tflite_classify(model, images):
+  """Runs TFLite export bytes on float32 [N, S, S, 3] images one by one -> probabilities [N, C]."""
+  with warnings.catch_warnings():
+    # TF 2.21 points to the ai_edge_litert package; tf.lite's interpreter still works.
+    warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+    interpreter = tf.lite.Interpreter(model_content=model)
+  classify = interpreter.get_signature_runner()
+  return np.concatenate([classify(images=np.asarray(image, np.float32)[None])["probabilities"]
+                         for image in images])
+
+
+def _check_tflite(model, module, size):
+  """Raises if the TFLite model disagrees with the SavedModel's graph on test images."""
+  # Smooth colour gradients with texture: deterministic, image-like inputs.
+  rng = np.random.default_rng(0)
+  ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+  images = []
+  for _ in range(4):
+    weights = rng.uniform(-1.0, 1.0, size=[3, 3]).astype(np.float32)
+    base = ramp[:, None, None] * weights[0] + ramp[None, :, None] * weights[1] + weights[2]
+    noise = rng.uniform(-0.1, 0.1, size=[size, size, 3]).astype(np.float32)
+    images.append(np.clip(base * 0.5 + 0.5 + noise, 0.0, 1.0))
+  images = np.stack(images)
+  expected = module.outputs(tf.constant(images),
+                            backbone=module.backbone_module)["probabilities"].numpy()
+  actual = tflite_classify(model, images)
+  difference = float(np.max(np.abs(actual - expected)))
+  if difference > TFLITE_PROBABILITY_TOLERANCE:
+    raise RuntimeError(f"the TFLite model's probabilities differ from the SavedModel's by "
+                       f"{difference:.2g} (> {TFLITE_PROBABILITY_TOLERANCE}): the conversion "
+                       "changed the model; export without --tflite")
+  logging.info("TFLite model checked: probabilities within %.2g of the SavedModel", difference)

@@ -1,0 +1,21 @@
+"""The training stage: features of the frozen backbone -> a trained head in a model dir.
+
+- `run`: `train(options)`, the run's outline (bin/train's library);
+- `features`: extraction and the shared feature cache;
+- `head`: the linear head, its losses, save and load;
+- `trainer`: `HeadTrainer` (the head on cached or augmented features);
+- `finetune`: fine-tuning the backbone's top blocks;
+- `tuning`: the L2 penalty by cross-validation;
+- `calibration`: the softmax temperature and reliability;
+- `metrics`, `summaries` (TensorBoard), `distribution` (tf.distribute);
+- `model_dir`: a model dir's files, resume and --overwrite;
+- `backbone_choice`: `--backbone=auto`;
+- `data_checks`, `training_report`: near duplicates, suspect labels, report.html.
+"""
+
+from tlframe import _lazy
+
+__all__, __getattr__, __dir__ = _lazy.exports(__name__, {
+    "run": ("train",),
+    "tlframe.options": ("TrainOptions",),
+})
