@@ -18,7 +18,7 @@ Prints test accuracy (mean over seeds, and its spread), seconds of each, and
 the backbone pass's images/s (taken under whatever else runs on the machine:
 compare rates within one run).
 
-Then, per data set and k, what `--backbone=auto` (tlframe/backbone_choice.py,
+Then, per data set and k, what `--backbone=auto` (tlframe/train/backbone_choice.py,
 bin/train's default) would choose for records of those training images plus
 the test split, at this machine's cached images/s and --backbone_budget_s,
 against every backbone run: test accuracy and seconds (the backbone pass over

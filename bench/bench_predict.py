@@ -5,7 +5,7 @@ Trains and exports a classifier on the built-in MobileNetV2 (scikit-image's
 photos, a minute) unless --model names one, writes --num_images JPEG crops at
 their own sizes (300-640 px photos), and measures:
 
-- batch 32: images/s of tlframe.prediction.predict_files (what bin/predict runs:
+- batch 32: images/s of tlframe.predict.prediction.predict_files (what bin/predict runs:
   tf.data reads, decodes and resizes in parallel while the export classifies)
   against the backbone alone on ready 224x224 batches;
 - batch 1: seconds per image of the same path against the backbone's

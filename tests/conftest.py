@@ -13,7 +13,7 @@ from tlframe import samples
 
 # Passes on the stderr lines it reads on stdin that are not TensorFlow noise.
 _EXIT_FILTER = ("import sys\n"
-                "from tlframe.native_logs import pass_on\n"
+                "from tlframe.util.native_logs import pass_on\n"
                 "def write(line):\n"
                 "  sys.stderr.buffer.write(line)\n"
                 "  sys.stderr.buffer.flush()\n"

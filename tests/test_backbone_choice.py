@@ -1,4 +1,4 @@
-"""--backbone=auto (tlframe/backbone_choice.py): the rule, this machine's speeds, a run's choice."""
+"""--backbone=auto (tlframe/train/backbone_choice.py): the rule, this machine's speeds, a run's choice."""
 
 import dataclasses
 import json

@@ -1,9 +1,10 @@
 """tlframe: image classifiers by transfer learning on a frozen ImageNet backbone.
 
-Data flows one way, one module per stage:
+Data flows one way, one subpackage per stage:
 files -> `records` (sharded TFRecords) -> `pipeline` (fixed-size tf.data batches)
--> `backbone` (frozen TF-Hub featurizer) -> `head` / `train` (linear hinge or
-softmax head) -> export.
+-> `backbone` (frozen featurizer) -> `train` (linear hinge or softmax head)
+-> `export` (a SavedModel on image bytes) -> `predict` (`Classifier`), `serve`.
+`util` and `cli` serve every stage; README.md's layout table lists the modules.
 """
 
 import os
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-  """`tlframe.Classifier` (tlframe.classifier), imported on first use: `import tlframe`
+  """`tlframe.Classifier` (tlframe.predict.classifier), imported on first use: `import tlframe`
   itself stays free of TensorFlow, which must load after the settings above."""
   if name == "Classifier":
     from tlframe.predict.classifier import Classifier  # pylint: disable=g-import-not-at-top

@@ -31,4 +31,5 @@ def exports(package, names_by_module):
   def __dir__():  # pylint: disable=invalid-name
     return public + sorted(m for m in names_by_module if "." not in m)
 
+  __getattr__.exports = module_of  # {name: module}, for tests/test_import_graph.py
   return public, __getattr__, __dir__

@@ -7,7 +7,7 @@ the archive that holds `<split>/<class>/<file>`; `test_split`, the split whose
 files are listed in TEST_SPLIT.txt; and `files`, `[path under root, bytes,
 sha256]` for every file to keep.
 
-`fetch` streams the archive once (progress through tlframe.progress), keeps
+`fetch` streams the archive once (progress through tlframe.util.progress), keeps
 only the files the manifest lists, checks each one's size before and sha256
 after writing it, and lays them out as the benches and tests read them:
 `<data_dir>/<name>/<class>/<file>` plus `TEST_SPLIT.txt` (`<class>/<file>`
@@ -192,7 +192,7 @@ def _reason(error):
 
 
 class _ProgressReader:
-  """A binary stream that logs MB read (tlframe.progress) as tarfile pulls from it."""
+  """A binary stream that logs MB read (tlframe.util.progress) as tarfile pulls from it."""
 
   def __init__(self, stream, total_bytes, source):
     self.stream = stream

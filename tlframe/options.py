@@ -28,7 +28,7 @@ BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0", "efficientnet
                      "efficientnet_lite2")
 DEFAULT_BACKBONE = BUILTIN_BACKBONES[0]
 # bin/train's default: a backbone chosen from the data size and this machine's
-# speed (tlframe/backbone_choice.py).
+# speed (tlframe/train/backbone_choice.py).
 AUTO_BACKBONE = "auto"
 DEFAULT_BACKBONE_BUDGET_S = 120.0
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -106,7 +106,7 @@ class TrainOptions:
   overwrite: bool = False
   export: bool = True
   force_export: bool = False   # redo a finished run whose settings did not change
-  # Fine-tuning after the head (tlframe/finetune.py, docs/training.md).
+  # Fine-tuning after the head (tlframe/train/finetune.py, docs/training.md).
   fine_tune: bool = False
   fine_tune_blocks: str = "1"   # a number of top blocks, or ALL_BLOCKS
   fine_tune_epochs: int = 10

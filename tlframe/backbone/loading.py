@@ -15,7 +15,7 @@ layer that cannot go into a Keras 3 model); `Backbone.__call__` is callable
 inside `tf.function`. Under tf.distribute, load it outside `strategy.scope()`:
 the frozen module has no state to mirror, and one restored inside a
 MirroredStrategy scope cannot run in the cross-replica context of the feature
-pass. Fine-tuning (tlframe/finetune.py) loads a second copy inside the scope
+pass. Fine-tuning (tlframe/train/finetune.py) loads a second copy inside the scope
 on purpose: its variables are then mirrored, and it runs only in replica
 context (`strategy.run`).
 """

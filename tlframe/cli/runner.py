@@ -1,7 +1,7 @@
 """Shared plumbing of the thin absl programs in bin/; only bin/ imports it.
 
 Importing it comes first in every program: it imports `tlframe`, whose import
-keeps TensorFlow's native start-up noise out of stderr (tlframe/native_logs.py)
+keeps TensorFlow's native start-up noise out of stderr (tlframe/util/native_logs.py)
 before TensorFlow loads.
 
 `run(main)` then parses the flags (one `error:` line and exit 2 for a bad

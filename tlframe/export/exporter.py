@@ -17,7 +17,7 @@ The layout, signatures and JSON are fixed in docs/production.md:
 Every image goes through the training pipeline's own pieces,
 `imageformat.decode_image` and `pipeline.preprocess` in the model's resize
 mode, so the export sees the pixels training saw. T is the temperature in
-`<model_dir>/calibration.json` (tlframe.calibration), 1 without it. A head
+`<model_dir>/calibration.json` (tlframe.train.calibration), 1 without it. A head
 trained with flipped features (head_config.json's `flip_features`) scores each
 image as the mean of its scores and its left-right mirror's, as evaluation
 did (`features.average_flip_scores`); `average_flips` in the JSON says so.

@@ -10,7 +10,7 @@ flipped images from the records (`pipeline.augment_image`, through
 The top K blocks (`blocks_of`): the module's `trainable_variables` (TF-Hub's
 reusable SavedModel convention; a module without them cannot be fine-tuned)
 grouped bottom to top:
-- built-in backbones (tlframe.mobilenet_v2): their `blocks`, i.e. the stem,
+- built-in backbones (tlframe.backbone.inverted_residual): their `blocks`, i.e. the stem,
   each inverted residual block and the final 1x1 convolution (19 for
   MobileNetV2, 18 for EfficientNet-Lite0), then the classifier for
   `--features=logits`;
