@@ -12,6 +12,7 @@ import tensorflow as tf
 from tlframe import backbone
 from tlframe import pipeline
 from tlframe.backbone import inverted_residual
+from tlframe.backbone import runtime as backbone_runtime
 from tlframe.backbone import torch_pth
 
 # bfloat16 keeps 8 bits of mantissa; through 52 layers features move by up to
@@ -125,7 +126,7 @@ def tensorflow_default_onednn():
   default, _ = _onednn_in_subprocess(
       "import tensorflow\nfrom tensorflow.python.util import _pywrap_util_port\n"
       "print(_pywrap_util_port.IsMklEnabled())")
-  cpu_flags = backbone._cpu_flags()  # pylint: disable=protected-access
+  cpu_flags = backbone_runtime._cpu_flags()  # pylint: disable=protected-access
   if cpu_flags & {"avx512_bf16", "amx_bf16", "avx512_vnni"}:
     assert default == "True", f"TensorFlow left oneDNN off on a CPU with {sorted(cpu_flags)}"
   return default
@@ -139,8 +140,8 @@ def tensorflow_default_onednn():
     ("import tensorflow, tlframe", None),   # too late: TensorFlow's default; warn if that is off
 ])
 def test_importing_tlframe_first_turns_onednn_on(imports, env_value, tensorflow_default_onednn):
-  code = (f"{imports}\nfrom tlframe import backbone\nprint(backbone.onednn_enabled())\n"
-          "backbone._warn_if_onednn_off(); backbone._warn_if_onednn_off()")
+  code = (f"{imports}\nfrom tlframe.backbone import runtime\nprint(runtime.onednn_enabled())\n"
+          "runtime.warn_if_onednn_off(); runtime.warn_if_onednn_off()")
   enabled, stderr = _onednn_in_subprocess(code, env_value)
   if env_value == "0":
     expected = "False"

@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tlframe.backbone import loading as backbone_lib
+from tlframe.backbone import runtime as backbone_runtime
 from tlframe.train import features as features_lib
 from tlframe.train import head as head_lib
 from tlframe import train
@@ -344,7 +345,7 @@ def test_auto_precision_is_the_default_and_float32_without_native_bfloat16(monke
   monkeypatch.setenv("TLFRAME_DISABLE_BF16", "1")
   assert backbone_lib.resolve_precision("auto") == "float32"
   monkeypatch.delenv("TLFRAME_DISABLE_BF16")
-  native = bool(backbone_lib._cpu_flags() & {"amx_bf16", "avx512_bf16"})  # pylint: disable=protected-access
+  native = bool(backbone_runtime._cpu_flags() & {"amx_bf16", "avx512_bf16"})  # pylint: disable=protected-access
   assert backbone_lib.resolve_precision("auto") == ("bfloat16" if native else "float32")
 
 

@@ -1,7 +1,8 @@
 """The backbone stage: a frozen ImageNet network as a featurizer.
 
 - `loading`: handles (TF-Hub URLs, local SavedModels, built-ins), the built-in
-  cache, precision and threads, `load_backbone`;
+  cache, `load_backbone`;
+- `runtime`: precision (bfloat16 where native), oneDNN, thread counts;
 - `inverted_residual`: the built-in networks (MobileNetV2, EfficientNet-Lite0/1/2)
   built in TensorFlow from their published weights;
 - `torch_pth`: those weights, read from PyTorch checkpoints without torch;
@@ -13,8 +14,8 @@ from tlframe import _lazy
 __all__, __getattr__, __dir__ = _lazy.exports(__name__, {
     "loading": ("DEFAULT_HANDLE", "BUILTIN_NAMES", "PRECISIONS", "FEATURES", "FEATURE_VECTOR",
                 "CLASSIFICATION", "CONCATENATION_SEPARATOR", "BUILTIN_FORMAT_VERSION",
-                "DISABLE_BF16_ENV", "CLASS_NAMES_FILE", "cache_dir", "builtin_dir",
-                "build_builtin", "ensure_builtin", "resolve_handle", "bfloat16_supported",
-                "resolve_precision", "onednn_enabled", "default_thread_counts",
-                "configure_threads", "Backbone", "ConcatenatedModule", "load_backbone"),
+                "CLASS_NAMES_FILE", "cache_dir", "builtin_dir", "build_builtin", "ensure_builtin",
+                "resolve_handle", "Backbone", "ConcatenatedModule", "load_backbone"),
+    "runtime": ("DISABLE_BF16_ENV", "bfloat16_supported", "resolve_precision", "onednn_enabled",
+                "default_thread_counts", "configure_threads"),
 })

@@ -57,6 +57,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe.backbone import loading as backbone_lib
+from tlframe.backbone import runtime as backbone_runtime
 from tlframe.util import fileio
 from tlframe.train import head as head_lib
 from tlframe import options as options_lib
@@ -258,7 +259,7 @@ def extract_features(backbone, file_pattern, *, batch_size, image_size, resize_m
     # backbone's graph uses TF's pools: otherwise both split every op over all
     # cores and preempt each other.
     options = tf.data.Options()
-    options.threading.private_threadpool_size = backbone_lib.default_thread_counts()[0]
+    options.threading.private_threadpool_size = backbone_runtime.default_thread_counts()[0]
     options.threading.max_intra_op_parallelism = 1
     return dataset.with_options(options).prefetch(_PREFETCH_BATCHES)
 
