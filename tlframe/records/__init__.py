@@ -3,6 +3,7 @@
 - `layout`: shard names, labels.txt and manifest.json (what every reader needs);
 - `listing`: the inputs (class folders or file lists) and the stable split;
 - `workers`: processes that decode, check and re-encode images;
+- `shards`: one shard written resumably (temporary name, sidecar, rename);
 - `converter`: the conversion (`convert`): plan, shards, resume, manifest;
 - `integrity`: `check_shards`, a finished directory checked before training;
 - `beam`: the same conversion on Apache Beam (the `beam` extra);
@@ -21,9 +22,10 @@ __all__, __getattr__, __dir__ = _lazy.exports(__name__, {
     "listing": ("IMAGE_EXTENSIONS", "Source", "walk_files", "list_image_dir", "read_filelist",
                 "stable_split"),
     "workers": ("convert_image",),
-    "converter": ("PROGRESS_DIRNAME", "SHARDS_WRITTEN_FILENAME", "DEFAULT_SHARD_SIZE", "Shard",
-                  "progress_path", "sidecar_path", "read_sidecar", "write_shard", "convert", "Plan",
-                  "plan_conversion", "write_conversion", "exact_duplicates", "summary_lines"),
+    "shards": ("PROGRESS_DIRNAME", "SHARDS_WRITTEN_FILENAME", "Shard", "progress_path",
+               "sidecar_path", "read_sidecar", "write_shard"),
+    "converter": ("DEFAULT_SHARD_SIZE", "convert", "Plan", "plan_conversion", "write_conversion",
+                  "exact_duplicates", "summary_lines"),
     "integrity": ("check_shards",),
     "photos": ("records_for_training",),
 })
