@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import head as head_lib
-from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe import pipeline
 from tlframe import records
 from tlframe import train
@@ -89,7 +89,7 @@ def test_train_and_export_round_trip(parts, skimage_photos, tmp_path):
   assert metrics["validation"]["accuracy"] >= 0.75
 
   pattern = records.split_file_pattern(records_dir, "validation")
-  examples = [imageformat.parse_example(serialized)
+  examples = [example_format.parse_example(serialized)
               for serialized in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))]
   exported = tf.saved_model.load(metrics["export_dir"])
   outputs = exported.signatures["serving_default"](

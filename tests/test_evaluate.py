@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from tlframe.predict import evaluation
-from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe.predict import plots
 from tlframe import records
 from tlframe.predict import report as report_lib
@@ -107,7 +107,7 @@ def test_evaluate_on_the_test_split_matches_numpy(trained_model, tmp_path):
   report = json.load(open(output_dir / "evaluation.json"))
   # The same predictions, made here from the test records' bytes with the export.
   pattern = records.split_file_pattern(trained_model.records_dir, "test")
-  examples = [imageformat.parse_example(s) for s in
+  examples = [example_format.parse_example(s) for s in
               tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))]
   assert report["num_examples"] == len(examples) >= 6
   classifier = Classifier.load(trained_model.model_dir)

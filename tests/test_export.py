@@ -15,6 +15,7 @@ from tlframe.train import calibration
 from tlframe import export
 from tlframe.train import head as head_lib
 from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe import pipeline
 from tlframe import records
 from production_fixtures import CLASSES
@@ -25,7 +26,7 @@ def _split_records(records_dir, split):
   """[(encoded bytes, label, filename)] of a split, in record order."""
   pattern = records.split_file_pattern(records_dir, split)
   dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))
-  return [tuple(value.numpy() for value in imageformat.parse_example(serialized))
+  return [tuple(value.numpy() for value in example_format.parse_example(serialized))
           for serialized in dataset]
 
 

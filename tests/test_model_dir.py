@@ -190,12 +190,12 @@ def test_a_corrupt_shard_stops_training_naming_the_shard(task, tmp_path):
 
 def test_an_undecodable_image_in_a_valid_record_is_skipped_and_counted(task, tmp_path):
   """The steps come from what was read, not from the manifest's count."""
-  from tlframe import imageformat  # pylint: disable=g-import-not-at-top
+  from tlframe.records import example_format  # pylint: disable=g-import-not-at-top
   first, _, backbone = task
   records_dir = _copy_records(first, tmp_path)
   shard = sorted(records_dir.glob("train-*.tfrecord"))[0]
   good = [bytes(r) for r in tf.data.TFRecordDataset(str(shard)).as_numpy_iterator()]
-  bad = imageformat.make_example(b"\xff\xd8\xff\xe0 not really a jpeg", "jpeg", 0, "chelsea",
+  bad = example_format.make_example(b"\xff\xd8\xff\xe0 not really a jpeg", "jpeg", 0, "chelsea",
                                  "chelsea/broken.jpg", 80, 80).SerializeToString()
   with tf.io.TFRecordWriter(str(shard)) as writer:
     for record in good + [bad]:

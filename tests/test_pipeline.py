@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError
@@ -89,7 +89,7 @@ def layout_records(tmp_path_factory):
   path = tmp_path_factory.mktemp("layouts") / "layouts.tfrecord"
   with tf.io.TFRecordWriter(str(path)) as writer:
     for index, (name, array) in enumerate(layouts.items()):
-      writer.write(imageformat.make_example(png(array), "png", index, name, name, *array.shape[:2])
+      writer.write(example_format.make_example(png(array), "png", index, name, name, *array.shape[:2])
                    .SerializeToString(deterministic=True))
   return str(path), layouts
 
@@ -210,7 +210,7 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path, skimage_photos):
   path = tmp_path / "foreign.tfrecord"
   with tf.io.TFRecordWriter(str(path)) as writer:
     for index, (name, data) in enumerate(contents):
-      writer.write(imageformat.make_example(data, "jpeg", index, name, name, 400, 600)
+      writer.write(example_format.make_example(data, "jpeg", index, name, name, 400, 600)
                    .SerializeToString(deterministic=True))
   counter = pipeline.SkipCounter()
   _, labels, filenames = batches_to_arrays(

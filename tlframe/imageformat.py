@@ -1,8 +1,10 @@
-"""The image record format and the one image decoder, shared by every stage.
+"""The one image decoder, shared by every stage.
 
-`records` writes tf.train.Examples with these TF-Slim keys, `pipeline` parses
-them, and `export` puts the same decoder into the SavedModel, so that training
-and prediction see the same pixels for the same bytes.
+`records` decodes every image with it before writing (so whatever lands in a
+record, the pipeline can read), `pipeline` decodes records with it, and
+`export` puts the same decoder into the SavedModel, so that training and
+prediction see the same pixels for the same bytes. The record's keys are
+tlframe.records.example_format's.
 
 The decoder turns JPEGs upright by their EXIF orientation (phones store most
 photos sideways and say so in the EXIF), in TensorFlow ops, so every stage that
@@ -19,21 +21,6 @@ import sys
 import tempfile
 
 import tensorflow as tf
-
-# TF-Slim's keys (build_image_data.py); the reader needs only the first three.
-KEY_ENCODED = "image/encoded"
-KEY_FORMAT = "image/format"
-KEY_LABEL = "image/class/label"
-KEY_LABEL_TEXT = "image/class/text"
-KEY_FILENAME = "image/filename"
-KEY_HEIGHT = "image/height"
-KEY_WIDTH = "image/width"
-
-READ_FEATURES = {
-    KEY_ENCODED: tf.io.FixedLenFeature([], tf.string),
-    KEY_LABEL: tf.io.FixedLenFeature([], tf.int64),
-    KEY_FILENAME: tf.io.FixedLenFeature([], tf.string, default_value=""),
-}
 
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10000x10000: above any camera photo, far below a bomb
 
@@ -308,29 +295,3 @@ def _stderr_lines():
       if others:
         os.write(2, others.encode("utf-8"))
 
-
-def make_example(encoded, image_format, label_index, label, filename, height, width):
-  """A TF-Slim style tf.train.Example; serialize it with deterministic=True (sorted map keys)."""
-
-  def bytes_feature(value):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-  def int_feature(value):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-
-  return tf.train.Example(features=tf.train.Features(feature={
-      KEY_ENCODED: bytes_feature(encoded),
-      KEY_FORMAT: bytes_feature(image_format.encode("utf-8")),
-      KEY_LABEL: int_feature(label_index),
-      KEY_LABEL_TEXT: bytes_feature(label.encode("utf-8")),
-      KEY_FILENAME: bytes_feature(filename.encode("utf-8")),
-      KEY_HEIGHT: int_feature(height),
-      KEY_WIDTH: int_feature(width),
-  }))
-
-
-def parse_example(serialized):
-  """A serialized record -> (encoded bytes, int32 label, filename)."""
-  features = tf.io.parse_single_example(serialized, READ_FEATURES)
-  return (features[KEY_ENCODED], tf.cast(features[KEY_LABEL], tf.int32),
-          features[KEY_FILENAME])

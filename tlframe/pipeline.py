@@ -1,6 +1,6 @@
 """Sharded TFRecords -> fixed-size float32 image batches, as a tf.data.Dataset.
 
-Reads the records `tlframe.records` writes (`imageformat`'s TF-Slim keys),
+Reads the records `tlframe.records` writes (TF-Slim's keys, `records.example_format`),
 decodes each image with `imageformat.decode_image` (the one decoder the
 converter and the export use too), and brings it to `image_size` x `image_size` float32 in [0, 1] (the
 TF-Hub image convention) by one of four resize modes:
@@ -29,6 +29,7 @@ from absl import logging
 import tensorflow as tf
 
 from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe.errors import UserError
 from tlframe.options import RESIZE_MODES
 
@@ -224,7 +225,7 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
 
   def parse_and_decode(serialized, element_seed):
-    encoded, label, filename = imageformat.parse_example(serialized)
+    encoded, label, filename = example_format.parse_example(serialized)
     return try_map(encoded, imageformat.decode_image, tf.zeros([1, 1, 3], tf.uint8)).map(
         lambda image, ok: (image, label, filename, element_seed, ok))
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlframe.util import fileio
-from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe import records
 
 REPORT_HTML = "report.html"
@@ -70,7 +70,7 @@ def record_thumbnails(records_dir, split, filenames):
     return found
   shards = sorted(tf.io.gfile.glob(records.split_file_pattern(records_dir, split)))
   for serialized in tf.data.TFRecordDataset(shards):
-    encoded, _, name = imageformat.parse_example(serialized)
+    encoded, _, name = example_format.parse_example(serialized)
     name = name.numpy().decode("utf-8", "replace")
     if name in wanted and name not in found:
       uri = thumbnail_uri(encoded.numpy())

@@ -1,6 +1,7 @@
 """The records stage: image files -> sharded TFRecords, and what readers need of them.
 
 - `layout`: shard names, labels.txt and manifest.json (what every reader needs);
+- `example_format`: a record's tf.train.Example (TF-Slim's keys);
 - `listing`: the inputs (class folders or file lists) and the stable split;
 - `workers`: processes that decode, check and re-encode images;
 - `shards`: one shard written resumably (temporary name, sidecar, rename);
@@ -9,7 +10,7 @@
 - `beam`: the same conversion on Apache Beam (the `beam` extra);
 - `photos`: bin/train's conversion of --image_dir into the model dir.
 
-The record keys and the decoder are tlframe.imageformat's.
+The image decoder is tlframe.imageformat's.
 """
 
 from tlframe import _lazy
@@ -19,6 +20,8 @@ __all__, __getattr__, __dir__ = _lazy.exports(__name__, {
                "split_file_pattern", "shard_filename", "read_label_lines", "check_class_name",
                "labels_from_spec", "read_labels", "write_labels", "read_manifest",
                "count_examples"),
+    "example_format": ("KEY_ENCODED", "KEY_FORMAT", "KEY_LABEL", "KEY_LABEL_TEXT", "KEY_FILENAME",
+                       "KEY_HEIGHT", "KEY_WIDTH", "make_example", "parse_example"),
     "listing": ("IMAGE_EXTENSIONS", "Source", "walk_files", "list_image_dir", "read_filelist",
                 "stable_split"),
     "workers": ("convert_image",),

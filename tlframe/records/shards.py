@@ -14,6 +14,7 @@ from absl import logging
 import tensorflow as tf
 
 from tlframe import imageformat
+from tlframe.records import example_format
 from tlframe.errors import UserError
 from tlframe.records.integrity import file_sha256
 from tlframe.records.layout import (LABELS_FILENAME, MANIFEST_FILENAME, SPLITS, join_path,
@@ -80,7 +81,7 @@ def write_shard(output_dir, shard, results, labels):
         # No sha256 of a skipped file: it may be anything a list named (/etc/shadow).
         skipped.append({"path": source.key, "label": source.label, "reason": result["reason"]})
         continue
-      example = imageformat.make_example(result["encoded"], result["format"],
+      example = example_format.make_example(result["encoded"], result["format"],
                                          label_index[source.label], source.label, source.key,
                                          result["height"], result["width"])
       writer.write(example.SerializeToString(deterministic=True))
