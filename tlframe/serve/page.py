@@ -30,7 +30,7 @@ class Page:
   """The page for `model_name`: `body` (UTF-8 HTML) and the `headers` to send with it."""
 
   def __init__(self, model_name):
-    template = importlib.resources.files("tlframe").joinpath(PAGE_FILENAME).read_text("utf-8")
+    template = importlib.resources.files("tlframe.serve").joinpath(PAGE_FILENAME).read_text("utf-8")
     self.body = template.replace(_MODEL_NAME, html.escape(model_name)).encode("utf-8")
     policy = (f"default-src 'none'; script-src {_source_hash(template, 'script')}; "
               f"style-src {_source_hash(template, 'style')}; img-src blob: data:; "
