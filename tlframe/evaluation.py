@@ -27,6 +27,7 @@ from tlframe import calibration
 from tlframe import fileio
 from tlframe import imageformat
 from tlframe import metrics
+from tlframe import model_dir as model_dir_lib
 from tlframe import pipeline
 from tlframe import plots
 from tlframe import prediction
@@ -40,7 +41,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 CONFUSION_SVG = "confusion_matrix.svg"
 RELIABILITY_PNG = "reliability_diagram.png"
 MISCLASSIFIED_CSV = "misclassified.csv"
-REPORT_HTML = report_lib.REPORT_HTML
+REPORT_HTML = model_dir_lib.REPORT_FILENAME   # named as in a model dir
 DEFAULT_TOP_K = 5
 
 

@@ -46,11 +46,11 @@ from tlframe import fileio
 from tlframe import finetune
 from tlframe import head as head_lib
 from tlframe import imageformat
+from tlframe import model_dir as model_dir_lib
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError
 
-EXPORT_DIRNAME = "export"
 EXPORT_INFO_FILENAME = "tlframe_export.json"
 # Written last into a version dir: its presence means the export is complete.
 SAVED_MODEL_FILENAME = "saved_model.pb"
@@ -182,7 +182,7 @@ def resolve_export_dir(path):
   fileio.check_filesystem(path)
   if tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
     return path
-  for base in (path, os.path.join(path, EXPORT_DIRNAME)):
+  for base in (path, os.path.join(path, model_dir_lib.EXPORT_DIRNAME)):
     latest = latest_version(base)
     if latest:
       return latest
@@ -235,7 +235,7 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   if config.fine_tune:
     # Into this loaded copy only: the module's own files stay as they are.
     finetune.restore_backbone_variables(backbone, model_dir, config.fine_tune["blocks"])
-  export_base = export_base or os.path.join(model_dir, EXPORT_DIRNAME)
+  export_base = export_base or os.path.join(model_dir, model_dir_lib.EXPORT_DIRNAME)
   tf.io.gfile.makedirs(export_base)
   tmp = os.path.join(export_base, f".tmp-{uuid.uuid4().hex[:12]}")
   try:

@@ -70,10 +70,6 @@ from tlframe import trainer as trainer_lib
 from tlframe.errors import UserError
 from tlframe.progress import Progress
 
-BACKBONE_DIRNAME = "fine_tuned_backbone"
-CHECKPOINT_SUBDIR = "fine_tune"   # under the model dir's checkpoints/
-LOGS_SUBDIR = "fine_tune"         # under the model dir's logs/
-
 
 # ---------------------------------------------------------------------------
 # Which variables train.
@@ -133,7 +129,7 @@ def save_backbone_variables(variables, model_dir):
   """Writes the fine-tuned variables' values to model_dir/fine_tuned_backbone/ (plain copies)."""
   copies = [tf.Variable(variable.numpy(), name=f"variable_{index}")
             for index, variable in enumerate(variables)]
-  prefix = os.path.join(model_dir, BACKBONE_DIRNAME, "variables")
+  prefix = os.path.join(model_dir, model_dir_lib.FINE_TUNED_BACKBONE_CHECKPOINT)
   return tf.train.Checkpoint(variables=copies).write(prefix)
 
 
@@ -143,7 +139,7 @@ def restore_backbone_variables(backbone, model_dir, blocks):
   Only this in-memory copy changes, never the module's files.
   """
   variables = trainable_variables(backbone, blocks)
-  prefix = os.path.join(model_dir, BACKBONE_DIRNAME, "variables")
+  prefix = os.path.join(model_dir, model_dir_lib.FINE_TUNED_BACKBONE_CHECKPOINT)
   try:
     tf.train.Checkpoint(variables=variables).read(prefix).assert_consumed()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -184,7 +180,8 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
   global_batch = trainer_lib.effective_batch_size(
       dataclasses.replace(options, batch_size=options.fine_tune_batch_size), num_train,
       strategy.num_replicas_in_sync)
-  writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, LOGS_SUBDIR))
+  writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME,
+                                           model_dir_lib.FINE_TUNE_SUBDIRNAME))
   tuner = FineTuner(strategy, options, backbone, trained_head,
                     steps_per_epoch=num_train // global_batch, global_batch_size=global_batch,
                     writers=writers)
@@ -201,7 +198,7 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
         weights_by_class, image_size=backbone.input_size, resize_mode=options.resize_mode,
         seed=options.seed * 100003 + epoch))
 
-  checkpoints = os.path.join(model_dir_lib.CHECKPOINT_DIRNAME, CHECKPOINT_SUBDIR)
+  checkpoints = os.path.join(model_dir_lib.CHECKPOINT_DIRNAME, model_dir_lib.FINE_TUNE_SUBDIRNAME)
   manager = tf.train.CheckpointManager(tuner.checkpoint, os.path.join(out_dir, checkpoints),
                                        max_to_keep=2)
   # Every worker resumes from the chief's checkpoints (the others' are temporary).

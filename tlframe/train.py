@@ -356,7 +356,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
                  fine_tuned, choice):
   """head_config.json, head/ (a one-model LinearHead checkpoint), labels.txt, calibration.json,
   and fine_tuned_backbone/ after fine-tuning (an earlier run's is removed otherwise)."""
-  fine_tuned_dir = os.path.join(model_dir, finetune.BACKBONE_DIRNAME)
+  fine_tuned_dir = os.path.join(model_dir, model_dir_lib.FINE_TUNED_BACKBONE_DIRNAME)
   if tf.io.gfile.isdir(fine_tuned_dir):
     tf.io.gfile.rmtree(fine_tuned_dir)
   if fine_tuned:
@@ -368,7 +368,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
       resize_mode=options.resize_mode, label_smoothing=options.label_smoothing,
       flip_features=options.flip_features,
       fine_tune=dict(blocks=fine_tuned.metrics["blocks"],
-                     directory=finetune.BACKBONE_DIRNAME) if fine_tuned else None,
+                     directory=model_dir_lib.FINE_TUNED_BACKBONE_DIRNAME) if fine_tuned else None,
       backbone_choice=choice,
   ).write(model_dir)
   # A plain (unmirrored) copy, so the export loads it without a strategy.
