@@ -186,7 +186,8 @@ def resolve_export_dir(path):
     latest = latest_version(base)
     if latest:
       return latest
-  raise UserError(f"{path}: no saved_model.pb there nor in {path}/<N>/ or {path}/export/<N>/; "
+  raise UserError(f"{path}: no saved_model.pb there nor in {path}/<N>/ or "
+                  f"{path}/{model_dir_lib.EXPORT_DIRNAME}/<N>/; "
                   "give an export dir, or export the model dir first "
                   f"(bin/export --model_dir={path})")
 
