@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from tlframe import export
+from tlframe.train import layout as model_dir_layout
 from tlframe import options
 from tlframe import records
 from tlframe import samples
@@ -34,7 +35,7 @@ def build_model(work_dir):
   # MobileNetV2, not bin/train's auto: the benches' numbers stay comparable across machines.
   train.train(train.TrainOptions(records_dir=records_dir, model_dir=model_dir,
                                  backbone=options.DEFAULT_BACKBONE))
-  if not export.latest_version(os.path.join(model_dir, export.EXPORT_DIRNAME)):
+  if not export.latest_version(os.path.join(model_dir, model_dir_layout.EXPORT_DIRNAME)):
     export.export_model(model_dir)
   return model_dir
 

@@ -47,7 +47,7 @@ from tlframe.train import features as features_lib  # pylint: disable=wrong-impo
 from tlframe.train import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
 from tlframe import samples  # pylint: disable=wrong-import-position
-from tlframe.train import model_dir as model_dir_lib  # pylint: disable=wrong-import-position
+from tlframe.train import layout as model_dir_layout  # pylint: disable=wrong-import-position
 from tlframe import options as options_lib  # pylint: disable=wrong-import-position
 from tlframe import pipeline  # pylint: disable=wrong-import-position
 from tlframe.train import trainer as trainer_lib  # pylint: disable=wrong-import-position
@@ -86,7 +86,7 @@ def run_bin_train(records_dir, model_dir, backbone):
   wall = time.monotonic() - start
   if result.returncode:
     sys.exit(f"bin/train failed:\n{result.stderr[-3000:]}")
-  with open(os.path.join(model_dir, model_dir_lib.METRICS_FILENAME)) as f:
+  with open(os.path.join(model_dir, model_dir_layout.METRICS_FILENAME)) as f:
     return wall, json.load(f)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tlframe.train import backbone_choice
 from tlframe.export import exporter as export_lib
-from tlframe.train import model_dir as model_dir_lib
+from tlframe.train import layout as model_dir_layout
 from tlframe import options as options_lib
 from tlframe import train
 from tlframe.errors import UserError
@@ -120,7 +120,7 @@ def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(
   assert metrics["backbone"]["handle"] == pair and metrics["backbone"]["output_dim"] == 40
   choice = metrics["backbone_choice"]
   assert choice["backbone"] == pair and choice["num_images"] == 48 and "most accurate" in choice["reason"]
-  with open(os.path.join(model_dir, model_dir_lib.METRICS_FILENAME)) as f:
+  with open(os.path.join(model_dir, model_dir_layout.METRICS_FILENAME)) as f:
     assert json.load(f)["backbone_choice"] == choice
   with open(os.path.join(metrics["export_dir"], export_lib.EXPORT_INFO_FILENAME)) as f:
     info = json.load(f)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tlframe.train import calibration
+from tlframe.train import layout as model_dir_layout
 from tlframe.errors import UserError
 
 
@@ -61,7 +62,7 @@ def test_calibration_file_round_trip(tmp_path):
   assert fitted["ece_after"] < fitted["ece_before"]
   calibration.write_calibration(str(tmp_path), fitted)
   assert calibration.read_calibration(str(tmp_path)) == fitted
-  (tmp_path / calibration.CALIBRATION_FILENAME).write_text('{"temperature": -1}')
+  (tmp_path / model_dir_layout.CALIBRATION_FILENAME).write_text('{"temperature": -1}')
   with pytest.raises(UserError, match="not a positive number"):
     calibration.read_calibration(str(tmp_path))
   with pytest.raises(UserError, match="fitted_on"):

@@ -22,7 +22,7 @@ from tlframe.predict import evaluation
 from tlframe import export
 from tlframe.util import fileio
 from tlframe.util import locking
-from tlframe.train import model_dir as model_dir_lib
+from tlframe.train import layout as model_dir_layout
 from tlframe.predict import prediction
 from tlframe import records
 from tlframe import samples
@@ -93,7 +93,7 @@ def test_training_and_export_on_ram(ram_run):
   assert metrics["validation"]["accuracy"] >= 0.9
   assert metrics["train"]["num_examples"] + metrics["validation"]["num_examples"] + (
       metrics["test"]["num_examples"]) == 48
-  written = fileio.read_json(f"{model_dir}/{model_dir_lib.METRICS_FILENAME}")
+  written = fileio.read_json(f"{model_dir}/{model_dir_layout.METRICS_FILENAME}")
   assert written["validation"]["accuracy"] == metrics["validation"]["accuracy"]
   cache = f"{ram_run['base']}/feature_cache"  # the feature cache is on ram:// too
   assert tf.io.gfile.glob(f"{cache}/*.npz") + tf.io.gfile.glob(f"{cache}/*/*.npz")

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import finetune
 from tlframe.train import head as head_lib
-from tlframe.train import model_dir as model_dir_lib
+from tlframe.train import layout as model_dir_layout
 from tlframe import pipeline
 from tlframe import records
 from tlframe import train
@@ -157,7 +157,7 @@ def test_only_the_top_block_and_the_head_change(fine_tuned):
   # The module's files are never written; the model dir holds the change.
   assert _digest(fine_tuned["module_dir"]) == fine_tuned["module_digest_before"]
   config = head_lib.HeadConfig.read(model_dir)
-  assert config.fine_tune == {"blocks": 1, "directory": finetune.BACKBONE_DIRNAME}
+  assert config.fine_tune == {"blocks": 1, "directory": model_dir_layout.FINE_TUNED_BACKBONE_DIRNAME}
 
   original = backbone_lib.load_backbone(fine_tuned["module_dir"])
   tuned = backbone_lib.load_backbone(fine_tuned["module_dir"])
@@ -175,7 +175,7 @@ def test_only_the_top_block_and_the_head_change(fine_tuned):
   probed = head_lib.LinearHead(config.num_features, config.num_classes,
                                feature_normalization=config.feature_normalization)
   tf.train.Checkpoint(head=probed).read(tf.train.latest_checkpoint(
-      os.path.join(model_dir, model_dir_lib.CHECKPOINT_DIRNAME))).expect_partial()
+      os.path.join(model_dir, model_dir_layout.CHECKPOINT_DIRNAME))).expect_partial()
   final, _ = head_lib.load_head(model_dir)
   assert not np.allclose(final.kernel.numpy(), probed.kernel.numpy(), atol=1e-4)
   np.testing.assert_array_equal(final.feature_scale.numpy(), probed.feature_scale.numpy())
@@ -200,7 +200,7 @@ def test_the_export_scores_as_the_training_graph_in_evaluation_mode(fine_tuned):
 
 def test_tensorboard_has_its_own_fine_tuning_run(fine_tuned):
   from tensorboard.backend.event_processing import event_accumulator
-  logs = os.path.join(fine_tuned["model_dir"], model_dir_lib.LOGS_DIRNAME, finetune.LOGS_SUBDIR)
+  logs = os.path.join(fine_tuned["model_dir"], model_dir_layout.LOGS_DIRNAME, model_dir_layout.FINE_TUNE_SUBDIRNAME)
   tags = {}
   for run in ("train", "validation"):
     accumulator = event_accumulator.EventAccumulator(os.path.join(logs, run))
@@ -322,7 +322,7 @@ def test_builtin_sigkill_then_rerun_continues_from_the_fine_tuning_checkpoint(
   model_dir = tmp_path / "killed"
   process = subprocess.Popen(_train_command(records_dir, model_dir),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  kill_when_written(process, model_dir / "checkpoints" / finetune.CHECKPOINT_SUBDIR /
+  kill_when_written(process, model_dir / "checkpoints" / model_dir_layout.FINE_TUNE_SUBDIRNAME /
                     "checkpoint", "fine-tuning checkpoint", timeout_s=600)
   resumed = subprocess.run(_train_command(records_dir, model_dir), capture_output=True,
                            text=True, timeout=900)
@@ -348,7 +348,7 @@ def test_builtin_sigkill_then_rerun_continues_from_the_fine_tuning_checkpoint(
     """The top block after the last epoch (the kept weights may be the start's)."""
     variables = finetune.trainable_variables(load(), 1)
     tf.train.Checkpoint(backbone_variables=variables).read(tf.train.latest_checkpoint(
-        model_dir / "checkpoints" / finetune.CHECKPOINT_SUBDIR)).expect_partial()
+        model_dir / "checkpoints" / model_dir_layout.FINE_TUNE_SUBDIRNAME)).expect_partial()
     return [variable.numpy() for variable in variables]
 
   original = load()

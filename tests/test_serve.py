@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tlframe.serve import batching
 from tlframe import export
+from tlframe.train import layout as model_dir_layout
 from tlframe import serve
 from tlframe import train
 from test_train_helpers import make_records, save_tiny_backbone
@@ -114,7 +115,7 @@ def model_dir(tmp_path_factory, skimage_photos):
 
 @pytest.fixture(scope="module")
 def export_dir(model_dir):
-  return export.latest_version(os.path.join(model_dir, export.EXPORT_DIRNAME))
+  return export.latest_version(os.path.join(model_dir, model_dir_layout.EXPORT_DIRNAME))
 
 
 @pytest.fixture(scope="module")

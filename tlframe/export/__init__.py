@@ -10,7 +10,7 @@ Names resolve lazily, so `tlframe.export.resolve_export_dir` loads `layout` only
 from tlframe import _lazy
 
 __all__, __getattr__, __dir__ = _lazy.exports(__name__, {
-    "layout": ("EXPORT_DIRNAME", "EXPORT_INFO_FILENAME", "SAVED_MODEL_FILENAME", "FORMAT_VERSION",
+    "layout": ("EXPORT_INFO_FILENAME", "SAVED_MODEL_FILENAME", "FORMAT_VERSION",
                "MAX_TOP_K", "TFLITE_DIRNAME", "TFLITE_FILENAME", "SERVING_DEFAULT",
                "SERVING_KEYED", "PREDICT_IMAGES", "OUTPUTS", "SIGNATURES", "resolve_export_dir",
                "latest_version", "versions"),

@@ -46,10 +46,11 @@ from tlframe.util import fileio
 from tlframe.train import finetune
 from tlframe.train import head as head_lib
 from tlframe import imageformat
+from tlframe.train import layout as model_dir_layout
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError
-from tlframe.export.layout import (EXPORT_DIRNAME, EXPORT_INFO_FILENAME, FORMAT_VERSION, MAX_TOP_K,
+from tlframe.export.layout import (EXPORT_INFO_FILENAME, FORMAT_VERSION, MAX_TOP_K,
                                    OUTPUTS, PREDICT_IMAGES, SAVED_MODEL_FILENAME, SERVING_DEFAULT,
                                    SERVING_KEYED, SIGNATURES, TFLITE_DIRNAME, TFLITE_FILENAME,
                                    versions)
@@ -174,7 +175,7 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   if config.fine_tune:
     # Into this loaded copy only: the module's own files stay as they are.
     finetune.restore_backbone_variables(backbone, model_dir, config.fine_tune["blocks"])
-  export_base = export_base or os.path.join(model_dir, EXPORT_DIRNAME)
+  export_base = export_base or os.path.join(model_dir, model_dir_layout.EXPORT_DIRNAME)
   tf.io.gfile.makedirs(export_base)
   tmp = os.path.join(export_base, f".tmp-{uuid.uuid4().hex[:12]}")
   try:

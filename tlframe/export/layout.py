@@ -11,9 +11,9 @@ import os
 import tensorflow as tf
 
 from tlframe.errors import UserError
+from tlframe.train import layout as model_dir_layout
 from tlframe.util import fileio
 
-EXPORT_DIRNAME = "export"
 EXPORT_INFO_FILENAME = "tlframe_export.json"
 # Written last into a version dir: its presence means the export is complete.
 SAVED_MODEL_FILENAME = "saved_model.pb"
@@ -51,11 +51,12 @@ def resolve_export_dir(path):
   fileio.check_filesystem(path)
   if tf.io.gfile.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
     return path
-  for base in (path, os.path.join(path, EXPORT_DIRNAME)):
+  for base in (path, os.path.join(path, model_dir_layout.EXPORT_DIRNAME)):
     latest = latest_version(base)
     if latest:
       return latest
-  raise UserError(f"{path}: no saved_model.pb there nor in {path}/<N>/ or {path}/export/<N>/; "
+  raise UserError(f"{path}: no saved_model.pb there nor in {path}/<N>/ or "
+                  f"{path}/{model_dir_layout.EXPORT_DIRNAME}/<N>/; "
                   "give an export dir, or export the model dir first "
                   f"(bin/export --model_dir={path})")
 

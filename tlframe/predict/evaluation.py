@@ -27,6 +27,7 @@ from tlframe.train import calibration
 from tlframe.util import fileio
 from tlframe import imageformat
 from tlframe.train import metrics
+from tlframe.train import layout as model_dir_layout
 from tlframe import pipeline
 from tlframe.predict import plots
 from tlframe.predict import prediction
@@ -40,7 +41,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 CONFUSION_SVG = "confusion_matrix.svg"
 RELIABILITY_PNG = "reliability_diagram.png"
 MISCLASSIFIED_CSV = "misclassified.csv"
-REPORT_HTML = report_lib.REPORT_HTML
+REPORT_HTML = model_dir_layout.REPORT_FILENAME   # named as in a model dir
 DEFAULT_TOP_K = 5
 
 

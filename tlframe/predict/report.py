@@ -18,9 +18,9 @@ import tensorflow as tf
 
 from tlframe.util import fileio
 from tlframe.records import example_format
+from tlframe.train import layout as model_dir_layout
 from tlframe import records
 
-REPORT_HTML = "report.html"
 THUMBNAIL_SIZE = 128
 MAX_THUMBNAILS = 60   # per section: the page stays a few MB; the CSVs list them all
 MAX_CONFUSED_PAIRS = 10
@@ -216,7 +216,7 @@ def _near_duplicates(pairs, thumbnails, threshold):
   return (intro + f'<p class="warn">{len(pairs)} pair(s): held-out accuracy counts these '
           f'photos as unseen. Remove one of each pair, or move both to one split.</p>'
           f'<div class="grid">{"".join(cells)}</div>'
-          + _more(len(pairs), len(shown), "metrics.json"))
+          + _more(len(pairs), len(shown), model_dir_layout.METRICS_FILENAME))
 
 
 def render(report, *, title, plots=(), thumbnails=None, misclassified_csv="misclassified.csv",
@@ -248,7 +248,8 @@ def render(report, *, title, plots=(), thumbnails=None, misclassified_csv="miscl
     parts.append("<h2>Suspected label errors</h2>" + _suspects(
         data_checks.get("suspects"), {file: uri for (split, file), uri in
                                       checks_thumbnails.items() if split == "train"},
-        data_checks.get("suspects_csv", "suspect_labels.csv"), data_checks["suspect_threshold"]))
+        data_checks.get("suspects_csv", model_dir_layout.SUSPECT_LABELS_FILENAME),
+        data_checks["suspect_threshold"]))
   if plots:
     parts.append("<h2>Plots</h2><div class=\"plots\">" + "".join(
         f'<img src="{data_uri(png, "image/png")}" alt="{_e(caption)}" title="{_e(caption)}">'

@@ -3,12 +3,14 @@
 - `run`: `train(options)`, the run's outline (bin/train's library);
 - `features`: extraction and the shared feature cache;
 - `head`: the linear head, its losses, save and load;
+- `fit_loop`: `FitLoop`, the loop both trainers share (early stopping, best weights);
 - `trainer`: `HeadTrainer` (the head on cached or augmented features);
 - `finetune`: fine-tuning the backbone's top blocks;
 - `tuning`: the L2 penalty by cross-validation;
 - `calibration`: the softmax temperature and reliability;
 - `metrics`, `summaries` (TensorBoard), `distribution` (tf.distribute);
-- `model_dir`: a model dir's files, resume and --overwrite;
+- `layout`: the name of every file and folder in a model dir (what readers need);
+- `model_dir`: whether a run may resume, retrain or must refuse; --overwrite;
 - `backbone_choice`: `--backbone=auto`;
 - `data_checks`, `training_report`: near duplicates, suspect labels, report.html.
 """

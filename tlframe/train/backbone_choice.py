@@ -33,7 +33,7 @@ from absl import logging
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe.util import fileio
-from tlframe.train import model_dir as model_dir_lib
+from tlframe.train import layout as model_dir_layout
 from tlframe import options as options_lib
 from tlframe import records
 
@@ -213,7 +213,7 @@ def resolve(options, images_per_second=None):
   """
   if options.backbone != AUTO:
     return options, None
-  earlier = os.path.join(options.model_dir, model_dir_lib.RUN_OPTIONS_FILENAME)
+  earlier = os.path.join(options.model_dir, model_dir_layout.RUN_OPTIONS_FILENAME)
   previous = _read_json_or_none(earlier) if not options.overwrite else None
   if previous and previous.get("backbone") not in (None, AUTO):
     choice = Choice(previous["backbone"], f"the backbone of the model already in "

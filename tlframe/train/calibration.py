@@ -23,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlframe.util import fileio
+from tlframe.train import layout as model_dir_layout
 from tlframe.errors import UserError
 
-CALIBRATION_FILENAME = "calibration.json"
 DEFAULT_NUM_BINS = 15
 FITTED_ON = ("validation", "out_of_fold")
 # The search range of T. Softmax logits need T near 1; hinge margins of a
@@ -180,12 +180,12 @@ def calibrate(scores, labels, fitted_on, num_bins=DEFAULT_NUM_BINS):
 
 def write_calibration(model_dir, calibration):
   """`<model_dir>/calibration.json` (atomic) from `calibrate`'s dict."""
-  fileio.atomic_write_json(os.path.join(model_dir, CALIBRATION_FILENAME), calibration)
+  fileio.atomic_write_json(os.path.join(model_dir, model_dir_layout.CALIBRATION_FILENAME), calibration)
 
 
 def read_calibration(model_dir):
   """The model's calibration dict; method "none" with T = 1 when there is no file."""
-  path = os.path.join(model_dir, CALIBRATION_FILENAME)
+  path = os.path.join(model_dir, model_dir_layout.CALIBRATION_FILENAME)
   if not tf.io.gfile.exists(path):
     return dict(method="none", temperature=1.0, fitted_on=None)
   try:

@@ -29,7 +29,6 @@ DEFAULT_NEAR_DUPLICATE_SIMILARITY = 0.85
 # The out-of-fold probability of another class from which a label is suspected.
 DEFAULT_SUSPECT_CONFIDENCE = 0.7
 MAX_REPORTED_PAIRS = 1000
-SUSPECT_LABELS_CSV = "suspect_labels.csv"
 _BLOCK_ROWS = 2048
 
 

@@ -61,7 +61,8 @@ from absl import logging
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import head as head_lib
-from tlframe.train import model_dir as model_dir_lib
+from tlframe.train import layout as model_dir_layout
+from tlframe.train import fit_loop
 from tlframe import options as options_lib
 from tlframe import pipeline
 from tlframe import records
@@ -69,10 +70,6 @@ from tlframe.train import summaries
 from tlframe.train import trainer as trainer_lib
 from tlframe.errors import UserError
 from tlframe.util.progress import Progress
-
-BACKBONE_DIRNAME = "fine_tuned_backbone"
-CHECKPOINT_SUBDIR = "fine_tune"   # under the model dir's checkpoints/
-LOGS_SUBDIR = "fine_tune"         # under the model dir's logs/
 
 
 # ---------------------------------------------------------------------------
@@ -133,7 +130,7 @@ def save_backbone_variables(variables, model_dir):
   """Writes the fine-tuned variables' values to model_dir/fine_tuned_backbone/ (plain copies)."""
   copies = [tf.Variable(variable.numpy(), name=f"variable_{index}")
             for index, variable in enumerate(variables)]
-  prefix = os.path.join(model_dir, BACKBONE_DIRNAME, "variables")
+  prefix = os.path.join(model_dir, model_dir_layout.FINE_TUNED_BACKBONE_CHECKPOINT)
   return tf.train.Checkpoint(variables=copies).write(prefix)
 
 
@@ -143,7 +140,7 @@ def restore_backbone_variables(backbone, model_dir, blocks):
   Only this in-memory copy changes, never the module's files.
   """
   variables = trainable_variables(backbone, blocks)
-  prefix = os.path.join(model_dir, BACKBONE_DIRNAME, "variables")
+  prefix = os.path.join(model_dir, model_dir_layout.FINE_TUNED_BACKBONE_CHECKPOINT)
   try:
     tf.train.Checkpoint(variables=variables).read(prefix).assert_consumed()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -184,7 +181,8 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
   global_batch = trainer_lib.effective_batch_size(
       dataclasses.replace(options, batch_size=options.fine_tune_batch_size), num_train,
       strategy.num_replicas_in_sync)
-  writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, LOGS_SUBDIR))
+  writers = summaries.Writers(os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME,
+                                           model_dir_layout.FINE_TUNE_SUBDIRNAME))
   tuner = FineTuner(strategy, options, backbone, trained_head,
                     steps_per_epoch=num_train // global_batch, global_batch_size=global_batch,
                     writers=writers)
@@ -201,7 +199,7 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
         weights_by_class, image_size=backbone.input_size, resize_mode=options.resize_mode,
         seed=options.seed * 100003 + epoch))
 
-  checkpoints = os.path.join(model_dir_lib.CHECKPOINT_DIRNAME, CHECKPOINT_SUBDIR)
+  checkpoints = os.path.join(model_dir_layout.CHECKPOINT_DIRNAME, model_dir_layout.FINE_TUNE_SUBDIRNAME)
   manager = tf.train.CheckpointManager(tuner.checkpoint, os.path.join(out_dir, checkpoints),
                                        max_to_keep=2)
   # Every worker resumes from the chief's checkpoints (the others' are temporary).
@@ -237,12 +235,16 @@ def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
   return FineTuneResult(tuner.head, tuner.variables, features, metrics)
 
 
-class FineTuner:
+class FineTuner(fit_loop.FitLoop):
   """The top blocks of `backbone` and a copy of `trained_head`, trained together.
 
   backbone: a Backbone loaded inside `strategy.scope()`. Holds everything a
-  checkpoint needs (`checkpoint`).
+  checkpoint needs (`checkpoint`). One epoch per chunk of tlframe.fit_loop,
+  each validated from Python.
   """
+
+  _WHAT = "fine-tuning"
+  _RESUMED = "Fine-tuning resumed"
 
   def __init__(self, strategy, options, backbone, trained_head, *, steps_per_epoch,
                global_batch_size, writers=None):
@@ -271,20 +273,13 @@ class FineTuner:
                               options.fine_tune_learning_rate), steps_per_epoch)
       self.backbone_optimizer.build(self.variables)
       self.head_optimizer.build(self.head.trainable_weights)
-      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-      self.stopped = tf.Variable(False, trainable=False, name="stopped")
       self.initial_val_loss = tf.Variable(np.nan, dtype=tf.float32, trainable=False)
-      self.best_val_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
-      self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self._best = [tf.Variable(variable, trainable=False)
-                    for variable in self._weights()]
+      self._init_loop(epochs=options.fine_tune_epochs, patience=options.fine_tune_patience)
     self.checkpoint = tf.train.Checkpoint(
         backbone_variables=self.variables, head=self.head,
         backbone_optimizer=self.backbone_optimizer, head_optimizer=self.head_optimizer,
-        epoch=self.epoch, stopped=self.stopped, initial_val_loss=self.initial_val_loss,
-        best_val_loss=self.best_val_loss, best_epoch=self.best_epoch,
-        bad_epochs=self.bad_epochs, best_weights=self._best)
+        initial_val_loss=self.initial_val_loss, best_weights=self.best_weights,
+        **self._loop_state())
     # No autograph: the steps have no Python control flow, and tracing is faster.
     self._train_step_fn = tf.function(self._distributed_step, autograph=False)
     size = backbone.input_size
@@ -293,6 +288,7 @@ class FineTuner:
     self._step_seconds, self._eval_seconds = [], []
     # The kept weights' validation features, when this process computed them.
     self.best_validation_features = None
+    self._validation_labels = None   # fit's
 
   def _weights(self):
     return self.variables + self.head.trainable_weights
@@ -367,46 +363,53 @@ class FineTuner:
     accuracy = np.mean(np.argmax(scores.numpy(), axis=-1) == labels)
     return float(tf.reduce_mean(losses).numpy()), float(accuracy), features
 
-  # -- epochs ------------------------------------------------------------------
+  # -- epochs (fit_loop.FitLoop.fit) -------------------------------------------
 
   def fit(self, epoch_batches, validation_labels, *, manager=None, resume_from=None):
     """Runs the remaining epochs, a checkpoint after each; returns the number run now.
 
     epoch_batches(epoch): an iterator over at least an epoch of distributed batches.
     """
-    if resume_from:
-      self.checkpoint.restore(resume_from).assert_existing_objects_matched()
-      logging.info("Fine-tuning resumed from %s at epoch %d", resume_from, self.epochs_done)
-    else:
+    self._validation_labels = validation_labels
+    if not resume_from:
       # Epoch 0 is the linear-probed start: the weights to beat.
       loss, accuracy, features = self._validate(validation_labels)
       self.initial_val_loss.assign(loss)
-      self._track_best(loss, features)
+      if self.track_best(loss):
+        self.best_validation_features = features
       self._write_epoch(self._writers.validation if self._writers else None, loss, accuracy)
-    first_epoch = self.epochs_done
-    while self.epochs_done < self.options.fine_tune_epochs and not self.stopped.numpy():
-      train_loss, train_accuracy = self._train_epoch(epoch_batches(self.epochs_done))
-      self.epoch.assign_add(1)
-      self._check_finite()
-      loss, accuracy, features = self._validate(validation_labels)
-      improved = self._track_best(loss, features)
-      logging.info("Fine-tuning epoch %d: train loss %.4f accuracy %.4f, validation loss %.4f "
-                   "accuracy %.4f%s", self.epochs_done, train_loss, train_accuracy, loss,
-                   accuracy, " (best)" if improved else "")
-      if self._writers is not None:
-        self._write_epoch(self._writers.train, train_loss, train_accuracy)
-        self._write_epoch(self._writers.validation, loss, accuracy)
-        with self._writers.train.as_default(step=self.epochs_done):
-          summaries.scalar("epoch/learning_rate_backbone",
-                           self.backbone_optimizer.learning_rate)
-          summaries.scalar("epoch/learning_rate_head", self.head_optimizer.learning_rate)
-          summaries.scalar("epoch/accuracy_gap_train_minus_validation",
-                           train_accuracy - accuracy)
-          summaries.scalar("epoch/loss_gap_validation_minus_train", loss - train_loss)
-        self._writers.flush()
-      if manager is not None:
-        manager.save(checkpoint_number=self.epochs_done)
-    return self.epochs_done - first_epoch
+    return super().fit(epoch_batches, manager=manager, resume_from=resume_from)
+
+  def _epochs_per_chunk(self, checkpointing):
+    del checkpointing  # every epoch is validated, checked and saved
+    return 1
+
+  def _run_epochs(self, epoch_batches, first_epoch, count):
+    del first_epoch, count  # one epoch, its batches seeded by the epoch
+    train_loss, train_accuracy = self._train_epoch(epoch_batches(self.epochs_done))
+    self.epoch.assign_add(1)
+    loss, accuracy, features = self._validate(self._validation_labels)
+    improved = bool(self.track_best(loss))
+    if improved:
+      self.best_validation_features = features
+    logging.info("Fine-tuning epoch %d: train loss %.4f accuracy %.4f, validation loss %.4f "
+                 "accuracy %.4f%s", self.epochs_done, train_loss, train_accuracy, loss,
+                 accuracy, " (best)" if improved else "")
+    if self._writers is not None:
+      self._write_epoch(self._writers.train, train_loss, train_accuracy)
+      self._write_epoch(self._writers.validation, loss, accuracy)
+      with self._writers.train.as_default(step=self.epochs_done):
+        summaries.scalar("epoch/learning_rate_backbone",
+                         self.backbone_optimizer.learning_rate)
+        summaries.scalar("epoch/learning_rate_head", self.head_optimizer.learning_rate)
+        summaries.scalar("epoch/accuracy_gap_train_minus_validation",
+                         train_accuracy - accuracy)
+        summaries.scalar("epoch/loss_gap_validation_minus_train", loss - train_loss)
+      self._writers.flush()
+
+  def _divergence_fix(self):
+    return (f"lower --fine_tune_learning_rate (now {self.options.fine_tune_learning_rate:g}) "
+            "or --fine_tune_head_learning_rate")
 
   def _train_epoch(self, iterator):
     """One epoch of steps; returns the mean (loss, accuracy) of its augmented batches."""
@@ -436,39 +439,6 @@ class FineTuner:
     with writer.as_default(step=self.epochs_done):
       summaries.scalar("epoch/loss", loss)
       summaries.scalar("epoch/accuracy", accuracy)
-
-  def _track_best(self, loss, features):
-    """Keeps the weights (and the validation features) of the lowest validation loss yet;
-    counts patience."""
-    if loss < self.best_val_loss.numpy():
-      self.best_validation_features = features
-      self.best_val_loss.assign(loss)
-      self.best_epoch.assign(self.epoch)
-      self.bad_epochs.assign(0)
-      for best, variable in zip(self._best, self._weights()):
-        best.assign(variable)
-      return True
-    self.bad_epochs.assign_add(1)
-    if self.options.fine_tune_patience:
-      self.stopped.assign(self.bad_epochs.numpy() >= self.options.fine_tune_patience)
-    return False
-
-  def _check_finite(self):
-    """Stops the run when fine-tuning diverged: a NaN weight never gets saved."""
-    if not all(np.all(np.isfinite(variable.numpy())) for variable in self._weights()):
-      raise UserError(
-          f"fine-tuning diverged by epoch {self.epochs_done}: the weights are no longer finite "
-          "numbers; lower --fine_tune_learning_rate (now "
-          f"{self.options.fine_tune_learning_rate:g}) or --fine_tune_head_learning_rate")
-
-  def use_best_weights(self):
-    """The weights of the lowest validation loss (maybe the linear-probed start's)."""
-    for variable, best in zip(self._weights(), self._best):
-      variable.assign(best)
-
-  @property
-  def epochs_done(self):
-    return int(self.epoch.numpy())
 
   def train_rate(self):
     """Training images/s through the backbone (forward + backward), the first step

@@ -25,10 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlframe.util import fileio
+from tlframe.train import layout as model_dir_layout
 from tlframe.errors import UserError
 
-HEAD_CONFIG_FILENAME = "head_config.json"
-HEAD_CHECKPOINT_DIRNAME = "head"
 _EPSILON = 1e-12
 
 
@@ -166,12 +165,12 @@ class HeadConfig:
   backbone_choice: dict = None
 
   def write(self, model_dir):
-    fileio.atomic_write_json(os.path.join(model_dir, HEAD_CONFIG_FILENAME),
+    fileio.atomic_write_json(os.path.join(model_dir, model_dir_layout.HEAD_CONFIG_FILENAME),
                              dataclasses.asdict(self))
 
   @classmethod
   def read(cls, model_dir):
-    path = os.path.join(model_dir, HEAD_CONFIG_FILENAME)
+    path = os.path.join(model_dir, model_dir_layout.HEAD_CONFIG_FILENAME)
     if not tf.io.gfile.exists(path):
       raise UserError(f"{path} not found: train a model into {model_dir} with bin/train first")
     return cls(**fileio.read_json(path))
@@ -180,7 +179,7 @@ class HeadConfig:
 def save_head(head, model_dir):
   """Writes the head's variables (kernel, bias, normalization) to model_dir/head/."""
   checkpoint = tf.train.Checkpoint(head=head)
-  prefix = os.path.join(model_dir, HEAD_CHECKPOINT_DIRNAME, "head")
+  prefix = os.path.join(model_dir, model_dir_layout.HEAD_CHECKPOINT)
   return checkpoint.write(prefix)
 
 
@@ -189,6 +188,6 @@ def load_head(model_dir):
   config = HeadConfig.read(model_dir)
   head = LinearHead(config.num_features, config.num_classes,
                     feature_normalization=config.feature_normalization)
-  prefix = os.path.join(model_dir, HEAD_CHECKPOINT_DIRNAME, "head")
+  prefix = os.path.join(model_dir, model_dir_layout.HEAD_CHECKPOINT)
   tf.train.Checkpoint(head=head).read(prefix).assert_consumed()
   return head, config

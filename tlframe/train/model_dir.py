@@ -26,21 +26,11 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe.util import fileio
-from tlframe import options as options_lib
 from tlframe import records
 from tlframe.errors import UserError
+from tlframe.train.layout import (CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME, OUTPUTS,
+                                  RECORDS_DIRNAME, RUN_OPTIONS_FILENAME)
 
-RUN_OPTIONS_FILENAME = "run_options.json"
-CHECKPOINT_DIRNAME = "checkpoints"
-LOGS_DIRNAME = "logs"
-METRICS_FILENAME = "metrics.json"
-CONFUSION_FILENAME = "confusion_matrix.png"
-RECORDS_DIRNAME = options_lib.RECORDS_DIRNAME
-# Everything a run writes into the model dir (the lock file aside).
-OUTPUTS = (RUN_OPTIONS_FILENAME, CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME,
-           CONFUSION_FILENAME, "head", "head_config.json", "labels.txt", "calibration.json",
-           "export", "fine_tuned_backbone",   # finetune.BACKBONE_DIRNAME
-           "report.html", "plots", "suspect_labels.csv")   # training_report
 # What the model is a model of: a change makes another model.
 _MODEL_IDENTITY = ("records", "backbone", "features", "input_size", "precision", "resize_mode")
 # How a run is carried out, not what it computes: a change still resumes.

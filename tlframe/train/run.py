@@ -42,6 +42,7 @@ from tlframe.util import fileio
 from tlframe.train import head as head_lib
 from tlframe.util import locking
 from tlframe.train import metrics as metrics_lib
+from tlframe.train import layout as model_dir_layout
 from tlframe.train import model_dir as model_dir_lib
 from tlframe import options as options_lib
 from tlframe import records
@@ -120,7 +121,7 @@ def _run(options, strategy):
     options = dataclasses.replace(options, feature_normalization="standardize")
   shift, scale = normalization_constants(options.feature_normalization)
 
-  writers = summaries.Writers(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME))
+  writers = summaries.Writers(os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME))
   summaries.write_input_grids(writers.train, train_set.thumbnails, train_set.thumbnail_labels,
                               label_names)
   head_start = time.monotonic()
@@ -175,7 +176,7 @@ def _run(options, strategy):
       options=dataclasses.asdict(options), run_identity=identity, up_to_date=False)
 
   if val_set is not None:
-    summaries.write_projector(os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME, "validation"),
+    summaries.write_projector(os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME, "validation"),
                               val_set.thumbnail_subset(), label_names)
   summaries.write_hparams(writers.train, _hparams(options, global_batch, cv), {
       "final/train_accuracy": metrics["train"]["accuracy"],
@@ -196,16 +197,16 @@ def _run(options, strategy):
     metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=precision,
                                                     backbone=backbone)
     metrics["timings"]["export_s"] = time.monotonic() - export_start
-  fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_lib.METRICS_FILENAME),
+  fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_layout.METRICS_FILENAME),
                            metrics)
   if scores is not None:
     training_report.write(options.model_dir, options.records_dir, metrics, label_names,
                           scores=scores, labels=labels, filenames=report_set.filenames,
                           split=fitted_on,
-                          log_dir=os.path.join(out_dir, model_dir_lib.LOGS_DIRNAME))
+                          log_dir=os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME))
   shown = metrics["validation"] or metrics["train"]
   confusion_png = tf.io.encode_png(summaries.confusion_image(shown["confusion_matrix"]))
-  fileio.atomic_write_bytes(os.path.join(options.model_dir, model_dir_lib.CONFUSION_FILENAME),
+  fileio.atomic_write_bytes(os.path.join(options.model_dir, model_dir_layout.CONFUSION_FILENAME),
                             confusion_png.numpy())
   return metrics
 
@@ -328,7 +329,7 @@ def _fit_head(options, strategy, backbone, train_set, val_set, label_names, norm
           writers.validation, scores, val_set.labels,
           metrics_lib.classification_metrics(scores, val_set.labels, label_names), epoch)
 
-  checkpoints = model_dir_lib.CHECKPOINT_DIRNAME
+  checkpoints = model_dir_layout.CHECKPOINT_DIRNAME
   manager = tf.train.CheckpointManager(trainer.checkpoint, os.path.join(out_dir, checkpoints),
                                        max_to_keep=3)
   # Every worker resumes from the chief's checkpoints (the others' are temporary).
@@ -356,7 +357,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
                  fine_tuned, choice):
   """head_config.json, head/ (a one-model LinearHead checkpoint), labels.txt, calibration.json,
   and fine_tuned_backbone/ after fine-tuning (an earlier run's is removed otherwise)."""
-  fine_tuned_dir = os.path.join(model_dir, finetune.BACKBONE_DIRNAME)
+  fine_tuned_dir = os.path.join(model_dir, model_dir_layout.FINE_TUNED_BACKBONE_DIRNAME)
   if tf.io.gfile.isdir(fine_tuned_dir):
     tf.io.gfile.rmtree(fine_tuned_dir)
   if fine_tuned:
@@ -368,7 +369,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
       resize_mode=options.resize_mode, label_smoothing=options.label_smoothing,
       flip_features=options.flip_features,
       fine_tune=dict(blocks=fine_tuned.metrics["blocks"],
-                     directory=finetune.BACKBONE_DIRNAME) if fine_tuned else None,
+                     directory=model_dir_layout.FINE_TUNED_BACKBONE_DIRNAME) if fine_tuned else None,
       backbone_choice=choice,
   ).write(model_dir)
   # A plain (unmirrored) copy, so the export loads it without a strategy.

@@ -18,10 +18,10 @@ batches as an uninterrupted one.
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from tlframe.train import features as features_lib
 from tlframe.train import head as head_lib
+from tlframe.train import fit_loop
 from tlframe import options as options_lib
 from tlframe import pipeline
 from tlframe.train import summaries
@@ -195,7 +195,7 @@ def augmented_batches(strategy, file_pattern, global_batch_size, weights_by_clas
 # The in-graph trainer.
 
 
-class HeadTrainer:
+class HeadTrainer(fit_loop.FitLoop):
   """Trains a (stacked) LinearHead in-graph; holds everything a checkpoint needs.
 
   normalization: the head's (shift, scale) constants (head.normalization_constants).
@@ -206,7 +206,11 @@ class HeadTrainer:
   the batches hold features.
   validation: (features, labels) evaluated in-graph after every epoch (for
   early stopping and the validation curves), or None.
+  `fit(make_iterator)`: make_iterator(first_epoch) gives the batches of all
+  the remaining epochs, drawn chunk by chunk (tlframe.fit_loop).
   """
+
+  _WEIGHTS_WHAT = "the head's weights"
 
   def __init__(self, strategy, options, *, num_features, num_classes, steps_per_epoch,
                global_batch_size, normalization, l2_values=None, model_fractions=None,
@@ -230,22 +234,20 @@ class HeadTrainer:
                                       feature_normalization=options.feature_normalization)
       self.optimizer = make_optimizer(options, steps_per_epoch)
       self.optimizer.build(self.head.trainable_weights)
-      self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-      self.stopped = tf.Variable(False, trainable=False, name="stopped")
-      self.best_val_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
-      self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self.best_kernel = tf.Variable(self.head.kernel, trainable=False)
-      self.best_bias = tf.Variable(self.head.bias, trainable=False)
+      self._init_loop(epochs=options.epochs, patience=options.patience)
     self.head.set_normalization(*normalization)
     self._validation = None
     if validation is not None:
       self._validation = (tf.constant(self.normalize(validation[0])), tf.constant(validation[1]))
+    best_kernel, best_bias = self.best_weights
     self.checkpoint = tf.train.Checkpoint(
-        head=self.head, optimizer=self.optimizer, epoch=self.epoch, stopped=self.stopped,
-        best_val_loss=self.best_val_loss, best_epoch=self.best_epoch,
-        bad_epochs=self.bad_epochs, best_kernel=self.best_kernel, best_bias=self.best_bias)
+        head=self.head, optimizer=self.optimizer, best_kernel=best_kernel, best_bias=best_bias,
+        **self._loop_state())
     self.run_epochs = tf.function(self._epochs_loop, autograph=False)
+    self._iterator = None   # one over all the epochs `fit` runs, drawn chunk by chunk
+
+  def _weights(self):
+    return self.head.trainable_weights
 
   # -- one step on one replica ---------------------------------------------
 
@@ -350,65 +352,24 @@ class HeadTrainer:
       with self._writers.validation.as_default(step=self.epoch):
         summaries.scalar("epoch/loss", loss)
         summaries.scalar("epoch/accuracy", accuracy)
+    self.track_best(loss)
 
-    def improved():
-      self.best_val_loss.assign(loss)
-      self.best_epoch.assign(self.epoch)
-      self.best_kernel.assign(self.head.kernel)
-      self.best_bias.assign(self.head.bias)
-      return self.bad_epochs.assign(0)
+  # -- Python between checkpoints (fit_loop.FitLoop.fit) ----------------------
 
-    def not_improved():
-      bad_epochs = self.bad_epochs.assign_add(1)
-      if self.options.patience:
-        self.stopped.assign(bad_epochs >= self.options.patience)
-      return bad_epochs
+  def _epochs_per_chunk(self, checkpointing):
+    return self.options.checkpoint_every_epochs if checkpointing else self.options.epochs
 
-    tf.cond(loss < self.best_val_loss, improved, not_improved)
+  def _run_epochs(self, make_iterator, first_epoch, count):
+    if self._iterator is None:
+      self._iterator = iter(make_iterator(first_epoch))
+    self.run_epochs(self._iterator, tf.constant(count, tf.int64))
 
-  # -- Python between checkpoints -----------------------------------------
+  def _divergence_fix(self):
+    return (f"lower --learning_rate (now {self.options.learning_rate:g}) or raise --l2 "
+            f"(now {self.options.l2:g})")
 
-  def fit(self, make_iterator, *, resume_from=None, manager=None, on_checkpoint=None):
-    """Runs the remaining epochs; `make_iterator(first_epoch)` gives the batches.
-
-    resume_from: a checkpoint path to restore first. With a CheckpointManager,
-    saves every `checkpoint_every_epochs`. Returns the number of epochs run now.
-    """
-    if resume_from:
-      self.checkpoint.restore(resume_from).assert_existing_objects_matched()
-      logging.info("Resumed from %s at epoch %d", resume_from, self.epochs_done)
-    first_epoch = self.epochs_done
-    epochs = self.options.epochs
-    chunk = self.options.checkpoint_every_epochs if manager is not None else epochs
-    iterator = None
-    while self.epochs_done < epochs and not self.stopped.numpy():
-      if iterator is None:
-        iterator = iter(make_iterator(first_epoch))
-      self.run_epochs(iterator, tf.constant(min(chunk, epochs - self.epochs_done), tf.int64))
-      self._check_finite()
-      if manager is not None:
-        manager.save(checkpoint_number=self.epochs_done)
-      if on_checkpoint is not None:
-        on_checkpoint(self.epochs_done)
-    if self._writers is not None:
-      self._writers.flush()
-    return self.epochs_done - first_epoch
-
-  def _check_finite(self):
-    """Stops the run when the head diverged: a NaN or infinite weight never gets saved."""
-    if not (np.all(np.isfinite(self.head.kernel.numpy())) and
-            np.all(np.isfinite(self.head.bias.numpy()))):
-      raise UserError(
-          f"training diverged by epoch {self.epochs_done}: the head's weights are no longer "
-          f"finite numbers; lower --learning_rate (now {self.options.learning_rate:g}) or "
-          f"raise --l2 (now {self.options.l2:g})")
-
-  @property
-  def epochs_done(self):
-    return int(self.epoch.numpy())
-
-  def use_best_weights(self):
-    """With early stopping, keep the weights of the best validation loss."""
-    if self._validation is not None and self.options.patience and self.best_epoch.numpy() > 0:
-      self.head.kernel.assign(self.best_kernel)
-      self.head.bias.assign(self.best_bias)
+  def _keeps_best(self):
+    """Only with early stopping, and once an epoch improved: before, the copies hold the
+    initial (zero) weights."""
+    return bool(self._validation is not None and self.options.patience and
+                self.best_epoch.numpy() > 0)

@@ -23,8 +23,8 @@ from tlframe.predict import evaluation
 from tlframe.util import fileio
 from tlframe.predict import plots
 from tlframe.predict import report as report_lib
+from tlframe.train import layout as model_dir_layout
 
-PLOTS_DIRNAME = "plots"
 CV_CURVE_PNG = "cv_curve.png"
 TRAINING_CURVES_PNG = "training_curves.png"
 _CURVE_TAGS = ("epoch/loss", "epoch/accuracy")
@@ -63,7 +63,7 @@ def write(model_dir, records_dir, metrics, label_names, *, scores, labels, filen
   what = ("the validation split" if split == "validation" else
           "the training split, out-of-fold (no validation split)")
   report.update(model=model_dir, data=f"{records_dir}: {what}")
-  paths = {report_lib.REPORT_HTML: os.path.join(model_dir, report_lib.REPORT_HTML)}
+  paths = {model_dir_layout.REPORT_FILENAME: os.path.join(model_dir, model_dir_layout.REPORT_FILENAME)}
   figures = [(name, caption, figure) for name, caption, figure in
              evaluation.report_plots(report, title_suffix=f" ({records_split})")]
   if not plots.available():
@@ -78,18 +78,18 @@ def write(model_dir, records_dir, metrics, label_names, *, scores, labels, filen
                       plots.training_curves_figure(curves)))
   page_plots = []
   if figures:
-    tf.io.gfile.makedirs(os.path.join(model_dir, PLOTS_DIRNAME))
+    tf.io.gfile.makedirs(os.path.join(model_dir, model_dir_layout.PLOTS_DIRNAME))
   for name, caption, figure in figures:
-    paths[name] = os.path.join(model_dir, PLOTS_DIRNAME, name)
+    paths[name] = os.path.join(model_dir, model_dir_layout.PLOTS_DIRNAME, name)
     png = plots.png_bytes(figure)
     fileio.atomic_write_bytes(paths[name], png)
     page_plots.append((caption, png))
 
   checks = dict(metrics["data_checks"])
   if checks["suspects"] is not None:
-    paths[data_checks.SUSPECT_LABELS_CSV] = os.path.join(model_dir,
-                                                         data_checks.SUSPECT_LABELS_CSV)
-    data_checks.write_suspects_csv(paths[data_checks.SUSPECT_LABELS_CSV], checks["suspects"])
+    suspects_csv = os.path.join(model_dir, model_dir_layout.SUSPECT_LABELS_FILENAME)
+    paths[model_dir_layout.SUSPECT_LABELS_FILENAME] = suspects_csv
+    data_checks.write_suspects_csv(suspects_csv, checks["suspects"])
   wanted = {}   # split -> files whose thumbnails the page shows
   for pair in checks["near_duplicates"][:report_lib.MAX_THUMBNAILS // 2]:
     for side in "ab":
@@ -101,7 +101,7 @@ def write(model_dir, records_dir, metrics, label_names, *, scores, labels, filen
                               records_dir, name, files).items()}
   thumbnails = evaluation.misclassified_thumbnails(report, records_dir=records_dir,
                                                    split=records_split)
-  report_lib.write(paths[report_lib.REPORT_HTML], report_lib.render(
+  report_lib.write(paths[model_dir_layout.REPORT_FILENAME], report_lib.render(
       report, title=f"Training report: {os.path.basename(os.path.normpath(model_dir))}",
       plots=page_plots, thumbnails=thumbnails, data_checks=checks,
       misclassified_csv=None))
