@@ -243,7 +243,7 @@ def unresolved_references(root=ROOT):
   problems = []
   for path, first_line, text, local_names in _texts(root, index):
     # A variable or parameter named like a module (`classifier = tlframe.Classifier.load(...)`,
-    # `options` of a function) is not the module.
+    # `options` of a function) is not the module: what it cites need not resolve there.
     local_names = local_names | set(_ASSIGNED.findall(text))
     for offset, line in enumerate(text.splitlines()):
       line = _URL.sub(" ", line)
@@ -256,12 +256,13 @@ def unresolved_references(root=ROOT):
         parts = reference.split(".")
         if parts[-1] in DATA_EXTENSIONS or parts[-1] == "py":
           continue
-        if parts[0] != PACKAGE and (parts[0] not in index.by_last or parts[0] in local_names):
+        if parts[0] != PACKAGE and parts[0] not in index.by_last:
           continue
         try:
           index.check(reference)
         except Unresolved as e:
-          problems.append(f"{where}: {reference}: {e}")
+          if parts[0] not in local_names:
+            problems.append(f"{where}: {reference}: {e}")
   return problems
 
 
