@@ -28,7 +28,7 @@ _CMAP = "Blues"
 def available():
   """True when matplotlib imports."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    import matplotlib  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return False
   return True

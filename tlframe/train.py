@@ -26,7 +26,6 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -50,7 +49,7 @@ from tlframe import trainer as trainer_lib
 from tlframe import training_report
 from tlframe import tuning
 from tlframe.errors import UserError
-from tlframe.options import TrainOptions  # pylint: disable=unused-import  (the API's options)
+from tlframe.options import TrainOptions  # noqa: F401  # pylint: disable=unused-import  (the API's options)
 
 
 def train(options):
