@@ -88,8 +88,12 @@ class _Index:
     for node in self.tree(module).body:
       if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
         names |= {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-      if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
-        names |= {n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant)}
+      # `__all__ = [...]`, or `__all__, __getattr__, __dir__ = lazy_exports(...)`: its strings.
+      if isinstance(node, ast.Assign) and any(
+          isinstance(n, ast.Name) and n.id in ("__all__", "__getattr__")
+          for target in node.targets for n in ast.walk(target)):
+        names |= {n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant)
+                  and isinstance(n.value, str)}
     return names
 
   def resolve_module(self, module, attrs):
