@@ -26,7 +26,8 @@ def test_checker_finds_stale_names_in_any_layout(tmp_path):
             if name == "Classifier":
               return 1
           ''',
-      "tlframe/train/__init__.py": "from tlframe.train.run import run\n__all__ = ['run']\n",
+      "tlframe/train/__init__.py": ("from tlframe import lazy\n"
+                                    "__all__, __getattr__, __dir__ = lazy.exports({'options': ('Options',)})\n"),
       "tlframe/train/base.py": "class Base:\n  def fit(self):\n    self.best_loss = 0\n",
       "tlframe/train/trainer.py": '''\
           """Uses `base.Base.fit` and `trainer.HeadTrainer.nothing`."""
@@ -39,7 +40,7 @@ def test_checker_finds_stale_names_in_any_layout(tmp_path):
             """Reads options.l2 (a parameter, not a module) and run.missing_name."""
           ''',
       "README.md": '''\
-          `tlframe.Classifier`, `trainer.HeadTrainer.fit`, `trainer.HeadTrainer.best_loss`,
+          `tlframe.Classifier`, `trainer.HeadTrainer.fit`, `trainer.HeadTrainer.best_loss`, `tlframe.train.Options`,
           `train.trainer.HeadTrainer.EPOCHS`, metrics.json, https://x.org/train.gone, tlframe/train/base.py
           `train.HeadTrainer` and tlframe/train.py and trainer.py
           ```python
