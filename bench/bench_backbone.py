@@ -19,7 +19,8 @@ Tables:
    (`--only_builtins` prints just this table, in about a minute plus builds).
 
 Calls alternate between the variants compared and each keeps its fastest
-call: the machine may be shared, and this way all variants see the same load. Needs the bench extras (`pip install -e .[bench]`).
+call: the machine may be shared, and this way all variants see the same load. Needs the bench
+extras (`pip install -e .[bench]`).
 
   python bench/bench_backbone.py [--data_dir=...] [--skip_accuracy] [--skip_threads] [--only_builtins]
 """
@@ -174,7 +175,7 @@ def process_settings_table(folded_dir, unfolded_dir, rounds=2):
                                f"--settings_child={dirs[form]},{threads}",
                                f"--seconds={FLAGS.seconds}"],
                               capture_output=True, text=True, env=env)
-      lines = [l for l in result.stdout.splitlines() if l.startswith("RATE ")]
+      lines = [line for line in result.stdout.splitlines() if line.startswith("RATE ")]
       if not lines:
         raise RuntimeError(f"child {form} {onednn} {threads} failed: {result.stderr[-500:]}")
       best[form, onednn, threads] = max(best[form, onednn, threads], float(lines[0].split()[1]))

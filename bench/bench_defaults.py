@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
 import sys
 import tempfile

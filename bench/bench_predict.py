@@ -30,7 +30,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-import tlframe  # pylint: disable=unused-import  (before TensorFlow: oneDNN on)
+import tlframe  # noqa: F401  (before TensorFlow: oneDNN on)
 from tlframe.backbone import loading as backbone_lib
 from tlframe.predict import prediction
 from tlframe import samples
@@ -108,8 +108,8 @@ def main(argv):
 
   print(f"\nbin/predict on {cpu_model()}; TensorFlow {tf.__version__}; "
         f"{classifier.export_dir}; {len(paths)} JPEGs of 300-640 px")
-  print(f"| batch | backbone only | end to end (JPEG files) | ratio | target |")
-  print(f"| --- | --- | --- | --- | --- |")
+  print("| batch | backbone only | end to end (JPEG files) | ratio | target |")
+  print("| --- | --- | --- | --- | --- |")
   print(f"| {BATCH} | {backbone_batch_rate:.1f} images/s | {batch_rate:.1f} images/s | "
         f"{batch_rate / backbone_batch_rate:.2f}x the rate | >= 0.8x |")
   print(f"| 1 | {backbone_latency * 1e3:.1f} ms/image | {single_latency * 1e3:.1f} ms/image | "

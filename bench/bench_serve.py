@@ -51,7 +51,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-import tlframe  # pylint: disable=unused-import  (before TensorFlow: oneDNN on)
+import tlframe  # noqa: F401  (before TensorFlow: oneDNN on)
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 from tlframe.predict import classifier as classifier_lib
 from tlframe import export

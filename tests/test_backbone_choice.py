@@ -13,7 +13,7 @@ from tlframe import options as options_lib
 from tlframe import train
 from tlframe.errors import UserError
 from test_backbone_concat import parts  # pylint: disable=unused-import  (a fixture)
-from test_train_helpers import make_records, save_tiny_backbone
+from test_train_helpers import make_records
 
 CONCATENATION, MOBILENET = backbone_choice.CANDIDATES[0], backbone_choice.MOBILENET_V2
 

@@ -1,6 +1,5 @@
 """Nothing lost: a model dir is never silently replaced, features are shared, damage is survived."""
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 

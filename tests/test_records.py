@@ -15,7 +15,6 @@ import pytest
 import tensorflow as tf
 
 from tlframe import imageformat
-from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError
 

@@ -168,7 +168,7 @@ def test_damaged_shard_is_named_with_its_offset_and_a_rerun_rewrites_it(photos, 
   if damage == "flipped":  # a byte in the third record's image data
     damaged = bytearray(data)
     damaged[offsets[2] + 200] ^= 0xFF
-    bad_record, expected = 3, f"corrupt record at byte offset {offsets[2]} (record 3 of 4)"
+    expected = f"corrupt record at byte offset {offsets[2]} (record 3 of 4)"
   else:  # cut in the middle of the last record
     damaged = data[:offsets[3] + 100]
     expected = f"truncated record at byte offset {offsets[3]} (record 4 of 4)"

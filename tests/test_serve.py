@@ -281,7 +281,7 @@ def test_bad_requests_get_their_status_and_message_and_the_next_one_succeeds(ser
        "instance 1: the image does not decode"),
       ("POST", None, {"signature_name": export.PREDICT_IMAGES, "instances": [[[0.5, 0.5]]]}, 400,
        "expecting shape [-1,-1,-1,3]"),
-      ("POST", f"/v1/models/other:predict", good, 404, "Servable not found for request: Latest"),
+      ("POST", "/v1/models/other:predict", good, 404, "Servable not found for request: Latest"),
       ("POST", f"{server.api}/versions/{old_version}:predict", good, 404,
        f"Specific({MODEL_NAME}, {old_version})"),
       ("GET", "/v1/models/other", None, 404, "Could not find any versions of model other"),

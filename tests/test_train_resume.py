@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tlframe.train import head as head_lib
 from test_train_helpers import kill_when_written, make_records, save_tiny_backbone

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tlframe.util import fileio
 from tlframe import records
-from tlframe.benchmark_data import DATA_DIR_ENV, TEST_SPLIT_FILENAME, benchmark_data_dir  # pylint: disable=unused-import
+from tlframe.benchmark_data import DATA_DIR_ENV, TEST_SPLIT_FILENAME, benchmark_data_dir  # noqa: F401  # pylint: disable=unused-import
 from tlframe.errors import UserError
 
 SAMPLE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "brick", "grass", "gravel")

@@ -28,7 +28,7 @@ _CMAP = "Blues"
 def available():
   """True when matplotlib imports."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    import matplotlib  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return False
   return True
@@ -141,7 +141,7 @@ def reliability_figure(bins, ece_after, ece_before=None, title="Reliability diag
 def cv_curve_figure(cv):
   """Held-out accuracy and loss against l2 (log scale), one line per normalization, choice marked.
 
-  `cv`: train.py's metrics["cross_validation"] (rows of l2, accuracy, loss and
+  `cv`: train.run's metrics["cross_validation"] (rows of l2, accuracy, loss and
   their std across folds; best_l2, best_normalization).
   """
   figure = _figure(6.4, 5.0)

@@ -13,8 +13,9 @@ examples of |accuracy - confidence| of their bin.
 
 bin/train fits T on the validation split (or on out-of-fold training scores
 when there is none); when every held-out example is right, T follows the rule
-of succession instead (`calibrate`), so a tiny set is never left uncalibrated and writes `<model_dir>/calibration.json`; the export reads
-it and builds `softmax(scores / T)` into the SavedModel.
+of succession instead (`calibrate`), so a tiny set is never left uncalibrated and
+writes `<model_dir>/calibration.json`; the export reads it and builds
+`softmax(scores / T)` into the SavedModel.
 """
 
 import os

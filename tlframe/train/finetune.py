@@ -156,7 +156,7 @@ def restore_backbone_variables(backbone, model_dir, blocks):
 
 @dataclasses.dataclass
 class FineTuneResult:
-  """What train.py needs after fine-tuning."""
+  """What the run (train.run) needs after fine-tuning."""
   head: head_lib.LinearHead           # the fine-tuned head (mirrored under the strategy)
   variables: list                      # the fine-tuned backbone variables
   features: dict                       # {split: [N, D] features through the fine-tuned backbone}
@@ -166,7 +166,7 @@ class FineTuneResult:
 def fine_tune(options, strategy, trained_head, feature_sets, out_dir):
   """Fine-tunes from `trained_head`; returns a FineTuneResult (see the module doc).
 
-  feature_sets: train.py's {split: FeatureSet or None} (of the frozen
+  feature_sets: the run's {split: FeatureSet or None} (of the frozen
   backbone), for the labels and the number of training images; the features
   of every split are recomputed through the fine-tuned backbone.
   """

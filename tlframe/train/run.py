@@ -26,7 +26,6 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -51,7 +50,7 @@ from tlframe.train import trainer as trainer_lib
 from tlframe.train import training_report
 from tlframe.train import tuning
 from tlframe.errors import UserError
-from tlframe.options import TrainOptions  # pylint: disable=unused-import  (the API's options)
+from tlframe.options import TrainOptions  # noqa: F401  # pylint: disable=unused-import  (the API's options)
 
 
 def train(options):

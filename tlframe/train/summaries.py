@@ -1,6 +1,6 @@
 """TensorBoard output of a training run: model_dir/logs/{train,validation}.
 
-Scalars by step and epoch are written in-graph by train.HeadTrainer; this
+Scalars by step and epoch are written in-graph by trainer.HeadTrainer; this
 module writes what is made between checkpoints or once per run:
 - input grids: per class, thumbnails of images after crop/pad (what the
   backbone saw);
@@ -87,7 +87,7 @@ def confusion_image(confusion):
 def write_evaluation(writer, scores, labels, metrics, step):
   """Confusion-matrix image, per-class precision/recall and score histograms.
 
-  metrics: train.classification_metrics of the same scores and labels.
+  metrics: metrics.classification_metrics of the same scores and labels.
   """
   label_names = list(metrics["per_class"])
   with writer.as_default(step=step):

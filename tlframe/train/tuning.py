@@ -112,7 +112,7 @@ def best_l2(rows):
 def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization_constants):
   """The cross-validated feature normalization and l2: (normalization, l2, rows, scores, widened).
 
-  For options.l2 unset (train.py resolves "auto" to standardize when --l2 is
+  For options.l2 unset (train.run resolves "auto" to standardize when --l2 is
   given). Candidates: options_lib.AUTO_NORMALIZATIONS when
   options.feature_normalization is "auto", else that one; l2: options.l2_grid,
   widened at an edge (tune_l2). The choice follows best_l2 over all

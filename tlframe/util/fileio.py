@@ -45,7 +45,7 @@ def check_filesystem(path, flag=None):
   fix = "check the path"
   if scheme in _TENSORFLOW_IO_SCHEMES:
     try:
-      import tensorflow_io  # pylint: disable=g-import-not-at-top,unused-import  (registers them)
+      import tensorflow_io  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import  (registers them)
       fix = (f"the tensorflow-io installed does not load into TensorFlow {tf.__version__}: "
              "install its release built for this TensorFlow, or use a mounted local path")
     except ImportError:
