@@ -1,4 +1,4 @@
-"""The loop HeadTrainer and FineTuner share (tlframe.fit_loop): one early-stopping rule, one
+"""The loop HeadTrainer and FineTuner share (tlframe.train.fit_loop): one early-stopping rule, one
 divergence check, the best weights put back, checkpoints holding the loop's state."""
 
 import dataclasses

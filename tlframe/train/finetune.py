@@ -239,7 +239,7 @@ class FineTuner(fit_loop.FitLoop):
   """The top blocks of `backbone` and a copy of `trained_head`, trained together.
 
   backbone: a Backbone loaded inside `strategy.scope()`. Holds everything a
-  checkpoint needs (`checkpoint`). One epoch per chunk of tlframe.fit_loop,
+  checkpoint needs (`checkpoint`). One epoch per chunk of tlframe.train.fit_loop,
   each validated from Python.
   """
 

@@ -1,7 +1,7 @@
 """The loop both trainers share: epochs, resuming, divergence, early stopping, the best weights.
 
-HeadTrainer (tlframe.trainer) runs its epochs in-graph, a chunk between two
-checkpoints at a time; FineTuner (tlframe.finetune) one epoch at a time from
+HeadTrainer (tlframe.train.trainer) runs its epochs in-graph, a chunk between two
+checkpoints at a time; FineTuner (tlframe.train.finetune) one epoch at a time from
 Python. Both follow one rule, implemented here once (`FitLoop`):
 - `fit` resumes from a checkpoint (the loop's state is in it), runs chunks of
   epochs until the last epoch or an early stop, and after each chunk checks

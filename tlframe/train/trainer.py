@@ -207,7 +207,7 @@ class HeadTrainer(fit_loop.FitLoop):
   validation: (features, labels) evaluated in-graph after every epoch (for
   early stopping and the validation curves), or None.
   `fit(make_iterator)`: make_iterator(first_epoch) gives the batches of all
-  the remaining epochs, drawn chunk by chunk (tlframe.fit_loop).
+  the remaining epochs, drawn chunk by chunk (tlframe.train.fit_loop).
   """
 
   _WEIGHTS_WHAT = "the head's weights"
