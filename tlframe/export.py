@@ -102,7 +102,7 @@ class ClassifierModule(tf.Module):
     self._image_spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
     # Every signature classifies through this one function: the backbone's graph is
     # traced, and saved, once (each signature tracing it anew cost seconds per export).
-    self._classify = tf.function(self.outputs, input_signature=[
+    self._classify = tf.function(self.outputs, autograph=False, input_signature=[
         tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)])
 
   def outputs(self, images, backbone=None):
@@ -150,19 +150,22 @@ class ClassifierModule(tf.Module):
                       lambda: tf.clip_by_value(images, 0.0, 1.0), each_image)
     return tf.ensure_shape(resized, [None, size, size, 3])
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+               autograph=False)
   def serve_bytes(self, image_bytes):
     images = tf.map_fn(self._decode_and_resize, image_bytes, fn_output_signature=self._image_spec)
     return self._classify(images)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
-                                tf.TensorSpec([None], tf.string, name="key")])
+                                tf.TensorSpec([None], tf.string, name="key")],
+               autograph=False)
   def serve_keyed(self, image_bytes, key):
     outputs = self.serve_bytes(image_bytes)
     outputs["key"] = tf.identity(key)
     return outputs
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")],
+               autograph=False)
   def predict_images(self, images):
     return self._classify(self._resize(images))
 
