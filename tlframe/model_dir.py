@@ -34,11 +34,11 @@ RUN_OPTIONS_FILENAME = "run_options.json"
 CHECKPOINT_DIRNAME = "checkpoints"
 LOGS_DIRNAME = "logs"
 METRICS_FILENAME = "metrics.json"
-CONFUSION_FILENAME = "confusion_matrix.png"
 RECORDS_DIRNAME = options_lib.RECORDS_DIRNAME
 # Everything a run writes into the model dir (the lock file aside).
 OUTPUTS = (RUN_OPTIONS_FILENAME, CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME,
-           CONFUSION_FILENAME, "head", "head_config.json", "labels.txt", "calibration.json",
+           "confusion_matrix.png",   # earlier versions' unlabelled copy: still cleaned up
+           "head", "head_config.json", "labels.txt", "calibration.json",
            "export", "fine_tuned_backbone",   # finetune.BACKBONE_DIRNAME
            "report.html", "plots", "suspect_labels.csv")   # training_report
 # What the model is a model of: a change makes another model.
