@@ -53,6 +53,24 @@ def test_export_dir_holds_the_contract(trained_model):
   assert info["calibration"]["temperature"] == pytest.approx(expected["temperature"])
 
 
+def test_the_signatures_share_one_trace_of_the_backbone_and_head(trained_model):
+  """saved_model.pb holds the three signatures' functions and the one function they all
+  classify through, each traced once; not the backbone module's own functions (its
+  bfloat16 entry point in a float32 export), which only made the export slower."""
+  from tensorflow.core.framework import types_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  saved = saved_model_pb2.SavedModel()
+  with open(os.path.join(trained_model.export_dir, "saved_model.pb"), "rb") as f:
+    saved.ParseFromString(f.read())
+  graph = saved.meta_graphs[0]
+  functions = {node.function.concrete_functions[0].split("_")[-2]: node.function
+               for node in graph.object_graph_def.nodes if node.WhichOneof("kind") == "function"}
+  assert sorted(functions) == ["bytes", "images", "keyed", "outputs"]
+  assert all(len(function.concrete_functions) == 1 for function in functions.values())
+  assert not [function.signature.name for function in graph.graph_def.library.function
+              if any(arg.type == types_pb2.DT_BFLOAT16 for arg in function.signature.input_arg)]
+
+
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):
   """serving_default on the validation records' bytes == training's pipeline + backbone + head."""
   examples = _split_records(trained_model.records_dir, "validation")

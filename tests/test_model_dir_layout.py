@@ -28,7 +28,7 @@ def _layout_names():
   names = {name: value for name, value in vars(model_dir_layout).items()
            if name.endswith(("_FILENAME", "_DIRNAME")) and isinstance(value, str)}
   # evaluate's output folder has a confusion_matrix.png of its own (evaluation.py).
-  names.pop("CONFUSION_FILENAME", None)
+  names.pop("EARLIER_CONFUSION_FILENAME", None)
   return names
 
 

@@ -224,6 +224,10 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   # One random seed pair per element drives the stateless augmentation.
   dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
 
+  # The element functions below are not autograph-converted (do_not_convert): their only
+  # control flow on tensors is explicit (tf.cond), and converting them, and all they call,
+  # cost about a second of every run's start.
+  @tf.autograph.experimental.do_not_convert
   def parse_and_decode(serialized, element_seed):
     encoded, label, filename = example_format.parse_example(serialized)
     return try_map(encoded, imageformat.decode_image, tf.zeros([1, 1, 3], tf.uint8)).map(
@@ -232,11 +236,13 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   dataset = dataset.interleave(parse_and_decode, cycle_length=tf.data.AUTOTUNE,
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
+  @tf.autograph.experimental.do_not_convert
   def keep_decoded(image, label, filename, element_seed, ok):
     return tf.cond(ok, lambda: True, lambda: _count_skip(skip_counter, filename))
 
   dataset = dataset.filter(keep_decoded)
 
+  @tf.autograph.experimental.do_not_convert
   def to_model_input(image, label, filename, element_seed, ok):
     if augment:
       image = augment_image(image, element_seed, image_size, resize_mode)

@@ -308,7 +308,9 @@ class InvertedResidualNet(tf.Module):
     self._mean = tf.constant(network.mean, shape=[1, 1, 1, 3])
     self._inverse_std = tf.constant([1.0 / s for s in network.std], shape=[1, 1, 1, 3])
 
-  @tf.function
+  # No autograph: the control flow on tensors is the explicit tf.cond, the rest is Python
+  # over the layers; converting it cost seconds of the first (building) run.
+  @tf.function(autograph=False)
   def __call__(self, images):
     dtype = images.dtype
     # Read once, outside the cond below: variable reads inside its branches make

@@ -269,7 +269,9 @@ class ConcatenatedModule(tf.Module):
     for dtype in (tf.float32, tf.bfloat16):
       self.__call__.get_concrete_function(tf.TensorSpec([None, input_size, input_size, 3], dtype))
 
-  @tf.function
+  # No autograph: the loop is over Python lists, and every trace (the run's, the export's)
+  # is faster without converting the code.
+  @tf.function(autograph=False)
   def __call__(self, images):
     features = []
     for module, size, bfloat16 in zip(self.parts, self.part_sizes, self.part_bfloat16):

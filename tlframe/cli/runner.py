@@ -12,6 +12,7 @@ exit 2. `command(name)` spells a console command (tensorboard, tlframe-predict)
 so that a printed hint runs as printed.
 """
 
+import atexit
 import difflib
 import errno
 import importlib.util
@@ -52,8 +53,13 @@ class _TensorFlowInfoFilter(logging.Filter):
     return record.levelno > logging.INFO or not record.pathname.startswith(self._prefixes)
 
 
-def run(main):
-  """Runs `main` under absl with tlframe's flag errors, `~` expansion and UserError handling."""
+def run(main, *, exit_at_once=False):
+  """Runs `main` under absl with tlframe's flag errors, `~` expansion and UserError handling.
+
+  exit_at_once: when `main` returns, run the exit handlers (flushing the logs and
+  output) and end the process without Python's teardown of TensorFlow's objects,
+  which takes seconds after a training run and has nothing left to write.
+  """
 
   def guarded_main(argv):
     # TensorFlow's own INFO lines (checkpoint sharding, dataset buffers, SavedModel
@@ -62,7 +68,7 @@ def run(main):
     if native_logs.enabled():
       absl_logging.get_absl_handler().addFilter(_TensorFlowInfoFilter())
     try:
-      return main(argv)
+      status = main(argv)
     except UserError as e:
       _fail(str(e))
     except Exception as e:  # pylint: disable=broad-except  (OSError or TensorFlow's errors)
@@ -70,6 +76,12 @@ def run(main):
       if message is None:
         raise
       _fail(message)
+    if exit_at_once and not status:
+      atexit._run_exitfuncs()  # pylint: disable=protected-access  (what a normal exit runs)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(0)  # pylint: disable=protected-access
+    return status
 
   app.run(guarded_main, flags_parser=_parse_flags)
 

@@ -69,8 +69,12 @@ class ClassifierModule(tf.Module):
     self.image_size = backbone.input_size
     self.resize_mode = resize_mode
     self.top_k = min(MAX_TOP_K, len(labels))
-    # The loaded SavedModel and the head are tracked, so their variables are saved.
-    self.backbone_module = backbone.module
+    # The backbone's variables and the head are tracked, so their variables are saved. Not
+    # the backbone's module: saving it would save every function it has (its bfloat16 entry
+    # too), where the signatures reach the one they call; that cost seconds per export.
+    self.backbone_variables = [trackable for trackable in
+                               tf.train.TrackableView(backbone.module).descendants()
+                               if isinstance(trackable, tf.Variable)]
     self.head = head
     self.labels_file = tf.saved_model.Asset(labels_file)
     self._backbone = backbone
@@ -80,8 +84,13 @@ class ClassifierModule(tf.Module):
     self._image_spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
     # Every signature classifies through this one function: the backbone's graph is
     # traced, and saved, once (each signature tracing it anew cost seconds per export).
-    self._classify = tf.function(self.outputs, input_signature=[
+    self._classify = tf.function(self.outputs, autograph=False, input_signature=[
         tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)])
+
+  @property
+  def backbone_function(self):
+    """The backbone's module as loaded: its float32 entry point whatever the precision."""
+    return self._backbone.module
 
   def outputs(self, images, backbone=None):
     """float32 [B, S, S, 3] in [0, 1] -> the signatures' output dict."""
@@ -128,19 +137,22 @@ class ClassifierModule(tf.Module):
                       lambda: tf.clip_by_value(images, 0.0, 1.0), each_image)
     return tf.ensure_shape(resized, [None, size, size, 3])
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+               autograph=False)
   def serve_bytes(self, image_bytes):
     images = tf.map_fn(self._decode_and_resize, image_bytes, fn_output_signature=self._image_spec)
     return self._classify(images)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
-                                tf.TensorSpec([None], tf.string, name="key")])
+                                tf.TensorSpec([None], tf.string, name="key")],
+               autograph=False)
   def serve_keyed(self, image_bytes, key):
     outputs = self.serve_bytes(image_bytes)
     outputs["key"] = tf.identity(key)
     return outputs
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")],
+               autograph=False)
   def predict_images(self, images):
     return self._classify(self._resize(images))
 
@@ -235,7 +247,7 @@ def _write_tflite(module, directory, labels):
   # TFLite runs the backbone's float32 entry point whatever the export's precision.
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="images")])
   def classify(images):
-    outputs = module.outputs(images, backbone=module.backbone_module)
+    outputs = module.outputs(images, backbone=module.backbone_function)
     return {name: outputs[name] for name in ("classes", "probabilities", "scores")}
 
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -271,7 +283,7 @@ def _check_tflite(model, module, size):
     images.append(np.clip(base * 0.5 + 0.5 + noise, 0.0, 1.0))
   images = np.stack(images)
   expected = module.outputs(tf.constant(images),
-                            backbone=module.backbone_module)["probabilities"].numpy()
+                            backbone=module.backbone_function)["probabilities"].numpy()
   actual = tflite_classify(model, images)
   difference = float(np.max(np.abs(actual - expected)))
   if difference > TFLITE_PROBABILITY_TOLERANCE:

@@ -27,11 +27,13 @@ EXPORT_DIRNAME = "export"
 REPORT_FILENAME = "report.html"
 PLOTS_DIRNAME = "plots"
 SUSPECT_LABELS_FILENAME = "suspect_labels.csv"
-CONFUSION_FILENAME = "confusion_matrix.png"
+# Earlier versions wrote an unlabelled confusion matrix here (report.html has the
+# labelled one now): a name --overwrite still removes, written by no run.
+EARLIER_CONFUSION_FILENAME = "confusion_matrix.png"
 # The run's input (bin/train --image_dir converts into it), not one of its outputs.
 RECORDS_DIRNAME = options_lib.RECORDS_DIRNAME
 # Everything a run writes into the model dir (the lock file aside): what --overwrite removes.
 OUTPUTS = (RUN_OPTIONS_FILENAME, CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME,
-           CONFUSION_FILENAME, HEAD_DIRNAME, HEAD_CONFIG_FILENAME, LABELS_FILENAME,
+           EARLIER_CONFUSION_FILENAME, HEAD_DIRNAME, HEAD_CONFIG_FILENAME, LABELS_FILENAME,
            CALIBRATION_FILENAME, EXPORT_DIRNAME, FINE_TUNED_BACKBONE_DIRNAME, REPORT_FILENAME,
            PLOTS_DIRNAME, SUSPECT_LABELS_FILENAME)

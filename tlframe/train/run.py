@@ -13,8 +13,8 @@ The run, top to bottom (`train`):
    checkpoints, TensorBoard summaries and early stopping;
 5. fit the probability temperature (`calibration`), measure train,
    validation and test accuracy (the test split is only reported, never used
-   for a choice), and write the model: head, labels, metrics.json and the
-   validation split's confusion matrix as a PNG;
+   for a choice), and write the model: head, labels, metrics.json, and the
+   report with its labelled plots (`training_report`);
 6. export a SavedModel on image bytes into model_dir/export/<N>/ (`export`).
 
 With --fine_tune, the top blocks of the backbone then train with the head
@@ -203,10 +203,6 @@ def _run(options, strategy):
                           scores=scores, labels=labels, filenames=report_set.filenames,
                           split=fitted_on,
                           log_dir=os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME))
-  shown = metrics["validation"] or metrics["train"]
-  confusion_png = tf.io.encode_png(summaries.confusion_image(shown["confusion_matrix"]))
-  fileio.atomic_write_bytes(os.path.join(options.model_dir, model_dir_layout.CONFUSION_FILENAME),
-                            confusion_png.numpy())
   return metrics
 
 
@@ -225,12 +221,16 @@ def _finished_run(options):
 def _feature_sets(options, strategy, backbone, num_classes):
   """{split: FeatureSet or None} for train, validation and test, counted from what was read."""
   feature_sets = {}
+  counts = {split: records.count_examples(options.records_dir, split) for split in records.SPLITS}
+  # No batch larger than the largest split: a few photos would otherwise go through the
+  # backbone padded to a full batch; one batch size still gives every split one trace.
+  batch_size = max(1, min(options.extract_batch_size, max(counts.values())))
   for split in records.SPLITS:
-    if not records.count_examples(options.records_dir, split):
+    if not counts[split]:
       feature_sets[split] = None
       continue
     feature_sets[split] = features_lib.cached_features(
-        backbone, options.records_dir, split, batch_size=options.extract_batch_size,
+        backbone, options.records_dir, split, batch_size=batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
         num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
         flip=options.flip_features, feature_cache_dir=options.feature_cache_dir,
