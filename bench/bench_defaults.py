@@ -61,7 +61,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from bench_common import add_data_dir_argument, cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
-K_SHOTS = (1, 5, 10, 20, None)   # None: every training image
+K_SHOTS = "1,5,10,20,all"   # training images per class; all: every one
 MOBILENET, LITE0 = "mobilenet_v2_100_224", "efficientnet_lite0"
 # (backbone, resize mode, flip features): every built-in at the default crop,
 # the concatenation of the two fastest, then the crop and flip options.
@@ -187,7 +187,7 @@ def spread(values):
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def bench_set(name, records_dir, seeds, option_list, losses, precision):
+def bench_set(name, records_dir, seeds, option_list, losses, precision, k_shots):
   labels = records.read_labels(records_dir)
   print(f"\n## {name}: {len(labels)} classes\n")
   print("| backbone | resize | flip | images/s | k | loss | tlframe default (%) | "
@@ -198,7 +198,7 @@ def bench_set(name, records_dir, seeds, option_list, losses, precision):
     train, test, rate, backbone_precision = option_features(records_dir, handle, resize_mode,
                                                             flip, precision, rates)
     per_class = np.bincount(train.labels).min()
-    for k in K_SHOTS:
+    for k in k_shots:
       if k is not None and k >= per_class:
         continue
       if k is not None and k * len(labels) < options_lib.TrainOptions.cv_folds:
@@ -270,6 +270,9 @@ def main():
                            "skips the backbone passes.")
   parser.add_argument("--seeds", type=int, default=3,
                       help="Random k-shot subsets per k (all images: one run).")
+  parser.add_argument("--k_shots", default=K_SHOTS,
+                      help="Comma-separated training images per class to subsample (all: every "
+                           "one); those not below the smallest class are skipped.")
   parser.add_argument("--only", default=None,
                       help="Comma-separated indices into the option list, to rerun a few.")
   parser.add_argument("--losses", default="softmax",
@@ -297,6 +300,7 @@ def main():
   option_list = FEATURE_OPTIONS if args.only is None else [
       FEATURE_OPTIONS[int(i)] for i in args.only.split(",")]
   losses = args.losses.split(",")
+  k_shots = [None if k == "all" else int(k) for k in args.k_shots.split(",")]
   unknown = sorted(set(losses) - set(options_lib.LOSSES))
   if unknown:
     parser.error(f"--losses: {', '.join(unknown)} not in {', '.join(options_lib.LOSSES)}")
@@ -311,10 +315,10 @@ def main():
       print(f"(oxford_flowers12 not found under {args.data_dir}: skipped)")
     elif "oxford_flowers12" in datasets:
       results += bench_set("oxford_flowers12", flowers, args.seeds, option_list, losses,
-                           args.precision)
+                           args.precision, k_shots)
     if "lfw" in datasets:
       results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
-                           option_list, losses, args.precision)
+                           option_list, losses, args.precision, k_shots)
   auto_table(results, args.backbone_budget_s, args.precision)
   if args.json_out:
     with open(args.json_out, "w") as f:
