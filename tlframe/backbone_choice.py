@@ -49,18 +49,18 @@ EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # candidates they would never be picked before it (they stay a flag away).
 CANDIDATES = (f"{MOBILENET_V2},{EFFICIENTNET_LITE0}", MOBILENET_V2)
 # A concatenation only when every class has at least this many training images.
-# Why a count per class: the head learns each class's direction in the
-# features from that class's images; a concatenation adds as many dimensions
-# again (2,560 for the pair, 1,280 for MobileNetV2), whose noise in those
-# directions only falls as images per class grow, and a part weaker on the task
-# (Lite0 on small photos) dilutes the stronger one until there are enough
-# images to weigh the two. Cross-validation cannot make the call instead: at a
-# few images per class a head separates the held-out folds at every l2 on
-# either feature set (LFW: 100% held-out accuracy for all three at 5 and 10
-# per class), and with one per class there is nothing to hold out. The
-# number is where the pair stopped losing to MobileNetV2 on both measured
-# sets (docs/training.md: -4.3 and -2.4 points on LFW at 5 and 10 per class,
-# -0.4 at 20; on oxford_flowers12 behind at 1 per class, ahead from ...).
+# Why a count per class: the head estimates each class's direction in the
+# features from that class's images; a concatenation doubles the dimensions
+# (2,560 for the pair against MobileNetV2's 1,280) that estimate is noisy in,
+# the noise falls as images per class grow, and a part weaker on the task
+# (Lite0 on LFW's small faces) drags the pair down until there are enough
+# images to lean on the better half. Cross-validation cannot make the call
+# instead: with a few images per class every candidate separates the held-out
+# folds at every l2 (LFW: 100% for all three up to 30 per class), and with one
+# per class there is nothing to hold out. The number is read off both measured
+# sets (docs/training.md): on LFW the pair is -4.3 and -2.4 points against
+# MobileNetV2 at 5 and 10 per class, within half a photo from 20; on
+# oxford_flowers12 -8.9 at 1 per class and ahead (+0.7) at 20.
 MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 20
 # Seconds the backbone pass of the chosen candidate may take: the wait a user
 # accepts for better features (a few hundred images run the concatenation even
