@@ -60,7 +60,7 @@ CANDIDATES = (f"{MOBILENET_V2},{EFFICIENTNET_LITE0}", MOBILENET_V2)
 # per class there is nothing to hold out. The number is read off both measured
 # sets (docs/training.md): on LFW the pair is -4.3 and -2.4 points against
 # MobileNetV2 at 5 and 10 per class, within half a photo from 20; on
-# oxford_flowers12 -8.9 at 1 per class and ahead (+0.7) at 20.
+# oxford_flowers12 -9.2 at 1 per class and ahead (+0.7) at 20.
 MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 20
 # Seconds the backbone pass of the chosen candidate may take: the wait a user
 # accepts for better features (a few hundred images run the concatenation even
