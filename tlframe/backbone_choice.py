@@ -109,33 +109,40 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
   A candidate qualifies when its pass over `num_images` is expected to fit
   `budget_s` and, for a concatenation, `smallest_class` (the fewest training
   images of any class; None: unknown, not checked) is at least
-  MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. images_per_second: a function
-  handle -> images/s on this machine (for a concatenation too). Pure: give it
-  a fake rate to test the rule.
+  MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. `candidates` must hold a single
+  backbone (the list's last). images_per_second: a function handle ->
+  images/s on this machine (for a concatenation too), asked only of the
+  candidates the count leaves. Pure: give it a fake rate to test the rule.
   """
-  rates = {handle: float(images_per_second(handle)) for handle in candidates}
-  estimates = {handle: num_images / rates[handle] for handle in candidates}
+  # Rates only of the candidates the count leaves: a small set measures no second built-in.
+  rates = {handle: float(images_per_second(handle)) for handle in candidates
+           if _enough_per_class(handle, smallest_class)}
+  estimates = {handle: num_images / rate for handle, rate in rates.items()}
   passed_over = []
   for handle in candidates:
-    if (len(parts(handle)) > 1 and smallest_class is not None
-        and smallest_class < MIN_IMAGES_PER_CLASS_FOR_CONCATENATION):
+    if handle not in rates:
       passed_over.append(f"{handle}: a class has {smallest_class} training images, a "
                          f"concatenation needs {MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}")
-      continue
-    if estimates[handle] <= budget_s:
+    elif estimates[handle] <= budget_s:
       reason = (f"the most accurate candidate whose pass over {num_images} images is expected to "
                 f"fit --backbone_budget_s={budget_s:g}: ~{estimates[handle]:.0f} s at "
                 f"{rates[handle]:.3g} images/s")
       break
-    passed_over.append(f"{handle}: over, ~{estimates[handle]:.0f} s")
+    else:
+      passed_over.append(f"{handle}: over, ~{estimates[handle]:.0f} s")
   else:
-    handle = max(candidates, key=lambda h: rates[h])
+    handle = max(rates, key=rates.get)
     reason = (f"no candidate qualifies for {num_images} images at --backbone_budget_s="
               f"{budget_s:g}: the fastest, ~{estimates[handle]:.0f} s at {rates[handle]:.3g} "
               "images/s")
   if passed_over:
     reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
   return Choice(handle, reason, num_images, budget_s, estimates[handle], rates, smallest_class)
+
+
+def _enough_per_class(handle, smallest_class):
+  return (len(parts(handle)) == 1 or smallest_class is None
+          or smallest_class >= MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
 
 
 def smallest_class(manifest):
