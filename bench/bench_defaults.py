@@ -21,8 +21,9 @@ compare rates within one run).
 Then, per data set and k, what `--backbone=auto` (tlframe/train/backbone_choice.py,
 bin/train's default) would choose for records of those training images plus
 the test split, at this machine's cached images/s and --backbone_budget_s,
-against every backbone run: test accuracy and seconds (the backbone pass over
-those images at this run's rate, plus the head's training).
+against every backbone run: test accuracy (mean ± standard deviation over the
+subsets) and seconds (the backbone pass over those images at this run's rate,
+plus the head's training).
 
 Data sets: oxford_flowers12 (its TEST_SPLIT.txt is the test split; 60 train
 images per class) and scikit-image's LFW subset (100 face / 100 not-face
@@ -59,7 +60,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from bench_common import add_data_dir_argument, cpu_model, k_shot_rows  # pylint: disable=wrong-import-position
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
-K_SHOTS = (1, 5, 10, 20, None)   # None: every training image
+K_SHOTS = "1,5,10,20,all"   # training images per class; all: every one
 MOBILENET, LITE0 = "mobilenet_v2_100_224", "efficientnet_lite0"
 # (backbone, resize mode, flip features): every built-in at the default crop,
 # the concatenation of the two fastest, then the crop and flip options.
@@ -116,6 +117,40 @@ def feature_sets(records_dir, backbone, resize_mode, flip):
   return train, test, images / (train.extract_seconds + test.extract_seconds)
 
 
+def option_features(records_dir, handle, resize_mode, flip, precision, rates):
+  """(train, test FeatureSet, images/s or None, the backbone's precision) of one feature option.
+
+  A concatenation whose parts take the same input size is assembled from its
+  parts' features, side by side, as ConcatenatedModule computes them (each
+  part on the same images): its rows reuse the parts' cached passes, and its
+  images/s is the parts' combined rate. `rates`: (handle, resize mode, flip)
+  -> images/s of the passes run so far in this bench run, updated here.
+  """
+  backbones = [backbone_lib.load_backbone(part, precision=precision)
+               for part in backbone_choice.parts(handle)]
+  if len({backbone.input_size for backbone in backbones}) > 1:
+    backbones = [backbone_lib.load_backbone(handle, precision=precision)]
+  sets = []
+  for backbone in backbones:
+    train, test, rate = feature_sets(records_dir, backbone, resize_mode, flip)
+    key = (backbone.handle, resize_mode, flip)
+    rates[key] = rate or rates.get(key)
+    sets.append((train, test, rates[key], backbone.precision))
+  if len(sets) == 1:
+    return sets[0]
+
+  def side_by_side(split, name):
+    views = [getattr(parts[split], name) for parts in sets]
+    return None if views[0] is None else np.concatenate(views, axis=1)
+
+  train, test = (dataclasses.replace(sets[0][split], features=side_by_side(split, "features"),
+                                     flipped_features=side_by_side(split, "flipped_features"))
+                 for split in (0, 1))
+  part_rates = [parts[2] for parts in sets]
+  rate = None if None in part_rates else backbone_choice.concatenation_rate(part_rates)
+  return train, test, rate, "bfloat16" if "bfloat16" in [parts[3] for parts in sets] else "float32"
+
+
 def default_head(train, rows, test, num_classes, loss):
   """(test accuracy, seconds, "l2 normalization" chosen) of bin/train's default head on `rows`.
 
@@ -151,18 +186,18 @@ def spread(values):
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def bench_set(name, records_dir, seeds, option_list, losses, precision):
+def bench_set(name, records_dir, seeds, option_list, losses, precision, k_shots):
   labels = records.read_labels(records_dir)
   print(f"\n## {name}: {len(labels)} classes\n")
   print("| backbone | resize | flip | images/s | k | loss | tlframe default (%) | "
         "l2, normalization chosen | LinearSVC, C CV'd (%) | C chosen | head s | SVC s |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-  results = []
+  results, rates = [], {}
   for handle, resize_mode, flip in option_list:
-    backbone = backbone_lib.load_backbone(handle, precision=precision)
-    train, test, rate = feature_sets(records_dir, backbone, resize_mode, flip)
+    train, test, rate, backbone_precision = option_features(records_dir, handle, resize_mode,
+                                                            flip, precision, rates)
     per_class = np.bincount(train.labels).min()
-    for k in K_SHOTS:
+    for k in k_shots:
       if k is not None and k >= per_class:
         continue
       if k is not None and k * len(labels) < options_lib.TrainOptions.cv_folds:
@@ -176,7 +211,7 @@ def bench_set(name, records_dir, seeds, option_list, losses, precision):
       for loss in losses:
         runs = [default_head(train, rows, test, len(labels), loss) for rows in subsets]
         ours = [run[0] for run in runs]
-        row = dict(data=name, backbone=handle, precision=backbone.precision,
+        row = dict(data=name, backbone=handle, precision=backbone_precision,
                    num_classes=len(labels), num_test=len(test.labels),
                    resize_mode=resize_mode, flip=flip,
                    images_per_second=rate, k=k or int(per_class), loss=loss, tlframe=ours,
@@ -199,8 +234,8 @@ def auto_table(results, budget_s, precision):
           and row["loss"] == "softmax"]
   handles = list(dict.fromkeys(row["backbone"] for row in runs))
   print(f"\n## --backbone=auto (budget {budget_s:g} s; images/s cached for {speeds.key}) "
-        "against each backbone: test accuracy % (seconds: pass over train + test at this run's "
-        "rate, plus the head)\n")
+        "against each backbone: test accuracy %, mean ± std over the subsets (seconds: pass over "
+        "train + test at this run's rate, plus the head)\n")
   print("| data | k | images | auto choice | auto % | " + " | ".join(handles) + " |")
   print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in handles) + " |")
   for data in dict.fromkeys(row["data"] for row in runs):
@@ -208,9 +243,9 @@ def auto_table(results, budget_s, precision):
       by_handle = {row["backbone"]: row for row in runs if row["data"] == data and row["k"] == k}
       any_row = next(iter(by_handle.values()))
       images = any_row["num_classes"] * k + any_row["num_test"]
-      choice = backbone_choice.choose(images, budget_s, speeds)
+      choice = backbone_choice.choose(images, budget_s, speeds, smallest_class=k)
       chosen = by_handle.get(choice.backbone)
-      auto = "not run" if chosen is None else f"{100 * np.mean(chosen['tlframe']):.1f}"
+      auto = "not run" if chosen is None else spread(chosen["tlframe"])
       cells = []
       for handle in handles:
         row = by_handle.get(handle)
@@ -219,7 +254,7 @@ def auto_table(results, budget_s, precision):
           continue
         seconds = (f"{images / row['images_per_second'] + row['head_seconds']:.0f} s"
                    if row["images_per_second"] else "cached")
-        cells.append(f"{100 * np.mean(row['tlframe']):.1f} ({seconds})")
+        cells.append(f"{spread(row['tlframe'])} ({seconds})")
       print(f"| {data} | {k} | {images} | {choice.backbone} (~{choice.estimated_pass_s:.0f} s) | "
             f"{auto} | "
             + " | ".join(cells) + " |", flush=True)
@@ -234,6 +269,9 @@ def main():
                            "skips the backbone passes.")
   parser.add_argument("--seeds", type=int, default=3,
                       help="Random k-shot subsets per k (all images: one run).")
+  parser.add_argument("--k_shots", default=K_SHOTS,
+                      help="Comma-separated training images per class to subsample (all: every "
+                           "one); those not below the smallest class are skipped.")
   parser.add_argument("--only", default=None,
                       help="Comma-separated indices into the option list, to rerun a few.")
   parser.add_argument("--losses", default="softmax",
@@ -261,6 +299,7 @@ def main():
   option_list = FEATURE_OPTIONS if args.only is None else [
       FEATURE_OPTIONS[int(i)] for i in args.only.split(",")]
   losses = args.losses.split(",")
+  k_shots = [None if k == "all" else int(k) for k in args.k_shots.split(",")]
   unknown = sorted(set(losses) - set(options_lib.LOSSES))
   if unknown:
     parser.error(f"--losses: {', '.join(unknown)} not in {', '.join(options_lib.LOSSES)}")
@@ -275,10 +314,10 @@ def main():
       print(f"(oxford_flowers12 not found under {args.data_dir}: skipped)")
     elif "oxford_flowers12" in datasets:
       results += bench_set("oxford_flowers12", flowers, args.seeds, option_list, losses,
-                           args.precision)
+                           args.precision, k_shots)
     if "lfw" in datasets:
       results += bench_set("LFW subset (face / not face)", lfw_records(work_dir), args.seeds,
-                           option_list, losses, args.precision)
+                           option_list, losses, args.precision, k_shots)
   auto_table(results, args.backbone_budget_s, args.precision)
   if args.json_out:
     with open(args.json_out, "w") as f:

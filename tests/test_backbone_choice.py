@@ -10,6 +10,7 @@ from tlframe.train import backbone_choice
 from tlframe.export import exporter as export_lib
 from tlframe.train import layout as model_dir_layout
 from tlframe import options as options_lib
+from tlframe import records as records_lib
 from tlframe import train
 from tlframe.errors import UserError
 from test_backbone_concat import parts  # pylint: disable=unused-import  (a fixture)
@@ -35,24 +36,49 @@ def test_the_rule_picks_the_concatenation_for_a_small_set_and_mobilenet_past_the
   assert small.backbone == CONCATENATION
   assert small.estimated_pass_s == pytest.approx(300 / fake_rates(20.0)(CONCATENATION))
   assert "most accurate" in small.reason and "300 images" in small.reason
-  # 2,000: the pair would take ~215 s, MobileNetV2 100 s.
+  # 2,000: the pair would take ~218 s, MobileNetV2 100 s.
   medium = backbone_choice.choose(2000, budget, fake_rates(20.0))
   assert medium.backbone == MOBILENET and medium.estimated_pass_s == pytest.approx(100)
-  assert f"more accurate but over: {CONCATENATION}" in medium.reason
+  pair_s = 2000 / fake_rates(20.0)(CONCATENATION)
+  assert f"more accurate but passed over: {CONCATENATION}: over, ~{pair_s:.0f} s" in medium.reason
   # 20,000: nothing fits; the fastest.
   large = backbone_choice.choose(20000, budget, fake_rates(20.0))
-  assert large.backbone == MOBILENET and "no candidate" in large.reason
+  assert large.backbone == MOBILENET and "no candidate qualifies" in large.reason
   # The same 2,000 on a machine ten times faster: the pair fits.
   assert backbone_choice.choose(2000, budget, fake_rates(200.0)).backbone == CONCATENATION
   # A concatenation's time per image is the sum of its parts'.
   assert backbone_choice.concatenation_rate([20.0, 20.0]) == pytest.approx(10.0)
 
 
+def test_a_concatenation_needs_enough_training_images_in_every_class():
+  budget, minimum = options_lib.DEFAULT_BACKBONE_BUDGET_S, (
+      backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
+  # 300 photos fit the pair's budget (~33 s); the smallest class decides.
+  enough = backbone_choice.choose(300, budget, fake_rates(20.0), smallest_class=minimum)
+  assert enough.backbone == CONCATENATION and enough.smallest_class == minimum
+  def single_rates(handle):   # the pair's rate is not asked for: no second built-in measured
+    assert handle == MOBILENET
+    return fake_rates(20.0)(handle)
+
+  few = backbone_choice.choose(300, budget, single_rates, smallest_class=minimum - 1)
+  assert few.backbone == MOBILENET and few.estimated_pass_s == pytest.approx(15)
+  assert few.images_per_second == {MOBILENET: 20.0}
+  assert (f"passed over: {CONCATENATION}: a class has {minimum - 1} training images, a "
+          f"concatenation needs {minimum}") in few.reason
+  # A single backbone has no minimum: one image per class still gets the best that fits.
+  assert backbone_choice.choose(300, budget, fake_rates(20.0), smallest_class=1,
+                                candidates=(MOBILENET,)).backbone == MOBILENET
+  # Unknown (no per-class counts): the budget alone decides.
+  assert backbone_choice.choose(300, budget, fake_rates(20.0)).backbone == CONCATENATION
+
+
 def test_images_counted_from_the_manifest_doubled_with_flips():
-  manifest = {"splits": {"train": {"examples": 70}, "validation": {"examples": 20},
-                         "test": {"examples": 10}}}
+  manifest = {"splits": {"train": {"examples": 70, "per_class": {"a": 40, "b": 30}},
+                         "validation": {"examples": 20}, "test": {"examples": 10}}}
   assert backbone_choice.images_to_pass(manifest, flip_features=False) == 100
   assert backbone_choice.images_to_pass(manifest, flip_features=True) == 200
+  assert backbone_choice.smallest_class(manifest) == 30
+  assert backbone_choice.smallest_class({"splits": {"train": {"examples": 70}}}) is None
 
 
 def test_speeds_are_measured_once_per_machine_and_estimated_when_not_built(tmp_path):
@@ -105,12 +131,25 @@ def test_an_explicit_backbone_is_kept(records_dir, tmp_path):
     options_lib.check(dataclasses.replace(options, backbone_budget_s=0))
 
 
+def test_a_run_with_few_images_per_class_keeps_to_one_backbone(records_dir, tmp_path):
+  """Real records of 4 classes, ~8 training photos each: the pair fits the budget, but too few."""
+  options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"))
+  resolved, choice = backbone_choice.resolve(options, images_per_second=fake_rates(1000.0))
+  manifest_counts = records_lib.read_manifest(records_dir)["splits"]["train"]["per_class"]
+  assert choice.smallest_class == min(manifest_counts.values()) < (
+      backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
+  assert resolved.backbone == choice.backbone == MOBILENET
+  assert f"{CONCATENATION}: a class has {choice.smallest_class} training images" in choice.reason
+
+
 def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(
     records_dir, parts, tmp_path, monkeypatch):  # pylint: disable=redefined-outer-name
   """Auto between two tiny real modules and their concatenation: train, export, rerun."""
   big, small = parts
   pair = f"{big},{small}"
   monkeypatch.setattr(backbone_choice, "CANDIDATES", (pair, big))
+  # These records have ~8 training photos per class: let the pair qualify, to run it end to end.
+  monkeypatch.setattr(backbone_choice, "MIN_IMAGES_PER_CLASS_FOR_CONCATENATION", 1)
   monkeypatch.setattr(backbone_choice, "machine_speeds", lambda precision: {pair: 50.0, big: 100.0}.get)
   model_dir = str(tmp_path / "model")
   options = train.TrainOptions(records_dir=records_dir, model_dir=model_dir, loss="hinge",

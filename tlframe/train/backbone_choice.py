@@ -3,10 +3,12 @@
 The rule (`choose`): walk `CANDIDATES`, most accurate first, and take the
 first whose backbone pass over the run's images (every split of the records'
 manifest, twice with --flip_features) is expected to take at most the budget
-(`--backbone_budget_s`, DEFAULT_BUDGET_S) at this machine's images/s; when
-none fits, the fastest. The order was measured with bench/bench_defaults.py
-on oxford_flowers12, its k-shot subsets and LFW (docs/training.md, "How
---backbone=auto chooses"), not tuned to one set.
+(`--backbone_budget_s`, DEFAULT_BUDGET_S) at this machine's images/s, and,
+for a concatenation, whose smallest class has at least
+MIN_IMAGES_PER_CLASS_FOR_CONCATENATION training images; when none
+qualifies, the fastest. The order and the minimum were measured with
+bench/bench_defaults.py on oxford_flowers12, its k-shot subsets and LFW
+(docs/training.md, "--backbone=auto: how it chooses"), not tuned to one set.
 
 Images/s (`MachineSpeeds`): measured on one small batch per built-in part,
 the first time a run on this machine needs it, and kept in
@@ -46,6 +48,20 @@ EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # built-ins were not ahead of MobileNetV2 on average, and are slower, so as
 # candidates they would never be picked before it (they stay a flag away).
 CANDIDATES = (f"{MOBILENET_V2},{EFFICIENTNET_LITE0}", MOBILENET_V2)
+# A concatenation only when every class has at least this many training images.
+# Why a count per class: the head estimates each class's direction in the
+# features from that class's images; a concatenation doubles the dimensions
+# (2,560 for the pair against MobileNetV2's 1,280) that estimate is noisy in,
+# the noise falls as images per class grow, and a part weaker on the task
+# (Lite0 on LFW's small faces) drags the pair down until there are enough
+# images to lean on the better half. Cross-validation cannot make the call
+# instead: with a few images per class every candidate separates the held-out
+# folds at every l2 (LFW: 100% for all three up to 30 per class), and with one
+# per class there is nothing to hold out. The number is read off both measured
+# sets (docs/training.md): on LFW the pair is -4.3 and -2.4 points against
+# MobileNetV2 at 5 and 10 per class, within half a photo from 20; on
+# oxford_flowers12 -9.2 at 1 per class and ahead (+0.7) at 20.
+MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 20
 # Seconds the backbone pass of the chosen candidate may take: the wait a user
 # accepts for better features (a few hundred images run the concatenation even
 # on a loaded 2-core machine; thousands on a slow one get MobileNetV2).
@@ -71,6 +87,7 @@ class Choice:
   budget_s: float = None
   estimated_pass_s: float = None   # of the chosen backbone
   images_per_second: dict = None   # candidate -> the rate the rule used
+  smallest_class: int = None       # the fewest training images of any class
 
   def as_dict(self):
     return dataclasses.asdict(self)
@@ -85,29 +102,53 @@ def concatenation_rate(part_rates):
   return 1.0 / sum(1.0 / rate for rate in part_rates)
 
 
-def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES):
-  """The first of `candidates` (most accurate first) whose pass fits `budget_s`, else the fastest.
+def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
+           smallest_class=None):
+  """The first of `candidates` (most accurate first) that qualifies, else the fastest.
 
-  images_per_second: a function handle -> images/s on this machine (for a
-  concatenation too). Pure: give it a fake rate to test the rule.
+  A candidate qualifies when its pass over `num_images` is expected to fit
+  `budget_s` and, for a concatenation, `smallest_class` (the fewest training
+  images of any class; None: unknown, not checked) is at least
+  MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. `candidates` must hold a single
+  backbone (the list's last). images_per_second: a function handle ->
+  images/s on this machine (for a concatenation too), asked only of the
+  candidates the count leaves. Pure: give it a fake rate to test the rule.
   """
-  rates = {handle: float(images_per_second(handle)) for handle in candidates}
-  estimates = {handle: num_images / rates[handle] for handle in candidates}
+  # Rates only of the candidates the count leaves: a small set measures no second built-in.
+  rates = {handle: float(images_per_second(handle)) for handle in candidates
+           if _enough_per_class(handle, smallest_class)}
+  estimates = {handle: num_images / rate for handle, rate in rates.items()}
+  passed_over = []
   for handle in candidates:
-    if estimates[handle] <= budget_s:
-      others = [f"{other} ~{estimates[other]:.0f} s" for other in candidates[:candidates.index(
-          handle)]]
+    if handle not in rates:
+      passed_over.append(f"{handle}: a class has {smallest_class} training images, a "
+                         f"concatenation needs {MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}")
+    elif estimates[handle] <= budget_s:
       reason = (f"the most accurate candidate whose pass over {num_images} images is expected to "
                 f"fit --backbone_budget_s={budget_s:g}: ~{estimates[handle]:.0f} s at "
-                f"{rates[handle]:.3g} images/s"
-                + (f" (more accurate but over: {', '.join(others)})" if others else ""))
+                f"{rates[handle]:.3g} images/s")
       break
+    else:
+      passed_over.append(f"{handle}: over, ~{estimates[handle]:.0f} s")
   else:
-    handle = max(candidates, key=lambda h: rates[h])
-    reason = (f"no candidate's pass over {num_images} images fits --backbone_budget_s="
+    handle = max(rates, key=rates.get)
+    reason = (f"no candidate qualifies for {num_images} images at --backbone_budget_s="
               f"{budget_s:g}: the fastest, ~{estimates[handle]:.0f} s at {rates[handle]:.3g} "
               "images/s")
-  return Choice(handle, reason, num_images, budget_s, estimates[handle], rates)
+  if passed_over:
+    reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
+  return Choice(handle, reason, num_images, budget_s, estimates[handle], rates, smallest_class)
+
+
+def _enough_per_class(handle, smallest_class):
+  return (len(parts(handle)) == 1 or smallest_class is None
+          or smallest_class >= MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
+
+
+def smallest_class(manifest):
+  """The fewest training images of any class (the manifest's train per_class), None if unknown."""
+  per_class = manifest["splits"].get("train", {}).get("per_class")
+  return min(per_class.values()) if per_class else None
 
 
 def images_to_pass(manifest, flip_features):
@@ -224,10 +265,10 @@ def resolve(options, images_per_second=None):
     choice = Choice(CANDIDATES[-1], "multi-worker runs take the fastest candidate: every worker "
                     "must choose the same without measuring")
     return dataclasses.replace(options, backbone=choice.backbone), choice
-  num_images = images_to_pass(records.read_manifest(options.records_dir),
-                              options.flip_features)
-  choice = choose(num_images, options.backbone_budget_s,
-                  images_per_second or machine_speeds(options.precision), candidates=CANDIDATES)
+  manifest = records.read_manifest(options.records_dir)
+  choice = choose(images_to_pass(manifest, options.flip_features), options.backbone_budget_s,
+                  images_per_second or machine_speeds(options.precision), candidates=CANDIDATES,
+                  smallest_class=smallest_class(manifest))
   logging.info("--backbone=auto: %s, %s", choice.backbone, choice.reason)
   return dataclasses.replace(options, backbone=choice.backbone), choice
 
