@@ -1,4 +1,4 @@
-"""The model dir's layout: every name in it defined once (tlframe.train.layout); --overwrite removes
+"""The model dir's layout: every name in it defined once (tlframe/train/layout.py); --overwrite removes
 exactly what a run writes, and nothing of the user's."""
 
 import ast
@@ -21,6 +21,8 @@ from test_finetune import TinyBatchNormBackbone
 from test_train_helpers import make_records
 
 PACKAGE = pathlib.Path(tlframe.__file__).parent
+# The one module that names the entries of a model dir.
+OWNER = pathlib.Path("train", "layout.py")
 
 
 def _layout_names():
@@ -65,15 +67,15 @@ def _scan(values):
       if (isinstance(node, ast.Assign) and len(node.targets) == 1 and
           isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper() and
           isinstance(node.value, ast.Constant) and node.value.value in values):
-        definitions[node.value.value].append(f"{path.name}:{node.lineno}")
+        definitions[node.value.value].append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
         defined.add(id(node.value))
       elif isinstance(node, ast.Call):
         function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
             node.func, "id", "")
         if function.endswith("join") and any(map(_is_model_dir, node.args)):
           in_paths.update(id(arg) for arg in node.args if isinstance(arg, ast.Constant))
-    if path.name == "model_dir.py":
-      continue   # the owner
+    if path.relative_to(PACKAGE) == OWNER:
+      continue
     for node in ast.walk(tree):
       if (not isinstance(node, ast.Constant) or not isinstance(node.value, str) or
           id(node) in defined or id(node) in docstrings):
@@ -81,7 +83,7 @@ def _scan(values):
       for value in values:
         file_name = "." in value and _is_path_component(node.value, value)
         if file_name or id(node) in in_paths and _is_path_component(node.value, value):
-          uses.append(f"{path.name}:{node.lineno}: {node.value!r}")
+          uses.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value!r}")
   return definitions, uses
 
 
@@ -90,12 +92,12 @@ def test_every_model_dir_name_is_defined_once_and_used_by_its_constant():
   definitions, uses = _scan(set(names.values()))
   assert {value: len(where) for value, where in definitions.items()} == {
       value: 1 for value in names.values()}, definitions
-  assert not uses, "literal model-dir names outside model_dir.py (import them):\n" + "\n".join(
+  assert not uses, f"literal model-dir names outside {OWNER} (import them):\n" + "\n".join(
       uses)
-  # The names outside model_dir.py (records', options') are the ones model_dir takes.
-  assert [where for where in definitions.values() if not where[0].startswith("model_dir.py")]
+  # The names defined outside it (records', options') are the ones it takes from them.
+  assert [where for where in definitions.values() if not where[0].startswith(str(OWNER))]
   # OUTPUTS (what --overwrite removes) names the constants, never a repeated literal.
-  tree = ast.parse((PACKAGE / "model_dir.py").read_text(encoding="utf-8"))
+  tree = ast.parse((PACKAGE / OWNER).read_text(encoding="utf-8"))
   outputs = next(node.value for node in tree.body if isinstance(node, ast.Assign) and
                  getattr(node.targets[0], "id", None) == "OUTPUTS")
   assert all(isinstance(element, ast.Name) for element in outputs.elts)

@@ -125,7 +125,7 @@ def test_lock_is_released_on_exceptions_and_by_the_death_of_its_holder(tmp_path)
   with locking.DirectoryLock(str(tmp_path), what="test"):
     pass
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from tlframe import locking; "
+      [sys.executable, "-c", "import sys, time; from tlframe.util import locking; "
        f"locking.DirectoryLock({str(tmp_path)!r}, what='holder').acquire(); "
        "print('locked', flush=True); time.sleep(600)"],
       stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
