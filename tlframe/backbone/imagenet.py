@@ -21,11 +21,11 @@ def read_image(path):
   try:
     data = tf.io.gfile.GFile(path, "rb").read()
   except tf.errors.OpError as e:
-    raise UserError(f"{path}: cannot read it ({e.message})") from None
+    raise UserError(f"path={path}: cannot read it ({e.message})", arguments=["path"]) from None
   try:
     return imageformat.decode_checked(data)[0]
   except imageformat.ImageError as e:
-    raise UserError(f"{path}: {e}") from None
+    raise UserError(f"path={path}: {e}", arguments=["path"]) from None
 
 
 def class_names_for(backbone, labels_file=None):
