@@ -8,6 +8,7 @@ program is one line with the program's flags (`--records_dir=/x`, `pass
 
 import ast
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -116,3 +117,25 @@ def test_every_flag_a_program_maps_to_is_its_own():
         mapping = ast.literal_eval(node.value)
         assert set(mapping.values()) <= defined, (program, mapping)
         assert not set(mapping) & defined, (program, "maps an argument that is a flag too")
+
+
+def test_every_declared_argument_is_in_its_message():
+  """A name in `arguments=[...]` that its message never writes is a typo `with_flags` misses."""
+  missing = []
+  for path in sorted(pathlib.Path(REPO, "tlframe").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+      if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args):
+        continue
+      if node.func.id == "UserError":
+        declared = [keyword.value for keyword in node.keywords if keyword.arg == "arguments"]
+        names = declared[0].elts if declared and isinstance(declared[0], ast.List) else []
+      elif node.func.id == "bad":  # options.check's shorthand: bad(message, *arguments)
+        names = node.args[1:]
+      else:
+        continue
+      message = ast.unparse(node.args[0])
+      for name in names:
+        if isinstance(name, ast.Constant) and not re.search(
+            rf"(?<![\w-]){re.escape(name.value)}(?!\w)", message):
+          missing.append(f"{path.relative_to(REPO)}:{node.lineno}: {name.value}")
+  assert not missing
