@@ -138,7 +138,7 @@ def test_bad_handles_name_the_fix(tmp_path):
     backbone.load_backbone(str(tmp_path / "nowhere"))
   with pytest.raises(UserError, match="no saved_model.pb"):
     backbone.load_backbone(str(tmp_path))
-  with pytest.raises(UserError, match="--precision"):
+  with pytest.raises(UserError, match="^precision must be one of"):
     backbone.load_backbone(precision="float16")
 
 

@@ -127,7 +127,7 @@ def test_an_explicit_backbone_is_kept(records_dir, tmp_path):
   options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"),
                                backbone="efficientnet_lite2", backbone_budget_s=1e-9)
   assert backbone_choice.resolve(options, images_per_second=fake_rates(1.0)) == (options, None)
-  with pytest.raises(UserError, match="--backbone_budget_s=0 must be a positive number"):
+  with pytest.raises(UserError, match="^backbone_budget_s=0 must be a positive number"):
     options_lib.check(dataclasses.replace(options, backbone_budget_s=0))
 
 

@@ -38,7 +38,8 @@ def test_classify_prints_tabby_cat_demo(builtin_backbone_dirs, skimage_photos, t
 
   missing = run_bin("classify", f"--image={tmp_path / 'missing.jpg'}")
   assert missing.returncode == 2
-  assert missing.stderr.strip().splitlines()[-1].startswith("error: --image")
+  assert missing.stderr.strip().splitlines()[-1].startswith(
+      f"error: --image={tmp_path / 'missing.jpg'}: cannot read it")
   assert "Traceback" not in missing.stderr
 
 

@@ -69,7 +69,7 @@ def test_sizes_and_bad_handles(parts, tmp_path):
   with pytest.raises(UserError, match="two or more handles separated by commas"):
     backbone_lib.load_backbone(f"{big_dir},")
   any_size = save_conv_module(tmp_path / "any_size", None, dim=4)
-  with pytest.raises(UserError, match="accepts any image size: set --input_size \\(at least 64\\)"):
+  with pytest.raises(UserError, match="accepts any image size: set input_size \\(at least 64\\)"):
     backbone_lib.load_backbone(f"{big_dir},{any_size}")
   with_any = backbone_lib.load_backbone(f"{big_dir},{any_size}", input_size=96)
   assert (with_any.input_size, with_any.output_dim) == (96, 36)

@@ -119,7 +119,7 @@ def test_float16_storage_halves_the_parts_and_keeps_the_features(task):
 def test_patience_with_streamed_validation_is_refused_before_the_backbone_pass(task, tmp_path):
   """The split sizes are in the records' manifest: no image is decoded before the refusal."""
   cache = tmp_path / "cache"
-  with pytest.raises(UserError, match="--patience checks the validation features"):
+  with pytest.raises(UserError, match="^patience checks the validation features"):
     train.train(_options(task, tmp_path / "model", max_in_memory_features=1, patience=3,
                          feature_cache_dir=str(cache)))
   assert not glob.glob(str(cache / "**" / "*.npz"), recursive=True)

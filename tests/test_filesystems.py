@@ -213,7 +213,7 @@ def test_atomic_writes_on_ram():
 def test_a_filesystem_tensorflow_lacks_is_one_line_naming_tensorflow_io(tmp_path):
   if "hdfs" in tf.io.gfile.get_registered_schemes():
     pytest.skip("this TensorFlow has hdfs:// (tensorflow-io loaded)")
-  with pytest.raises(UserError, match=r"^--records_dir=hdfs://namenode/records: TensorFlow .* "
+  with pytest.raises(UserError, match=r"^records_dir=hdfs://namenode/records: TensorFlow .* "
                      r"has no hdfs:// filesystem \(it has .*gs://.*\); .*tensorflow-io"):
     train.train(train.TrainOptions(records_dir="hdfs://namenode/records", model_dir=str(tmp_path)))
   with pytest.raises(UserError, match="no s3:// filesystem"):

@@ -128,7 +128,7 @@ def test_generic_module_blocks_follow_name_scopes(tiny_task):
       [f"tiny/block{i}/conv/kernel:0", f"tiny/block{i}/bn/gamma:0", f"tiny/block{i}/bn/beta:0"]
       for i in (1, 2)]
   assert len(finetune.trainable_variables(backbone, "all")) == 6
-  with pytest.raises(finetune.UserError, match=r"--fine_tune_blocks=3 but .* has 2 blocks"):
+  with pytest.raises(finetune.UserError, match=r"^fine_tune_blocks=3 but .* has 2 blocks"):
     finetune.trainable_variables(backbone, 3)
 
 
@@ -229,7 +229,7 @@ def test_streamed_features_are_refused_before_the_backbone_pass(tiny_task, tmp_p
   """Fine-tuning needs the features in memory; the manifest's split sizes tell, before any decode."""
   records_dir, module_dir = tiny_task
   cache = tmp_path / "cache"
-  with pytest.raises(UserError, match="--fine_tune recomputes the features in memory.*train and "
+  with pytest.raises(UserError, match="^fine_tune recomputes the features in memory.*train and "
                                       "validation"):
     train.train(_options(records_dir, str(tmp_path / "model"), module_dir,
                          max_in_memory_features=1, feature_cache_dir=str(cache)))

@@ -60,10 +60,10 @@ def make_trainer(request, tiny_module):
   if request.param == "head":
     return (lambda **o: _head_trainer(_options(tiny_module, **o)),
             r"^training diverged by epoch 3: the head's weights are no longer finite numbers; "
-            r"lower --learning_rate \(now 0.01\) or raise --l2 \(now 0.001\)$")
+            r"lower learning_rate \(now 0.01\) or raise l2 \(now 0.001\)$")
   return (lambda **o: _fine_tuner(_options(tiny_module, **o)),
           r"^fine-tuning diverged by epoch 3: the weights are no longer finite numbers; lower "
-          r"--fine_tune_learning_rate \(now 0.01\) or --fine_tune_head_learning_rate$")
+          r"fine_tune_learning_rate \(now 0.01\) or fine_tune_head_learning_rate$")
 
 
 def _epoch(trainer, loss, value):

@@ -140,9 +140,9 @@ def test_truncated_or_missing_archive_is_one_error(photo_set, tmp_path):
   truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
   with pytest.raises(UserError, match="is not a complete .tar.gz archive"):
     benchmark_data.fetch(manifest, str(tmp_path / "data"), source=str(truncated))
-  with pytest.raises(UserError, match="cannot read --source="):
+  with pytest.raises(UserError, match="cannot read source="):
     benchmark_data.fetch(manifest, str(tmp_path / "data"), source=str(tmp_path / "nowhere.tar.gz"))
-  with pytest.raises(UserError, match="cannot download http://127.0.0.1:1/a.tar.gz: .*--source"):
+  with pytest.raises(UserError, match="cannot download http://127.0.0.1:1/a.tar.gz: .*pass source=FILE"):
     benchmark_data.fetch(manifest, str(tmp_path / "data"), source="http://127.0.0.1:1/a.tar.gz")
   assert os.listdir(tmp_path / "data") == []
 
@@ -177,7 +177,7 @@ def test_existing_folder_is_kept_unless_overwrite(photo_set, tmp_path):
   user_copy = tmp_path / "data" / "photos"
   user_copy.mkdir(parents=True)
   (user_copy / "mine.txt").write_text("a user's file")
-  with pytest.raises(UserError, match="does not match .* pass --overwrite"):
+  with pytest.raises(UserError, match="does not match .* pass overwrite=True"):
     benchmark_data.fetch(manifest, str(tmp_path / "data"), source=archive)
   assert (user_copy / "mine.txt").read_text() == "a user's file"
   benchmark_data.fetch(manifest, str(tmp_path / "data"), source=archive, overwrite=True)

@@ -174,9 +174,9 @@ def test_make_tfrecords_refuses_a_folder_of_the_users_files_unless_overwrite(tmp
   result = run_program("make_tfrecords", f"--image_dir={image_dir}", f"--output_dir={output_dir}")
   assert result.returncode == 2
   assert error_lines(result.stderr) == [
-      f"error: --output_dir {output_dir} is not empty and holds no make_tfrecords output "
+      f"error: --output_dir={output_dir} is not empty and holds no make_tfrecords output "
       "(labels.txt, manifest.json, notes.txt, train-00000-of-00003.tfrecord): give a new or "
-      "empty folder, or add --overwrite to convert into it (replaces labels.txt, manifest.json, "
+      "empty folder, or pass --overwrite to convert into it (replaces labels.txt, manifest.json, "
       "train-00000-of-00003.tfrecord)"]
   assert tree_bytes(output_dir) == before
 

@@ -52,7 +52,7 @@ def test_other_records_are_refused_unless_overwrite(task, tmp_path, caplog):
   train.train(_options(first, model_dir, backbone))
   before = sorted(os.listdir(model_dir))
   metrics_before = (model_dir / "metrics.json").read_bytes()
-  with pytest.raises(UserError, match=r"holds a model of other data.*records.*--overwrite"):
+  with pytest.raises(UserError, match=r"holds a model of other data.*records.*pass overwrite=True"):
     train.train(_options(second, model_dir, backbone))
   assert sorted(os.listdir(model_dir)) == before
   assert (model_dir / "metrics.json").read_bytes() == metrics_before
@@ -124,7 +124,7 @@ def test_a_diverging_head_stops_the_run_and_writes_no_head(task, tmp_path):
   first, _, backbone = task
   options = _options(first, tmp_path / "model", backbone, optimizer="sgd", momentum=0.0,
                      learning_rate=1e38, loss="squared_hinge", lr_schedule="constant")
-  with pytest.raises(UserError, match="training diverged.*lower --learning_rate"):
+  with pytest.raises(UserError, match="training diverged.*lower learning_rate"):
     train.train(options)
   assert not os.path.exists(tmp_path / "model" / "head")
   assert not os.path.exists(tmp_path / "model" / "metrics.json")

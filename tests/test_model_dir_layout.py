@@ -147,7 +147,7 @@ def test_overwrite_removes_exactly_what_a_run_wrote(tmp_path, skimage_photos, mo
                     if path.startswith(model_dir_layout.RECORDS_DIRNAME)}
   # Another model into the same dir, --overwrite: what bin/train does before any work.
   other = dataclasses.replace(options, resize_mode="letterbox", overwrite=True)
-  with pytest.raises(UserError, match="--overwrite"):
+  with pytest.raises(UserError, match="pass overwrite=True"):
     model_dir_lib.prepare(str(model_dir), dataclasses.replace(other, overwrite=False))
   assert model_dir_lib.prepare(str(model_dir), other) == "new"
   assert _tree(model_dir) == records_before | {"notes.txt", model_dir_layout.RUN_OPTIONS_FILENAME}

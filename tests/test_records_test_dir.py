@@ -59,6 +59,6 @@ def test_a_test_folder_inside_the_image_dir_is_not_a_class(photos, tmp_path):
 
 def test_test_dir_and_test_filelist_are_one_or_the_other(photos, tmp_path):
   samples.write_photo_crops(str(tmp_path / "train"), photos, per_class=2, size=32)
-  with pytest.raises(UserError, match="one of --test_dir or --test_filelist"):
+  with pytest.raises(UserError, match="one of test_dir or test_filelist"):
     records.convert(str(tmp_path / "records"), image_dir=str(tmp_path / "train"),
                     test_dir=str(tmp_path / "train"), test_filelist="list.txt")

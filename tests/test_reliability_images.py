@@ -189,10 +189,10 @@ def test_classify_calls_a_jpeg_bomb_what_it_is(cat, tmp_path):
              "bomb?)")
   with pytest.raises(UserError) as error:
     imagenet.read_image(str(bomb))
-  assert str(error.value) == f"--image {bomb}: {message}"
+  assert str(error.value) == f"path={bomb}: {message}"
   result = subprocess.run([sys.executable, str(REPO_ROOT / "bin" / "classify"), f"--image={bomb}"],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
-      f"error: --image {bomb}: {message}"]
+      f"error: --image={bomb}: {message}"]
   assert "Traceback" not in result.stderr

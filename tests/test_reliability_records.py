@@ -293,7 +293,7 @@ def test_labels_txt_round_trips_every_name_a_folder_can_have(photos, tmp_path):
 ])
 def test_names_labels_txt_cannot_carry_are_refused(photos, tmp_path, name, message):
   files = {f"{label}/0.jpg": photos["cat/chelsea_0.jpg"] for label in ("ok", name)}
-  with pytest.raises(UserError, match="^--image_dir: " + message):
+  with pytest.raises(UserError, match="^image_dir: " + message):
     records.convert(str(tmp_path / "out"), image_dir=str(write_tree(tmp_path / "in", files)))
   assert not (tmp_path / "out").exists()
   with pytest.raises(UserError, match=message):
@@ -334,7 +334,7 @@ def test_full_disk_is_one_line_leaves_no_temp_and_the_rerun_completes(photos, tm
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr
   [line] = error_lines(result.stderr)
-  assert line.startswith(f"error: --output_dir {out}: cannot write (")
+  assert line.startswith(f"error: --output_dir={out}: cannot write (")
   assert "No space left on device" in line and line.endswith(" finished shards are kept")
   assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
   finished = sorted(out.glob("*.tfrecord"))

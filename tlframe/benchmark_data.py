@@ -143,7 +143,7 @@ def fetch(manifest, data_dir, *, source=None, overwrite=False):
       return dict(dataset_dir=dataset_dir, files=len(manifest.files), downloaded=False)
     raise UserError(f"{dataset_dir} exists but does not match {manifest.path} "
                     f"({len(problems)} problems, e.g. {problems[0]}); move it away or pass "
-                    "--overwrite to replace it")
+                    "overwrite=True to replace it", arguments=["overwrite"])
   os.makedirs(data_dir, exist_ok=True)
   staging = os.path.join(data_dir, f".{manifest.name}.partial-{os.getpid()}")
   shutil.rmtree(staging, ignore_errors=True)
@@ -180,9 +180,10 @@ def _open_archive(source):
       total_bytes = int(length) if length and length.isdigit() else None
   except (urllib.error.URLError, OSError, ValueError) as e:
     if "://" not in source:
-      raise UserError(f"cannot read --source={source}: {_reason(e)}") from None
+      raise UserError(f"cannot read source={source}: {_reason(e)}",
+                      arguments=["source"]) from None
     raise UserError(f"cannot download {source}: {_reason(e)}; check the network, or download "
-                    "the archive yourself and pass --source=FILE") from None
+                    "the archive yourself and pass source=FILE", arguments=["source"]) from None
   with stream:
     yield _ProgressReader(stream, total_bytes, source)
 
@@ -227,7 +228,7 @@ def _extract(manifest, stream, staging, source):
         if _unsafe(member.name) or (member.islnk() or member.issym()) and _unsafe(member.linkname):
           raise UserError(f"{source}: refused entry {member.name!r} (an absolute path or '..' "
                           "reaching out of the archive); the archive is not the data set's, "
-                          "check --source")
+                          "check source", arguments=["source"])
         name = posixpath.normpath(member.name)
         prefix = manifest.root + "/"
         if not name.startswith(prefix) or name[len(prefix):] not in remaining:
@@ -256,7 +257,8 @@ def _extract(manifest, stream, staging, source):
   if remaining:
     missing = sorted(remaining)
     raise UserError(f"{source} lacks {len(missing)} of the {len(manifest.files)} files of "
-                    f"{manifest.path}, e.g. {manifest.root}/{missing[0]}; check --source")
+                    f"{manifest.path}, e.g. {manifest.root}/{missing[0]}; check source",
+                    arguments=["source"])
 
 
 def _copy_hashing(reader, target):

@@ -118,14 +118,14 @@ class TrainOptions:
 
 
 def fine_tune_blocks(value):
-  """--fine_tune_blocks as an int >= 1, or ALL_BLOCKS; UserError otherwise."""
+  """fine_tune_blocks as an int >= 1, or ALL_BLOCKS; UserError otherwise."""
   text = str(value).strip().lower()
   if text == ALL_BLOCKS:
     return ALL_BLOCKS
   count = int(text) if text.isdigit() else 0
   if count < 1:
-    raise UserError(f"--fine_tune_blocks={value}: give a number of top blocks >= 1, or "
-                    f"{ALL_BLOCKS}")
+    raise UserError(f"fine_tune_blocks={value}: give a number of top blocks >= 1, or "
+                    f"{ALL_BLOCKS}", arguments=["fine_tune_blocks"])
   return count
 
 
@@ -145,13 +145,13 @@ def check(options):
   Checks values only; that the records exist is checked when the run starts
   (the path may be on any TensorFlow filesystem).
   """
-  def bad(message):
-    raise UserError(message)
+  def bad(message, *arguments):
+    raise UserError(message, arguments=arguments)
 
   if not options.records_dir:
-    bad("--records_dir is required: the folder bin/make_tfrecords wrote")
+    bad("records_dir is required: the folder bin/make_tfrecords wrote", "records_dir")
   if not options.model_dir:
-    bad("--model_dir is required: where checkpoints, logs and metrics go")
+    bad("model_dir is required: where checkpoints, logs and metrics go", "model_dir")
   check_dirs_apart(options.records_dir, options.model_dir)
   for name, allowed in (("loss", LOSSES), ("feature_normalization", FEATURE_NORMALIZATIONS),
                         ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
@@ -159,7 +159,7 @@ def check(options):
                         ("features", FEATURES), ("precision", PRECISIONS),
                         ("resize_mode", RESIZE_MODES), ("feature_storage", FEATURE_STORAGES)):
     if getattr(options, name) not in allowed:
-      bad(f"--{name}={getattr(options, name)} is unknown: use one of {', '.join(allowed)}")
+      bad(f"{name}={getattr(options, name)} is unknown: use one of {', '.join(allowed)}", name)
   # NaN passes every comparison, so finiteness comes first.
   for name in ("l2", "label_smoothing", "learning_rate", "momentum", "warmup_epochs",
                "fine_tune_learning_rate", "fine_tune_head_learning_rate",
@@ -167,50 +167,54 @@ def check(options):
     value = getattr(options, name)
     if value is not None and not math.isfinite(value):
       example = defaults()[name] if defaults()[name] is not None else 0.01
-      bad(f"--{name}={value} is not a finite number: give a number such as {example:g}")
+      bad(f"{name}={value} is not a finite number: give a number such as {example:g}", name)
   if not all(math.isfinite(l2) for l2 in options.l2_grid):
-    bad(f"--l2_grid={','.join(f'{v:g}' for v in options.l2_grid)} holds a value that is not a "
-        "finite number: give finite numbers")
+    bad(f"l2_grid={','.join(f'{v:g}' for v in options.l2_grid)} holds a value that is not a "
+        "finite number: give finite numbers", "l2_grid")
   for name in ("epochs", "learning_rate", "checkpoint_every_epochs", "extract_batch_size",
                "log_every_steps", "max_in_memory_features"):
     if not getattr(options, name) > 0:
-      bad(f"--{name}={getattr(options, name)} must be positive")
+      bad(f"{name}={getattr(options, name)} must be positive", name)
   if not (math.isfinite(options.backbone_budget_s) and options.backbone_budget_s > 0):
-    bad(f"--backbone_budget_s={options.backbone_budget_s} must be a positive number of seconds")
+    bad(f"backbone_budget_s={options.backbone_budget_s} must be a positive number of seconds",
+        "backbone_budget_s")
   if options.batch_size is not None and options.batch_size < 1:
-    bad(f"--batch_size={options.batch_size} must be positive")
+    bad(f"batch_size={options.batch_size} must be positive", "batch_size")
   if options.input_size is not None and options.input_size < 1:
-    bad(f"--input_size={options.input_size} must be positive")
+    bad(f"input_size={options.input_size} must be positive", "input_size")
   if options.l2 is not None and options.l2 < 0:
-    bad(f"--l2={options.l2} must be >= 0")
+    bad(f"l2={options.l2} must be >= 0", "l2")
   if options.l2 is None and (not options.l2_grid or any(l2 <= 0 for l2 in options.l2_grid)):
-    bad("--l2_grid must hold numbers > 0 (or set --l2 to skip the search)")
+    bad("l2_grid must hold numbers > 0 (or set l2 to skip the search)", "l2_grid", "l2")
   if not 0 <= options.momentum < 1:
-    bad(f"--momentum={options.momentum} must be in [0, 1)")
+    bad(f"momentum={options.momentum} must be in [0, 1)", "momentum")
   if not 0 <= options.label_smoothing < 1:
-    bad(f"--label_smoothing={options.label_smoothing} must be in [0, 1)")
+    bad(f"label_smoothing={options.label_smoothing} must be in [0, 1)", "label_smoothing")
   if options.label_smoothing and options.loss != "softmax":
-    bad("--label_smoothing applies to --loss=softmax only: drop it or use --loss=softmax")
+    bad("label_smoothing applies to loss=softmax only: drop it or use loss=softmax",
+        "label_smoothing", "loss")
   if options.patience < 0 or options.warmup_epochs < 0 or options.num_thumbnails_per_class < 0:
-    bad("--patience, --warmup_epochs and --num_thumbnails_per_class must be >= 0")
+    bad("patience, warmup_epochs and num_thumbnails_per_class must be >= 0",
+        "patience", "warmup_epochs", "num_thumbnails_per_class")
   if options.warmup_epochs >= options.epochs:
-    bad(f"--warmup_epochs={options.warmup_epochs} must be less than --epochs={options.epochs}")
+    bad(f"warmup_epochs={options.warmup_epochs} must be less than epochs={options.epochs}",
+        "warmup_epochs", "epochs")
   if options.flip_features and options.augment:
-    bad("--flip_features adds mirrored images to cached features; --augment already trains on "
-        "random flips: use one of them")
+    bad("flip_features adds mirrored images to cached features; augment already trains on "
+        "random flips: use one of them", "flip_features", "augment")
   if options.fine_tune:
     _check_fine_tune(options)
   if not 0 <= options.seed <= MAX_SEED:
-    bad(f"--seed={options.seed} must be in [0, {MAX_SEED}]")
+    bad(f"seed={options.seed} must be in [0, {MAX_SEED}]", "seed")
   if options.cv_folds < 2:
-    bad(f"--cv_folds={options.cv_folds} must be at least 2")
+    bad(f"cv_folds={options.cv_folds} must be at least 2", "cv_folds")
   if options.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
-    bad("--strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
-        "see docs/training.md, or use --strategy=default|mirrored")
+    bad("strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
+        "see docs/training.md, or use strategy=default|mirrored", "strategy")
 
 
 def check_dirs_apart(records_dir, model_dir):
-  """UserError when --model_dir is --records_dir, inside it or contains it.
+  """UserError when model_dir is records_dir, inside it or contains it.
 
   bin/train writes and (with --overwrite) removes files in its model dir
   (labels.txt, ...): in the records dir, those are the records' own. Symlinks
@@ -229,9 +233,10 @@ def check_dirs_apart(records_dir, model_dir):
     where = "contains"
   else:
     return
-  raise UserError(f"--model_dir={model_dir} {where} --records_dir={records_dir}: training "
-                  "writes (and with --overwrite removes) files there that would mix with the "
-                  "records'; give a --model_dir outside the records")
+  raise UserError(f"model_dir={model_dir} {where} records_dir={records_dir}: training "
+                  "writes (and with overwrite=True removes) files there that would mix with the "
+                  "records'; give a model_dir outside the records",
+                  arguments=["model_dir", "records_dir", "overwrite"])
 
 
 def _comparable_path(path):
@@ -246,12 +251,14 @@ def _check_fine_tune(options):
   fine_tune_blocks(options.fine_tune_blocks)
   for name in ("fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_batch_size"):
     if not getattr(options, name) > 0:
-      raise UserError(f"--{name}={getattr(options, name)} must be positive")
+      raise UserError(f"{name}={getattr(options, name)} must be positive", arguments=[name])
   if options.fine_tune_head_learning_rate is not None and options.fine_tune_head_learning_rate <= 0:
-    raise UserError(f"--fine_tune_head_learning_rate={options.fine_tune_head_learning_rate} "
-                    "must be positive")
+    raise UserError(f"fine_tune_head_learning_rate={options.fine_tune_head_learning_rate} "
+                    "must be positive", arguments=["fine_tune_head_learning_rate"])
   if options.fine_tune_weight_decay < 0 or options.fine_tune_patience < 0:
-    raise UserError("--fine_tune_weight_decay and --fine_tune_patience must be >= 0")
+    raise UserError("fine_tune_weight_decay and fine_tune_patience must be >= 0",
+                    arguments=["fine_tune_weight_decay", "fine_tune_patience"])
   if options.flip_features:
-    raise UserError("--flip_features adds mirrored images to cached features; --fine_tune "
-                    "trains on random flips and recomputes the features: use one of them")
+    raise UserError("flip_features adds mirrored images to cached features; fine_tune "
+                    "trains on random flips and recomputes the features: use one of them",
+                    arguments=["flip_features", "fine_tune"])

@@ -21,11 +21,11 @@ def read_image(path):
   try:
     data = tf.io.gfile.GFile(path, "rb").read()
   except tf.errors.OpError as e:
-    raise UserError(f"--image {path}: cannot read it ({e.message})") from None
+    raise UserError(f"path={path}: cannot read it ({e.message})", arguments=["path"]) from None
   try:
     return imageformat.decode_checked(data)[0]
   except imageformat.ImageError as e:
-    raise UserError(f"--image {path}: {e}") from None
+    raise UserError(f"path={path}: {e}", arguments=["path"]) from None
 
 
 def class_names_for(backbone, labels_file=None):
@@ -37,12 +37,13 @@ def class_names_for(backbone, labels_file=None):
   """
   if labels_file:
     if not tf.io.gfile.exists(labels_file):
-      raise UserError(f"--labels {labels_file}: no such file")
+      raise UserError(f"labels_file={labels_file}: no such file", arguments=["labels_file"])
     with tf.io.gfile.GFile(labels_file) as f:
       names = f.read().splitlines()
     if len(names) != backbone.output_dim:
-      raise UserError(f"--labels {labels_file} has {len(names)} lines but {backbone.handle} has "
-                      f"{backbone.output_dim} outputs: give one name per output")
+      raise UserError(f"labels_file={labels_file} has {len(names)} lines but {backbone.handle} "
+                      f"has {backbone.output_dim} outputs: give one name per output",
+                      arguments=["labels_file"])
     return names
   assets = os.path.join(backbone.path, "assets")
   if tf.io.gfile.isdir(assets):
@@ -57,8 +58,8 @@ def class_names_for(backbone, labels_file=None):
   if backbone.output_dim == len(names) + 1:
     names = ["background"] + names
   if len(names) != backbone.output_dim:
-    raise UserError(f"{backbone.handle} has {backbone.output_dim} outputs and no class names file: "
-                    "pass --labels with one name per line")
+    raise UserError(f"{backbone.handle} has {backbone.output_dim} outputs and no class names "
+                    "file: pass labels_file with one name per line", arguments=["labels_file"])
   return names
 
 

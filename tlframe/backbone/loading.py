@@ -301,12 +301,12 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
     return _load_concatenation(handle, features, input_size, precision, requested_precision)
   path, module, functions, fixed_size = _open_module(handle, features)
   if fixed_size is not None and input_size not in (None, fixed_size):
-    raise UserError(f"--input_size={input_size} but {handle} takes {fixed_size}x{fixed_size} images; "
-                    f"leave it unset or set {fixed_size}")
+    raise UserError(f"input_size={input_size} but {handle} takes {fixed_size}x{fixed_size} "
+                    f"images; leave it unset or set {fixed_size}", arguments=["input_size"])
   size = fixed_size or input_size
   if not size:
-    raise UserError(f"{handle} accepts any image size: set --input_size (e.g. 299 for Inception v3, "
-                    "224 for most modules)")
+    raise UserError(f"{handle} accepts any image size: set input_size (e.g. 299 for Inception "
+                    "v3, 224 for most modules)", arguments=["input_size"])
   return _backbone(handle, path, module, functions, size, features, precision,
                    requested_precision)
 
@@ -352,20 +352,21 @@ def _load_concatenation(handle, features, input_size, precision, requested_preci
   """The Backbone of `ConcatenatedModule` over the comma-separated handles in `handle`."""
   handles = [part.strip() for part in handle.split(CONCATENATION_SEPARATOR)]
   if len(handles) < 2 or not all(handles):
-    raise UserError(f"--backbone={handle}: give two or more handles separated by commas, e.g. "
-                    "mobilenet_v2_100_224,efficientnet_lite0")
+    raise UserError(f"handle={handle}: give two or more handles separated by commas, e.g. "
+                    "mobilenet_v2_100_224,efficientnet_lite0", arguments=["handle"])
   opened = [_open_module(part, features) for part in handles]
   fixed_sizes = [fixed for _, _, _, fixed in opened if fixed]
   largest = max(fixed_sizes, default=None)
   if input_size is not None and largest is not None and (
       input_size < largest or (input_size != largest and len(fixed_sizes) == len(opened))):
-    raise UserError(f"--input_size={input_size} but the largest part of {handle} takes "
+    raise UserError(f"input_size={input_size} but the largest part of {handle} takes "
                     f"{largest}x{largest} images; leave it unset or set {largest}"
-                    + (" or more" if len(fixed_sizes) < len(opened) else ""))
+                    + (" or more" if len(fixed_sizes) < len(opened) else ""),
+                    arguments=["input_size"])
   size = input_size or largest
   if len(fixed_sizes) < len(opened) and not input_size:
-    raise UserError(f"a part of {handle} accepts any image size: set --input_size (at least "
-                    f"{largest or 224})")
+    raise UserError(f"a part of {handle} accepts any image size: set input_size (at least "
+                    f"{largest or 224})", arguments=["input_size"])
   parts = [_backbone(part, path, module, functions, fixed or size, features, precision,
                      requested_precision)
            for part, (path, module, functions, fixed) in zip(handles, opened)]

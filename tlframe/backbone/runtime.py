@@ -46,7 +46,8 @@ def bfloat16_supported():
 def resolve_precision(precision):
   """'float32' or 'bfloat16' for a requested `precision` in PRECISIONS."""
   if precision not in PRECISIONS:
-    raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}",
+                    arguments=["precision"])
   if precision == "auto":
     return "bfloat16" if bfloat16_supported() else "float32"
   if precision == "bfloat16" and not bfloat16_supported():

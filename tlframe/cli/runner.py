@@ -8,7 +8,10 @@ before TensorFlow loads.
 flag, naming the flagfile and line it came from and, for an unknown one, the
 nearest flag names; --help exits 0), expands `~` in flag values, and turns a
 UserError, or a disk that is full or read-only, into one `error:` line and
-exit 2. `command(name)` spells a console command (tensorboard, tlframe-predict)
+exit 2. A UserError's message cites the library's arguments (tlframe/errors.py);
+the line names the program's flags instead: each argument the error declares
+that is a flag of the program, under its own name or the one `flag_names` maps
+it to. `command(name)` spells a console command (tensorboard, tlframe-predict)
 so that a printed hint runs as printed.
 """
 
@@ -53,9 +56,12 @@ class _TensorFlowInfoFilter(logging.Filter):
     return record.levelno > logging.INFO or not record.pathname.startswith(self._prefixes)
 
 
-def run(main, *, exit_at_once=False):
+def run(main, *, exit_at_once=False, flag_names=None):
   """Runs `main` under absl with tlframe's flag errors, `~` expansion and UserError handling.
 
+  flag_names: {argument: flag} for a library argument that this program sets
+  from a flag of another name (bin/classify's --labels is `labels_file`), so
+  that a UserError citing the argument names the flag.
   exit_at_once: when `main` returns, run the exit handlers (flushing the logs and
   output) and end the process without Python's teardown of TensorFlow's objects,
   which takes seconds after a training run and has nothing left to write.
@@ -70,7 +76,7 @@ def run(main, *, exit_at_once=False):
     try:
       status = main(argv)
     except UserError as e:
-      _fail(str(e))
+      _fail(as_flags(e, flag_names))
     except Exception as e:  # pylint: disable=broad-except  (OSError or TensorFlow's errors)
       message = _disk_error(e)
       if message is None:
@@ -84,6 +90,18 @@ def run(main, *, exit_at_once=False):
     return status
 
   app.run(guarded_main, flags_parser=_parse_flags)
+
+
+def as_flags(error, flag_names=None):
+  """The UserError's message with the arguments it cites that are this program's flags as
+  those flags (`flag_names` maps an argument to a flag of another name)."""
+  flag_names = flag_names or {}
+  present = {}
+  for argument in error.arguments:
+    flag = flag_names.get(argument, argument)
+    if flag in flags.FLAGS:
+      present[argument] = flag
+  return error.with_flags(present)
 
 
 def _fail(message):
@@ -250,9 +268,9 @@ def _check_filesystems():
           and not value.startswith(("http://", "https://"))):
         from tlframe.util import fileio  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
         try:
-          fileio.check_filesystem(value, f"--{flag.name}")
+          fileio.check_filesystem(value, flag.name)
         except UserError as e:
-          _fail(str(e))
+          _fail(as_flags(e))
 
 
 def _expand_home_in_flags():

@@ -45,12 +45,14 @@ REPORT_HTML = model_dir_layout.REPORT_FILENAME   # named as in a model dir
 DEFAULT_TOP_K = 5
 
 
-def _label_map(data_labels, model_labels, source):
-  """[len(data_labels)] model index of each of the data's class names; UserError for unknown ones."""
+def _label_map(data_labels, model_labels, argument, value):
+  """[len(data_labels)] model index of each of the data's class names; UserError for unknown
+  ones, naming the data as `argument`=`value`."""
   unknown = [name for name in data_labels if name not in model_labels]
   if unknown:
-    raise UserError(f"{source} has classes the model does not know: {', '.join(unknown[:10])}; "
-                    f"the model's classes are {', '.join(model_labels)}")
+    raise UserError(f"{argument}={value} has classes the model does not know: "
+                    f"{', '.join(unknown[:10])}; the model's classes are "
+                    f"{', '.join(model_labels)}", arguments=[argument])
   return np.array([model_labels.index(name) for name in data_labels], np.int64)
 
 
@@ -61,10 +63,11 @@ def predict_records(classifier, records_dir, split="test", *, batch_size=32):
   """
   num_examples = records.count_examples(records_dir, split)
   if not num_examples:
-    raise UserError(f"{records_dir} has no {split} records: give another --split, or rebuild "
-                    "the records with --test_percentage > 0 or --test_filelist")
+    raise UserError(f"{records_dir} has no {split} records: give another split, or rebuild "
+                    "the records with test_percentage > 0 or test_filelist",
+                    arguments=["split", "test_percentage", "test_filelist"])
   to_model = _label_map(records.read_labels(records_dir), classifier.label_names,
-                        f"--records_dir={records_dir}")
+                        "records_dir", records_dir)
   skip_counter = pipeline.SkipCounter()
   dataset = pipeline.make_dataset(
       records.split_file_pattern(records_dir, split), batch_size,
@@ -90,10 +93,11 @@ def predict_image_dir(classifier, image_dir, *, batch_size=32,
   """
   sources, skipped, _ = records.list_image_dir(image_dir)
   if not sources:
-    raise UserError(f"--image_dir={image_dir} has no images in class sub-folders")
+    raise UserError(f"image_dir={image_dir} has no images in class sub-folders",
+                    arguments=["image_dir"])
   class_names = sorted({source.label for source in sources})
   to_model = dict(zip(class_names, _label_map(class_names, classifier.label_names,
-                                              f"--image_dir={image_dir}")))
+                                              "image_dir", image_dir)))
   paths = [source.path for source in sources]
   true_labels = {source.path: to_model[source.label] for source in sources}
   probabilities, labels, filenames = [], [], []
@@ -106,7 +110,8 @@ def predict_image_dir(classifier, image_dir, *, batch_size=32,
     labels.append(true_labels[row.path])
     filenames.append(row.path)
   if not probabilities:
-    raise UserError(f"--image_dir={image_dir}: no image could be read and decoded")
+    raise UserError(f"image_dir={image_dir}: no image could be read and decoded",
+                    arguments=["image_dir"])
   return np.stack(probabilities), np.array(labels, np.int64), filenames, skipped
 
 

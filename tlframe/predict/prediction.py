@@ -43,28 +43,29 @@ def list_images(spec, line_numbers=None):
   """The image files `spec` names (DIR | GLOB | LIST file | one image), in a stable order.
 
   When `spec` is read as a list file, a dict `line_numbers` gets each path's line.
+  Messages cite the argument `spec` (bin/predict's --images).
   """
-  fileio.check_filesystem(spec, "--images")
+  fileio.check_filesystem(spec, "spec")
   if tf.io.gfile.isdir(spec):
     files, _ = records.walk_files(spec)
     paths = [path for path in files if path.lower().endswith(records.IMAGE_EXTENSIONS)
              and not os.path.basename(path).startswith(".")]
-    what = f"folder {spec} holds no image files ({', '.join(records.IMAGE_EXTENSIONS)})"
+    what = f"the folder holds no image files ({', '.join(records.IMAGE_EXTENSIONS)})"
   elif any(character in spec for character in _GLOB_CHARACTERS):
     paths = sorted(tf.io.gfile.glob(spec))
-    what = f"no files match {spec}"
+    what = "no files match it"
   elif spec.lower().endswith(_LIST_EXTENSIONS) and tf.io.gfile.exists(spec):
-    paths = [path for path, _ in records.read_filelist(spec, "images", need_labels=False,
+    paths = [path for path, _ in records.read_filelist(spec, "spec", need_labels=False,
                                                        line_numbers=line_numbers)]
-    what = f"list {spec} names no files"
+    what = "the list names no files"
   elif tf.io.gfile.exists(spec):
     paths = [spec]
     what = None
   else:
-    raise UserError(f"--images={spec}: no such file or folder; give a folder, a glob pattern "
-                    "(quoted), a list file (.txt/.csv) or an image")
+    raise UserError(f"spec={spec}: no such file or folder; give a folder, a glob pattern "
+                    "(quoted), a list file (.txt/.csv) or an image", arguments=["spec"])
   if not paths:
-    raise UserError(f"--images: {what}")
+    raise UserError(f"spec={spec}: {what}", arguments=["spec"])
   return paths
 
 
@@ -81,9 +82,9 @@ def image_batches(paths, batch_size, image_size, resize_mode,
                   max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """A dataset of (images [B, S, S, 3] float32, ok [B] bool) in the order of `paths`."""
   if batch_size < 1:
-    raise UserError(f"--batch_size={batch_size} must be positive")
+    raise UserError(f"batch_size={batch_size} must be positive", arguments=["batch_size"])
   if max_pixels < 1:
-    raise UserError(f"--max_pixels={max_pixels} must be positive")
+    raise UserError(f"max_pixels={max_pixels} must be positive", arguments=["max_pixels"])
   dataset = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
   dataset = dataset.interleave(lambda path: _load(path, image_size, resize_mode, max_pixels),
                                cycle_length=tf.data.AUTOTUNE,

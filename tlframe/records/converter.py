@@ -96,7 +96,7 @@ def convert(output_dir, *, image_dir=None, filelist=None, validation_filelist=No
   into a folder that holds other files (see `write_conversion`).
   """
   if num_workers < 1:
-    raise UserError("--num_workers must be positive")
+    raise UserError(f"num_workers={num_workers} must be positive", arguments=["num_workers"])
   plan = plan_conversion(
       image_dir=image_dir, filelist=filelist, validation_filelist=validation_filelist,
       test_filelist=test_filelist, test_dir=test_dir, labels=labels,
@@ -118,7 +118,8 @@ def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
                     max_pixels=imageformat.DEFAULT_MAX_PIXELS):
   """The `Plan` of a conversion (arguments as `convert`'s): lists, labels, splits and shards."""
   if test_dir and test_filelist:
-    raise UserError("give one of --test_dir or --test_filelist: each is the whole test split")
+    raise UserError("give one of test_dir or test_filelist: each is the whole test split",
+                    arguments=["test_dir", "test_filelist"])
   split_filelists = {split: path for split, path in
                      (("validation", validation_filelist), ("test", test_filelist)) if path}
   for split in split_filelists:
@@ -130,10 +131,12 @@ def plan_conversion(*, image_dir=None, filelist=None, validation_filelist=None,
   test_percentage = 0.0 if test_filelist or test_dir else test_percentage
   if not (0 <= validation_percentage and 0 <= test_percentage and
           validation_percentage + test_percentage <= 100):
-    raise UserError("--validation_percentage and --test_percentage must be >= 0 and sum to "
-                    f"at most 100 (got {validation_percentage} and {test_percentage})")
+    raise UserError("validation_percentage and test_percentage must be >= 0 and sum to "
+                    f"at most 100 (got {validation_percentage} and {test_percentage})",
+                    arguments=["validation_percentage", "test_percentage"])
   if shard_size < 1 or max_pixels < 1 or (max_side is not None and max_side < 1):
-    raise UserError("--shard_size, --max_pixels and --max_side must be positive")
+    raise UserError("shard_size, max_pixels and max_side must be positive",
+                    arguments=["shard_size", "max_pixels", "max_side"])
 
   sources, skipped, ignored = collect_sources(image_dir, filelist, split_filelists, test_dir)
   if ignored:
@@ -185,7 +188,8 @@ def write_conversion(output_dir, plan, write_shards, overwrite=False):
     except (tf.errors.OpError, OSError) as e:
       remove_temp_files(output_dir)
       num_finished = len(tf.io.gfile.glob(join_path(output_dir, "*-of-*.tfrecord")))
-      raise UserError(write_error(e, output_dir, num_finished)) from None
+      raise UserError(write_error(e, output_dir, num_finished),
+                      arguments=["output_dir"]) from None
   return manifest
 
 
@@ -207,9 +211,10 @@ def _check_output_dir(output_dir, overwrite):
                or any(fnmatch.fnmatchcase(name, f"{split}-*-of-*.tfrecord") for split in SPLITS)]
   if not overwrite:
     replaced = f"replaces {some_names(like_ours)}" if like_ours else "removes none of its files"
-    raise UserError(f"--output_dir {output_dir} is not empty and holds no make_tfrecords "
-                    f"output ({some_names(names)}): give a new or empty folder, or add --overwrite "
-                    f"to convert into it ({replaced})")
+    raise UserError(f"output_dir={output_dir} is not empty and holds no make_tfrecords "
+                    f"output ({some_names(names)}): give a new or empty folder, or pass "
+                    f"overwrite=True to convert into it ({replaced})",
+                    arguments=["output_dir", "overwrite"])
   for name in like_ours:
     logging.warning("--overwrite: removing %s", join_path(output_dir, name))
     tf.io.gfile.remove(join_path(output_dir, name))
@@ -282,7 +287,7 @@ def _check_classes_after_decoding(output_dir, labels, labels_given, sidecars):
   files = [entry for entry in skipped if entry["label"] == empty[0]]
   raise UserError(f"class {empty[0]!r} has no readable image: its {len(files)} files were all "
                   f"skipped (e.g. {files[0]['path']}: {files[0]['reason']}); fix or remove them, "
-                  "or leave the class out with --labels, then rerun")
+                  "or leave the class out with labels, then rerun", arguments=["labels"])
 
 
 def _manifest(plan, sidecars):

@@ -48,33 +48,37 @@ def read_label_lines(path):
   return [line for line in text_lines(data, path) if line.strip()]
 
 
-def text_lines(data, origin):
+def text_lines(data, origin, arguments=()):
   """The lines of a UTF-8 text file's bytes, as spreadsheets and editors save them.
 
   A byte-order mark is dropped ("CSV UTF-8"); lines end at "\n" alone, a
   trailing "\r" dropped (CRLF): not at str.splitlines' other breaks (U+2028,
-  U+0085, ...), which a file or class name may hold.
+  U+0085, ...), which a file or class name may hold. `origin` names the file in
+  a message; `arguments` are the argument names it cites (errors.UserError).
   """
   try:
     text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise UserError(f"{origin}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    raise UserError(f"{origin}: not UTF-8 text (byte {e.start}); save it as UTF-8",
+                    arguments=arguments) from None
   return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def check_class_name(name, origin):
+def check_class_name(name, origin, arguments=()):
   """UserError unless `name` can be a class: one labels.txt line that reads back as itself.
 
-  `origin` says where the name came from (a folder, a list) for the message.
+  `origin` says where the name came from (a file, an argument) for the message;
+  `arguments` are the argument names it cites (errors.UserError).
   """
   if not name.strip():
-    raise UserError(f"{origin}: class name {name!r} is blank; give the class a name")
+    raise UserError(f"{origin}: class name {name!r} is blank; give the class a name",
+                    arguments=arguments)
   for char in name:
     category = unicodedata.category(char)
     if category in ("Cc", "Cs"):  # control characters; undecodable bytes in a file name
       what = "a control character" if category == "Cc" else "bytes that are not UTF-8"
       raise UserError(f"{origin}: class name {name!r} contains {what} (U+{ord(char):04X}), "
-                      "which labels.txt cannot hold; rename it")
+                      "which labels.txt cannot hold; rename it", arguments=arguments)
 
 
 def labels_from_spec(spec):

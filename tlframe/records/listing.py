@@ -84,11 +84,14 @@ def walk_files(root):
   return sorted(files), sorted(unreadable)
 
 
-def list_image_dir(image_dir):
-  """Sources of a class-per-sub-folder tree, plus (skipped, ignored) entries for the manifest."""
+def list_image_dir(image_dir, argument="image_dir"):
+  """Sources of a class-per-sub-folder tree, plus (skipped, ignored) entries for the manifest.
+
+  `argument` names the folder's argument in a message (test_dir for the test folder).
+  """
   if not tf.io.gfile.isdir(image_dir):
-    fileio.check_filesystem(image_dir, "--image_dir")
-    raise UserError(f"--image_dir {image_dir}: no such directory")
+    fileio.check_filesystem(image_dir, argument)
+    raise UserError(f"{argument}={image_dir}: no such directory", arguments=[argument])
   files, unwalked = walk_files(image_dir)
   sources, ignored = [], []
   skipped = [{"path": _relative_key(image_dir, directory), "reason": reason}
@@ -110,21 +113,23 @@ def _folder_of(path):
   return posixpath.dirname(path) if is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
-def read_filelist(path, flag, need_labels=True, line_numbers=None):
+def read_filelist(path, argument, need_labels=True, line_numbers=None):
   """[(resolved path, label or None)] from a CSV or TSV of `path[,label]`; optional header.
 
   UTF-8, as `_text_lines` reads it (a spreadsheet's "CSV UTF-8": byte-order
   mark, CRLF). Blank lines and lines starting with '#' are skipped; a first
   line whose first field is a column name such as `path` or `filename` is a
   header. A dict `line_numbers` gets each resolved path's line number, for
-  messages.
+  messages. `argument` names the list's argument in a message (filelist, test_filelist).
   """
+  where = f"{argument}={path}"
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
       data = f.read()
   except tf.errors.NotFoundError:
-    raise UserError(f"--{flag} {path}: no such file") from None
-  lines = [(number, line) for number, line in enumerate(text_lines(data, f"--{flag} {path}"), 1)
+    raise UserError(f"{where}: no such file", arguments=[argument]) from None
+  lines = [(number, line)
+           for number, line in enumerate(text_lines(data, where, arguments=[argument]), 1)
            if line.strip() and not line.startswith("#")]
   delimiter = "\t" if lines and "\t" in lines[0][1] else ","
   base_dir = _folder_of(path)
@@ -135,12 +140,13 @@ def read_filelist(path, flag, need_labels=True, line_numbers=None):
       continue
     if len(row) > 2 or not row[0] or (need_labels and (len(row) < 2 or not row[1])):
       expected = "path,label" if need_labels else "path or path,label"
-      raise UserError(f"--{flag} {path}: line {number} {line.strip()!r} is not {expected}")
+      raise UserError(f"{where}: line {number} {line.strip()!r} is not {expected}",
+                      arguments=[argument])
     entries.append((_resolve(base_dir, row[0]), row[1] if len(row) == 2 and row[1] else None))
     if line_numbers is not None:
       line_numbers.setdefault(entries[-1][0], number)
   if not entries:
-    raise UserError(f"--{flag} {path}: no entries")
+    raise UserError(f"{where}: no entries", arguments=[argument])
   return entries
 
 
@@ -159,24 +165,25 @@ def _apply_split_lists(sources, root, split_filelists, skipped):
   sources = list(sources)
   listed_in = {}
   for split, filelist in split_filelists.items():
-    flag = f"{split}_filelist"
-    for path, label in read_filelist(filelist, flag, need_labels=False):
+    argument = f"{split}_filelist"
+    for path, label in read_filelist(filelist, argument, need_labels=False):
       if path in listed_in:
-        raise UserError(f"--{flag} {filelist}: {path} is also listed in "
-                        f"--{listed_in[path]}_filelist; a file belongs to one split")
+        other = f"{listed_in[path]}_filelist"
+        raise UserError(f"{argument}={filelist}: {path} is also listed in {other}; a file "
+                        "belongs to one split", arguments=[argument, other])
       listed_in[path] = split
       index = by_path.get(path)
       if index is not None:
         source = sources[index]
         if label is not None and label != source.label:
-          raise UserError(f"--{flag} {filelist}: {path} is labelled {label!r} but its class is "
-                          f"{source.label!r}; fix the list")
+          raise UserError(f"{argument}={filelist}: {path} is labelled {label!r} but its class "
+                          f"is {source.label!r}; fix the list", arguments=[argument])
         sources[index] = source._replace(split=split)
       elif label is not None:
         by_path[path] = len(sources)
         sources.append(Source(path, _relative_key(root, path), label, split))
       else:
-        reason = f"listed in --{flag} but not among the inputs and no label given"
+        reason = f"listed in --{argument} but not among the inputs and no label given"
         skipped.append({"path": _relative_key(root, path), "reason": reason})
   return sources
 
@@ -194,7 +201,8 @@ def stable_split(key, validation_percentage, test_percentage):
 def collect_sources(image_dir, filelist, split_filelists, test_dir=None):
   """(sources, skipped, ignored) from a class folder or a file list, with split lists applied."""
   if bool(image_dir) == bool(filelist):
-    raise UserError("give exactly one of --image_dir or --filelist")
+    raise UserError("give exactly one of image_dir or filelist",
+                    arguments=["image_dir", "filelist"])
   if image_dir:
     # Absolute, so that paths in the split lists (resolved against their own folder) match.
     root = _absolute(image_dir)
@@ -203,7 +211,8 @@ def collect_sources(image_dir, filelist, split_filelists, test_dir=None):
     (sources, root), skipped, ignored = _sources_from_filelist(filelist), [], []
   duplicates = [path for path, n in collections.Counter(s.path for s in sources).items() if n > 1]
   if duplicates:
-    raise UserError(f"--filelist {filelist}: {duplicates[0]} is listed more than once")
+    raise UserError(f"filelist={filelist}: {duplicates[0]} is listed more than once",
+                    arguments=["filelist"])
   sources = _apply_split_lists(sources, root, split_filelists, skipped)
   if test_dir:
     sources = _with_test_dir(sources, root, _absolute(test_dir), skipped, ignored)
@@ -217,7 +226,7 @@ def _with_test_dir(sources, root, test_root, skipped, ignored):
   --image_dir) are the test folder's only. Keys are relative to `root` where
   the test folder is inside it, else `<test folder name>/<class>/<file>`.
   """
-  test_sources, test_skipped, test_ignored = list_image_dir(test_root)
+  test_sources, test_skipped, test_ignored = list_image_dir(test_root, "test_dir")
   prefix = test_root.rstrip("/") + "/"
   inside = prefix.startswith(root.rstrip("/") + "/")
   rekey = (lambda key: _relative_key(root, join_path(test_root, key))) if inside else (
@@ -230,8 +239,9 @@ def _with_test_dir(sources, root, test_root, skipped, ignored):
   for source in test_sources:
     key = rekey(source.key)
     if key in keys:
-      raise UserError(f"--test_dir {test_root}: {key} is also a training image's name; name "
-                      "the test folder differently from the class folders")
+      raise UserError(f"test_dir={test_root}: {key} is also a training image's name; name "
+                      "the test folder differently from the class folders",
+                      arguments=["test_dir"])
     kept.append(source._replace(key=key, split="test"))
   return kept
 
@@ -261,12 +271,15 @@ def choose_labels(sources, labels, skipped, image_dir):
   sources = _without_missing_classes(sources, skipped)
   present = sorted({source.label for source in sources})
   for label in present:
-    check_class_name(label, "--image_dir" if image_dir else "--filelist")
+    source_argument = "image_dir" if image_dir else "filelist"
+    check_class_name(label, source_argument, arguments=[source_argument])
   if labels:
     if len(set(labels)) != len(labels):
-      raise UserError(f"--labels has a duplicate class name: {labels}")
+      duplicate = next(label for label in labels if labels.count(label) > 1)
+      raise UserError(f"labels has a duplicate class name: {duplicate!r}; give each class once",
+                      arguments=["labels"])
     for label in labels:
-      check_class_name(label, "--labels")
+      check_class_name(label, "labels", arguments=["labels"])
     unknown = [s for s in sources if s.label not in set(labels)]
     for source in unknown:
       skipped.append({"path": source.key, "reason": f"class {source.label!r} is not in --labels"})

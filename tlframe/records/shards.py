@@ -160,12 +160,13 @@ def remove_temp_files(output_dir):
 
 
 def write_error(error, output_dir, num_finished):
-  """The one line for a write that failed (disk full, read-only, permissions)."""
+  """The one line for a write that failed (disk full, read-only, permissions); it cites the
+  argument output_dir."""
   if isinstance(error, tf.errors.OpError):
     cause = imageformat.op_error_text(error)
   else:
     cause = f"{error.filename}: {error.strerror}" if error.filename else str(error)
-  return (f"--output_dir {output_dir}: cannot write ({cause}); free space or fix permissions "
+  return (f"output_dir={output_dir}: cannot write ({cause}); free space or fix permissions "
           f"there, then rerun the same command: the {num_finished} finished shards are kept")
 
 

@@ -31,11 +31,11 @@ class Servable:
     try:
       self._model = tf.saved_model.load(export_dir)
     except (OSError, ValueError, tf.errors.OpError) as e:
-      raise UserError(f"--model: {export_dir} does not load as a SavedModel ({type(e).__name__}: "
+      raise UserError(f"{export_dir} does not load as a SavedModel ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0][:200]}); export the model again") from None
     self.signatures = dict(self._model.signatures)
     if DEFAULT_SIGNATURE not in self.signatures:
-      raise UserError(f"--model: {export_dir} has no {DEFAULT_SIGNATURE!r} signature "
+      raise UserError(f"{export_dir} has no {DEFAULT_SIGNATURE!r} signature "
                       f"(it has {', '.join(sorted(self.signatures)) or 'none'}); "
                       "serve an export written by bin/export")
     # {signature: {input name: TensorSpec}}

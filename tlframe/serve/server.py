@@ -138,8 +138,8 @@ def run_server(app, host="127.0.0.1", port=8501, max_connections=DEFAULT_MAX_CON
     sock.bind((host, port))
   except OSError as e:
     sock.close()
-    raise UserError(f"--host={host} --port={port}: cannot listen there ({e.strerror}); "
-                    "choose another port or host") from None
+    raise UserError(f"host={host} port={port}: cannot listen there ({e.strerror}); "
+                    "choose another port or host", arguments=["host", "port"]) from None
   state = app.state.server_state
   protocol = type("GuardedH11Protocol", (_GuardedH11Protocol,),
                   {"client_timeout_s": state.client_timeout_s,

@@ -496,7 +496,7 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
         raise UserError(
             f"cannot write {paths[index]} ({reason}): the {split} features must be in the cache "
             f"({'they stream from it' if streamed else 'the other workers read it'}); free space "
-            "or give a writable --feature_cache_dir") from None
+            "or give a writable feature_cache_dir", arguments=["feature_cache_dir"]) from None
       # The features are in memory: this run goes on, only later ones pay the pass again.
       logging.warning("Could not cache the %s features in %s (%s): continuing without the "
                       "cache", split, paths[index], reason)

@@ -103,8 +103,8 @@ def blocks_of(module):
 def trainable_variables(backbone, blocks):
   """The variables of the top `blocks` blocks of `backbone` (of each part of a concatenation).
 
-  Raises UserError naming --fine_tune when a module exposes no trainable
-  variables, and --fine_tune_blocks when it has fewer blocks.
+  Raises UserError naming fine_tune when a module exposes no trainable
+  variables, and fine_tune_blocks when it has fewer blocks.
   """
   count = options_lib.fine_tune_blocks(blocks)
   module = backbone.module
@@ -114,13 +114,13 @@ def trainable_variables(backbone, blocks):
   for handle, part in parts:
     part_blocks = blocks_of(part)
     if not part_blocks:
-      raise UserError(f"--fine_tune: {handle.strip()} exposes no trainable_variables (TF-Hub's "
+      raise UserError(f"fine_tune: {handle.strip()} exposes no trainable_variables (TF-Hub's "
                       "reusable SavedModel convention), so it cannot be fine-tuned: drop "
-                      "--fine_tune or use a module that exposes them")
+                      "fine_tune or use a module that exposes them", arguments=["fine_tune"])
     if count != options_lib.ALL_BLOCKS and count > len(part_blocks):
-      raise UserError(f"--fine_tune_blocks={count} but {handle.strip()} has "
+      raise UserError(f"fine_tune_blocks={count} but {handle.strip()} has "
                       f"{len(part_blocks)} blocks: use at most {len(part_blocks)}, or "
-                      f"{options_lib.ALL_BLOCKS}")
+                      f"{options_lib.ALL_BLOCKS}", arguments=["fine_tune_blocks"])
     top = part_blocks if count == options_lib.ALL_BLOCKS else part_blocks[-count:]
     chosen.extend(variable for block in top for variable in block)
   return chosen
@@ -144,9 +144,9 @@ def restore_backbone_variables(backbone, model_dir, blocks):
   try:
     tf.train.Checkpoint(variables=variables).read(prefix).assert_consumed()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise UserError(f"{prefix} does not fit {backbone.handle} with --fine_tune_blocks={blocks} "
+    raise UserError(f"{prefix} does not fit {backbone.handle} with fine_tune_blocks={blocks} "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): the backbone "
-                    "changed since training; retrain") from None
+                    "changed since training; retrain", arguments=["fine_tune_blocks"]) from None
   return variables
 
 
@@ -408,8 +408,9 @@ class FineTuner(fit_loop.FitLoop):
       self._writers.flush()
 
   def _divergence_fix(self):
-    return (f"lower --fine_tune_learning_rate (now {self.options.fine_tune_learning_rate:g}) "
-            "or --fine_tune_head_learning_rate")
+    return (f"lower fine_tune_learning_rate (now {self.options.fine_tune_learning_rate:g}) "
+            "or fine_tune_head_learning_rate",
+            ["fine_tune_learning_rate", "fine_tune_head_learning_rate"])
 
   def _train_epoch(self, iterator):
     """One epoch of steps; returns the mean (loss, accuracy) of its augmented batches."""

@@ -27,7 +27,8 @@ class FitLoop:
   _weights(): the variables that train (checked finite, kept at their best);
   _run_epochs(make_batches, first_epoch, count): `count` more epochs;
   _epochs_per_chunk(checkpointing): epochs run between two checks and checkpoints;
-  _divergence_fix(): what to change when the weights stopped being finite.
+  _divergence_fix(): what to change when the weights stopped being finite, and the
+    arguments it cites (errors.UserError).
   Class attributes: _WHAT ("training"), _WEIGHTS_WHAT ("the head's weights"),
   _RESUMED (the log line's start).
   """
@@ -82,9 +83,10 @@ class FitLoop:
   def _check_finite(self):
     """Stops the run when it diverged: weights that are not finite numbers never get saved."""
     if not all(np.all(np.isfinite(weight.numpy())) for weight in self._weights()):
+      fix, arguments = self._divergence_fix()
       raise UserError(f"{self._WHAT} diverged by epoch {self.epochs_done}: "
-                      f"{self._WEIGHTS_WHAT} are no longer finite numbers; "
-                      f"{self._divergence_fix()}")
+                      f"{self._WEIGHTS_WHAT} are no longer finite numbers; {fix}",
+                      arguments=arguments)
 
   def track_best(self, loss):
     """After an epoch's validation `loss`: keeps the weights when it is the lowest yet,

@@ -118,9 +118,10 @@ def prepare(model_dir, options, *, is_chief=True):
       shown = ", ".join(sorted(outputs + others)[:5])
       reason = f"is not empty and holds no tlframe run ({shown})"
     if not options.overwrite:
-      raise UserError(f"--model_dir={model_dir} {reason}: use another --model_dir, or add "
-                      f"--overwrite to replace {'its model' if outputs else 'it'} (removes "
-                      f"{', '.join(outputs) if outputs else 'nothing of yours'})")
+      raise UserError(f"model_dir={model_dir} {reason}: use another model_dir, or pass "
+                      f"overwrite=True to replace {'its model' if outputs else 'it'} (removes "
+                      f"{', '.join(outputs) if outputs else 'nothing of yours'})",
+                      arguments=["model_dir", "overwrite"])
     if is_chief:
       logging.warning("--overwrite: removing %s from %s", ", ".join(outputs) or "nothing",
                       model_dir)

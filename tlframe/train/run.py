@@ -57,9 +57,9 @@ def train(options):
   """Trains a head as `options` say; writes model_dir; returns the metrics dict."""
   options_lib.check(options)
   if not tf.io.gfile.isdir(options.records_dir):
-    fileio.check_filesystem(options.records_dir, "--records_dir")
-    raise UserError(f"--records_dir={options.records_dir} does not exist: run "
-                    "bin/make_tfrecords first")
+    fileio.check_filesystem(options.records_dir, "records_dir")
+    raise UserError(f"records_dir={options.records_dir} does not exist: run "
+                    "bin/make_tfrecords first", arguments=["records_dir"])
   strategy = distribution.make_strategy(options.strategy)
   if not distribution.is_chief(strategy):
     return _run(options, strategy)
@@ -241,7 +241,8 @@ def _feature_sets(options, strategy, backbone, num_classes):
       feature_sets[split] = None  # every record of the split failed to decode (logged)
   if feature_sets["train"] is None:
     raise UserError(f"{options.records_dir} has no readable training examples: rebuild the "
-                    "records with a smaller --validation_percentage/--test_percentage")
+                    "records with a smaller validation_percentage/test_percentage",
+                    arguments=["validation_percentage", "test_percentage"])
   if feature_sets["validation"] is None:
     _check_validation_needs(options, has_validation=False)
   return feature_sets
@@ -256,26 +257,30 @@ def _check_splits(options, output_dim):
               if features_lib.will_stream(options.records_dir, split, output_dim,
                                           options.flip_features, options.max_in_memory_features)]
   if options.patience and "validation" in streamed:
-    raise UserError("--patience checks the validation features after every epoch, in memory: "
-                    f"raise --max_in_memory_features (now {options.max_in_memory_features}) "
-                    "above the validation split's, or set --patience=0")
+    raise UserError("patience checks the validation features after every epoch, in memory: "
+                    f"raise max_in_memory_features (now {options.max_in_memory_features}) "
+                    "above the validation split's, or set patience=0",
+                    arguments=["patience", "max_in_memory_features"])
   if options.fine_tune and streamed:
-    raise UserError("--fine_tune recomputes the features in memory after fine-tuning: raise "
-                    f"--max_in_memory_features (now {options.max_in_memory_features}) above the "
-                    f"{' and '.join(streamed)} split's, or drop --fine_tune")
+    raise UserError("fine_tune recomputes the features in memory after fine-tuning: raise "
+                    f"max_in_memory_features (now {options.max_in_memory_features}) above the "
+                    f"{' and '.join(streamed)} split's, or drop fine_tune",
+                    arguments=["fine_tune", "max_in_memory_features"])
 
 
 def _check_validation_needs(options, has_validation):
-  """--patience and --fine_tune need validation records (none, or none readable)."""
+  """patience and fine_tune need validation records (none, or none readable)."""
   if has_validation:
     return
   if options.patience:
-    raise UserError("--patience needs validation records: rebuild the records with "
-                    "--validation_percentage > 0, or set --patience=0")
+    raise UserError("patience needs validation records: rebuild the records with "
+                    "validation_percentage > 0, or set patience=0",
+                    arguments=["patience", "validation_percentage"])
   if options.fine_tune:
-    raise UserError("--fine_tune needs validation records (its early stopping and the "
+    raise UserError("fine_tune needs validation records (its early stopping and the "
                     "calibration use the fine-tuned backbone's validation scores): rebuild the "
-                    "records with --validation_percentage > 0")
+                    "records with validation_percentage > 0",
+                    arguments=["fine_tune", "validation_percentage"])
 
 
 def _fit_head(options, strategy, backbone, train_set, val_set, label_names, normalization,

@@ -365,8 +365,8 @@ class HeadTrainer(fit_loop.FitLoop):
     self.run_epochs(self._iterator, tf.constant(count, tf.int64))
 
   def _divergence_fix(self):
-    return (f"lower --learning_rate (now {self.options.learning_rate:g}) or raise --l2 "
-            f"(now {self.options.l2:g})")
+    return (f"lower learning_rate (now {self.options.learning_rate:g}) or raise l2 "
+            f"(now {self.options.l2:g})", ["learning_rate", "l2"])
 
   def _keeps_best(self):
     """Only with early stopping, and once an epoch improved: before, the copies hold the

@@ -158,8 +158,9 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   (logged), until the best is inside or l2 reaches L2_LIMITS.
   """
   if len(train_y) < options.cv_folds:
-    raise UserError(f"--cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
-                    "lower --cv_folds, or set --l2 to skip its cross-validation")
+    raise UserError(f"cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
+                    "lower cv_folds, or set l2 to skip its cross-validation",
+                    arguments=["cv_folds", "l2"])
   folds = stratified_folds(train_y, options.cv_folds, options.seed)
   grid = sorted(set(options.l2_grid))
   ratio = grid[1] / grid[0] if len(grid) > 1 else _WIDENING_RATIO

@@ -31,10 +31,11 @@ _ATOMIC_DIRECTORY_RENAME_SCHEMES = ("", "file", "hdfs", "viewfs")
 _TENSORFLOW_IO_SCHEMES = ("s3", "hdfs", "viewfs", "har", "az")
 
 
-def check_filesystem(path, flag=None):
+def check_filesystem(path, argument=None):
   """UserError when `path` is on a filesystem this TensorFlow lacks (s3:// without tensorflow-io).
 
-  `flag` names where the path came from, for the message.
+  `argument` names the argument the path came from (`records_dir`), for the
+  message, which cites it (errors.UserError).
   """
   if "://" not in path:
     return
@@ -55,9 +56,9 @@ def check_filesystem(path, flag=None):
     if scheme in registered:
       return
   known = ", ".join(f"{name}://" for name in sorted(registered) if name)
-  where = f"{flag}={path}" if flag else path
+  where = f"{argument}={path}" if argument else path
   raise UserError(f"{where}: TensorFlow {tf.__version__} here has no {scheme}:// filesystem (it "
-                  f"has {known} and local paths); {fix}")
+                  f"has {known} and local paths); {fix}", arguments=[argument] if argument else [])
 
 
 def temp_path_for(path):
