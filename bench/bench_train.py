@@ -73,7 +73,7 @@ def fresh_feature_cache(work_dir):
   so the timed bin/train run does its backbone pass; this process uses it too."""
   cache = work_dir / f"cache-{time.time_ns()}"
   cache.mkdir()
-  (cache / "backbones").symlink_to(pathlib.Path(backbone_lib.cache_dir()) / "backbones")
+  (cache / "backbones").symlink_to(pathlib.Path(backbone_lib.cache_root()) / "backbones")
   os.environ["TLFRAME_CACHE_DIR"] = str(cache)
 
 

@@ -58,14 +58,20 @@ _CLASSIFIER_DIMS = (1000, 1001)
 # Cache and built-ins.
 
 
-def cache_dir():
-  """`$TLFRAME_CACHE_DIR`, default ~/.cache/tlframe: built backbones and downloaded weights."""
+def cache_root():
+  """tlframe's cache: `$TLFRAME_CACHE_DIR`, default ~/.cache/tlframe.
+
+  It holds the built backbones (`backbones/`), downloaded weights
+  (`downloads/`), the per-machine backbone speeds (`backbone_speeds.json`,
+  written by tlframe/train/backbone_choice.py) and, unless `feature_cache_dir`
+  says otherwise, the feature cache (`features/`).
+  """
   return os.environ.get("TLFRAME_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "tlframe")
 
 
 def builtin_dir(name):
-  return os.path.join(cache_dir(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
+  return os.path.join(cache_root(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
 
 
 def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
@@ -87,7 +93,7 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
     return export_dir
   network, weights = _BUILTINS[name]
   data = torch_pth.find_weights(weights, weights_file=weights_file,
-                                download_dir=os.path.join(cache_dir(), "downloads"))
+                                download_dir=os.path.join(cache_root(), "downloads"))
   state_dict = torch_pth.load_state_dict(data, source=weights.filename)
   for kind in missing:
     target = os.path.join(export_dir, kind)

@@ -2,7 +2,7 @@
 
 The backbone pass is nearly all of a cached-features training run, so its
 result is kept in a cache shared by every model dir: the entry
-`<cache>/<split>-<key>/` (`cache_dir()`: `feature_cache_dir`, default
+`<cache>/<split>-<key>/` (`feature_cache_dir()`: the `feature_cache_dir` argument, default
 `$TLFRAME_CACHE_DIR/features`, on any tf.io.gfile filesystem: gs://, ram://,
 ...) holds `part-00003-of-00008.npz` for record shard 3 of 8. The key digests
 what the features depend on: the backbone's `cache_key` (module, size, kind,
@@ -389,9 +389,9 @@ def _rows_to_show(batch_labels, shown_per_class, limit):
 # The cache.
 
 
-def cache_dir(feature_cache_dir=""):
+def feature_cache_dir(feature_cache_dir=""):
   """Where feature files are cached: `feature_cache_dir`, or `$TLFRAME_CACHE_DIR/features`."""
-  return feature_cache_dir or os.path.join(backbone_lib.cache_dir(), CACHE_DIRNAME)
+  return feature_cache_dir or os.path.join(backbone_lib.cache_root(), CACHE_DIRNAME)
 
 
 def _absolute(path):
@@ -419,7 +419,7 @@ def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
 
 def entry_dir(split, key, feature_cache_dir=""):
   """The cache entry's folder: `<cache>/<split>-<key>`."""
-  return os.path.join(cache_dir(feature_cache_dir), f"{split}-{key}")
+  return os.path.join(feature_cache_dir(feature_cache_dir), f"{split}-{key}")
 
 
 def part_path(entry, index, num_parts):
@@ -446,7 +446,7 @@ def cached_features(backbone, records_dir, split, *, batch_size, image_size, res
 
   `flip`: the set also holds the mirrored images' features (one cache entry
   holding both, keyed apart from the entry without them). `feature_cache_dir`:
-  the cache folder, on any TensorFlow filesystem (default: `cache_dir()`).
+  the cache folder, on any TensorFlow filesystem (default: `feature_cache_dir()`).
   `storage`: float32 or float16 on disk. `max_in_memory_features`: above this
   many float values (rows x dim, mirrors included) the set is streamed, not
   loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas
