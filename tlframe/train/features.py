@@ -135,6 +135,24 @@ class FeatureSet:
     return (np.concatenate([self.features, self.flipped_features]),
             np.concatenate([self.labels, self.labels]))
 
+  def normalization_constants(self, feature_normalization):
+    """head.normalization_constants of the set's training examples; over the parts when streamed."""
+    if not self.streamed:
+      return head_lib.normalization_constants(self.training_examples()[0], feature_normalization)
+    if feature_normalization != "standardize":
+      return head_lib.normalization_constants(np.zeros([0, self.stream.dim], np.float32),
+                                              feature_normalization)
+    total = np.zeros([self.stream.dim], np.float64)
+    squares = np.zeros_like(total)
+    for features, flipped, _ in self.parts():
+      for rows in (features, flipped) if flipped is not None else (features,):
+        total += rows.sum(axis=0, dtype=np.float64)
+        squares += np.square(rows, dtype=np.float64).sum(axis=0)
+    count = self.num_training_examples
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    return head_lib.standardization_constants(mean, std)
+
   def parts(self):
     """(features, flipped or None, labels) of each cache part in order; one when in memory."""
     if not self.streamed:
@@ -181,26 +199,6 @@ def average_flip_scores(scores_of, feature_set):
     part = scores_of(features)
     scores.append(part if flipped is None else (part + scores_of(flipped)) / 2)
   return np.concatenate(scores)
-
-
-def normalization_constants(feature_set, feature_normalization):
-  """head.normalization_constants of the set's training examples; over the parts when streamed."""
-  if not feature_set.streamed:
-    return head_lib.normalization_constants(feature_set.training_examples()[0],
-                                            feature_normalization)
-  if feature_normalization != "standardize":
-    return head_lib.normalization_constants(np.zeros([0, feature_set.stream.dim], np.float32),
-                                            feature_normalization)
-  total = np.zeros([feature_set.stream.dim], np.float64)
-  squares = np.zeros_like(total)
-  for features, flipped, _ in feature_set.parts():
-    for rows in (features, flipped) if flipped is not None else (features,):
-      total += rows.sum(axis=0, dtype=np.float64)
-      squares += np.square(rows, dtype=np.float64).sum(axis=0)
-  count = feature_set.num_training_examples
-  mean = total / count
-  std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
-  return head_lib.standardization_constants(mean, std)
 
 
 def stratified_rows(labels, max_rows, seed):

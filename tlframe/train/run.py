@@ -101,15 +101,12 @@ def _run(options, strategy):
   if options.l2 is None or val_set is None:
     cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
-  def normalization_constants(normalization):
-    return features_lib.normalization_constants(train_set, normalization)
-
   cv, out_of_fold = None, None
   if options.l2 is None:
     cv_start = time.monotonic()
     normalization, best_l2, rows, out_of_fold, widened = tuning.tune_head(
         strategy, options, cv_set.features, cv_set.labels, len(label_names),
-        normalization_constants=normalization_constants)
+        normalization_constants=train_set.normalization_constants)
     cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
               best_normalization=normalization, examples=len(cv_set.labels),
               subsample=train_set.streamed, grid=sorted({row["l2"] for row in rows}),
@@ -118,7 +115,7 @@ def _run(options, strategy):
   elif options.feature_normalization == "auto":
     # A given l2 was chosen on some scale: the standardized one, bin/train's before auto.
     options = dataclasses.replace(options, feature_normalization="standardize")
-  shift, scale = normalization_constants(options.feature_normalization)
+  shift, scale = train_set.normalization_constants(options.feature_normalization)
 
   writers = summaries.Writers(os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME))
   summaries.write_input_grids(writers.train, train_set.thumbnails, train_set.thumbnail_labels,
