@@ -387,9 +387,9 @@ def _rows_to_show(batch_labels, shown_per_class, limit):
 # The cache.
 
 
-def feature_cache_dir(feature_cache_dir=""):
-  """Where feature files are cached: `feature_cache_dir`, or `$TLFRAME_CACHE_DIR/features`."""
-  return feature_cache_dir or os.path.join(backbone_lib.cache_root(), CACHE_DIRNAME)
+def feature_cache_dir(option=""):
+  """The feature cache's folder: `option` (the feature_cache_dir option), or `$TLFRAME_CACHE_DIR/features`."""
+  return option or os.path.join(backbone_lib.cache_root(), CACHE_DIRNAME)
 
 
 def _absolute(path):
@@ -415,9 +415,9 @@ def cache_key(backbone, records_dir, split, *, image_size, resize_mode,
   return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def entry_dir(split, key, feature_cache_dir=""):
-  """The cache entry's folder: `<cache>/<split>-<key>`."""
-  return os.path.join(feature_cache_dir(feature_cache_dir), f"{split}-{key}")
+def entry_dir(split, key, option=""):
+  """The cache entry's folder: `<cache>/<split>-<key>`, `<cache>` being `feature_cache_dir(option)`."""
+  return os.path.join(feature_cache_dir(option), f"{split}-{key}")
 
 
 def part_path(entry, index, num_parts):
