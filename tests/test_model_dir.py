@@ -13,7 +13,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from tlframe.train import features as features_lib
+from tlframe.train import feature_cache
 from tlframe.util import fileio
 from tlframe import train
 from tlframe.errors import UserError
@@ -102,7 +102,7 @@ def test_a_second_model_dir_reuses_the_shared_features(task, tmp_path, caplog):
 def test_a_damaged_feature_cache_is_named_and_recomputed(task, tmp_path, caplog, damage):
   first, _, backbone = task
   reference = train.train(_options(first, tmp_path / "one", backbone))
-  for path in glob.glob(os.path.join(features_lib.feature_cache_dir(), "*", "part-*.npz")):
+  for path in glob.glob(os.path.join(feature_cache.feature_cache_dir(), "*", "part-*.npz")):
     data = open(path, "rb").read()
     if damage == "truncated":
       data = data[:len(data) // 2]
@@ -115,7 +115,7 @@ def test_a_damaged_feature_cache_is_named_and_recomputed(task, tmp_path, caplog,
     open(path, "wb").write(data)
   caplog.set_level(logging.WARNING, logger="absl")
   again = train.train(_options(first, tmp_path / "two", backbone))
-  assert "Ignoring unreadable feature cache " + features_lib.feature_cache_dir() in caplog.text
+  assert "Ignoring unreadable feature cache " + feature_cache.feature_cache_dir() in caplog.text
   assert again["validation"]["accuracy"] == reference["validation"]["accuracy"]
   assert again["train"]["accuracy"] == reference["train"]["accuracy"]
 

@@ -3,9 +3,9 @@
 The run, top to bottom (`train`):
 1. check the options and the records, take the model dir's lock, and decide
    whether the run resumes, trains a new head, or is refused (`model_dir`);
-2. one backbone pass over the train and validation records, or its features
-   from the shared cache (`features`): shared out over the replicas and
-   workers of the strategy, kept in memory or, beyond
+2. one backbone pass over the train and validation records (`extraction`), or
+   its features from the shared cache (`feature_cache`): shared out over the
+   replicas and workers of the strategy, kept in memory or, beyond
    --max_in_memory_features, streamed from the cache;
 3. choose l2 by cross-validation on the cached features unless --l2 fixes it
    (`tuning`, on a subsample when streamed; also before augmented training);
@@ -35,6 +35,7 @@ from tlframe.train import calibration as calibration_lib
 from tlframe.train import data_checks
 from tlframe.train import distribution
 from tlframe.export import exporter as export_lib
+from tlframe.train import feature_cache
 from tlframe.train import features as features_lib
 from tlframe.train import finetune
 from tlframe.util import fileio
@@ -226,7 +227,7 @@ def _feature_sets(options, strategy, backbone, num_classes):
     if not counts[split]:
       feature_sets[split] = None
       continue
-    feature_sets[split] = features_lib.cached_features(
+    feature_sets[split] = feature_cache.cached_features(
         backbone, options.records_dir, split, batch_size=batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
         num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
@@ -250,8 +251,8 @@ def _check_splits(options, output_dim):
             if records.count_examples(options.records_dir, split)]
   _check_validation_needs(options, has_validation="validation" in splits)
   streamed = [split for split in splits
-              if features_lib.will_stream(options.records_dir, split, output_dim,
-                                          options.flip_features, options.max_in_memory_features)]
+              if feature_cache.will_stream(options.records_dir, split, output_dim,
+                                           options.flip_features, options.max_in_memory_features)]
   if options.patience and "validation" in streamed:
     raise UserError("--patience checks the validation features after every epoch, in memory: "
                     f"raise --max_in_memory_features (now {options.max_in_memory_features}) "
