@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tlframe.train import feature_cache
+from tlframe.train import model_dir as model_dir_lib
 from tlframe.util import fileio
 from tlframe import train
 from tlframe.errors import UserError
@@ -84,6 +85,24 @@ def test_other_head_settings_keep_the_earlier_logs_as_their_own_run(task, tmp_pa
   assert [os.path.basename(p) for p in moved] == [os.path.basename(p) for p in earlier_events]
   assert glob.glob(str(model_dir / "logs" / "train" / "events.*"))
   assert json.load(open(model_dir / "run_options.json"))["loss"] == "softmax"
+
+
+def test_a_model_dir_of_the_old_features_name_logits_still_resumes(task, tmp_path):
+  """--features=logits, classification's earlier name: a model dir whose files say it resumes."""
+  first, _, backbone = task
+  model_dir = tmp_path / "model"
+  options = _options(first, model_dir, backbone, features="logits")
+  assert options.features == "classification"
+  # What a run of the earlier name left: run_options.json and metrics.json saying "logits".
+  written = dict(model_dir_lib.run_identity(options), features="logits")
+  model_dir.mkdir()
+  (model_dir / "run_options.json").write_text(json.dumps(written))
+  (model_dir / "metrics.json").write_text(json.dumps({"run_identity": written}))
+  for features in ("logits", "classification"):
+    again = _options(first, model_dir, backbone, features=features)
+    assert model_dir_lib.finished_run(str(model_dir), again) == {"run_identity": written}
+  assert model_dir_lib.prepare(str(model_dir), options) == "resume"
+  assert json.loads((model_dir / "run_options.json").read_text())["features"] == "classification"
 
 
 def test_a_second_model_dir_reuses_the_shared_features(task, tmp_path, caplog):
