@@ -102,7 +102,7 @@ def image_batches(tf):
 
 def export_unfolded(backbone, mobilenet_v2, torch_pth, export_dir):
   """The built-in network without BatchNorm folding (conv -> BatchNorm -> ReLU6): the reference."""
-  data = torch_pth.find_weights(download_dir=os.path.join(backbone.cache_dir(), "downloads"))
+  data = torch_pth.find_weights(download_dir=os.path.join(backbone.cache_root(), "downloads"))
   unfolded_net = mobilenet_v2.InvertedResidualNet(
       mobilenet_v2.MOBILENET_V2_100_224, torch_pth.load_state_dict(data), fold_batch_norm=False)
   mobilenet_v2.export_saved_model(unfolded_net, export_dir)

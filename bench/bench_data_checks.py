@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe.backbone import loading as backbone_lib  # pylint: disable=wrong-import-position
 from tlframe.train import data_checks  # pylint: disable=wrong-import-position
-from tlframe.train import features as features_lib  # pylint: disable=wrong-import-position
+from tlframe.train import feature_cache  # pylint: disable=wrong-import-position
 from tlframe.train import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import options as options_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
@@ -212,7 +212,7 @@ def main():
     backbone = backbone_lib.load_backbone(options_lib.DEFAULT_BACKBONE)
     defaults = options_lib.TrainOptions(records_dir="", model_dir="")
     feature_sets = {
-        split: features_lib.cached_features(
+        split: feature_cache.cached_features(
             backbone, records_dir, split, batch_size=32, image_size=backbone.input_size,
             resize_mode=defaults.resize_mode, num_classes=len(label_names))
         for split in records.SPLITS}

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe.backbone import loading as backbone_lib  # pylint: disable=wrong-import-position
 from tlframe.train import backbone_choice  # pylint: disable=wrong-import-position
+from tlframe.train import feature_cache  # pylint: disable=wrong-import-position
 from tlframe.train import features as features_lib  # pylint: disable=wrong-import-position
 from tlframe.train import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import options as options_lib  # pylint: disable=wrong-import-position
@@ -109,8 +110,8 @@ def feature_sets(records_dir, backbone, resize_mode, flip):
   extract = dict(backbone=backbone, records_dir=records_dir, batch_size=32,
                  image_size=backbone.input_size, resize_mode=resize_mode,
                  num_classes=len(records.read_labels(records_dir)), flip=flip)
-  train = features_lib.cached_features(split="train", **extract)
-  test = features_lib.cached_features(split="validation", **extract)
+  train = feature_cache.cached_features(split="train", **extract)
+  test = feature_cache.cached_features(split="validation", **extract)
   if train.from_cache or test.from_cache:
     return train, test, None
   images = (len(train.labels) + len(test.labels)) * (2 if flip else 1)

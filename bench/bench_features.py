@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The backbone pass of bin/train against the backbone alone: images/s, one run, side by side.
 
-bin/train's backbone pass is `features.extract_features` over the records
+bin/train's backbone pass is `extraction.extract_features` over the records
 (read, decode, resize, the backbone, thumbnails, the features back in numpy).
 Its rate is compared with the backbone alone on ready tensors at the same
 batch size (a traced function with a fixed input signature): the pass should
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe.backbone import loading as backbone_lib  # pylint: disable=g-import-not-at-top
-from tlframe.train import features  # pylint: disable=g-import-not-at-top
+from tlframe.train import extraction  # pylint: disable=g-import-not-at-top
 from tlframe import records  # pylint: disable=g-import-not-at-top
 from tlframe import samples  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -87,7 +87,7 @@ def backbone_alone(backbone, batch_size, images_per_round):
 
 def the_pass(backbone, pattern, num_classes, flip):
   def one_round():
-    feature_set = features.extract_features(
+    feature_set = extraction.extract_features(
         backbone, pattern, batch_size=FLAGS.batch_size, image_size=backbone.input_size,
         resize_mode="center_crop", num_classes=num_classes, flip=flip)
     return feature_set.extract_seconds
@@ -133,7 +133,7 @@ def main(argv):
     print("| variant | backbone images/s | x backbone alone |")
     print("| --- | ---: | ---: |")
     print(f"| backbone alone on tensors, batch {FLAGS.batch_size} | {rates['alone']:.1f} | 1.00x |")
-    print(f"| backbone pass (features.extract_features) | {rates['pass']:.1f} | "
+    print(f"| backbone pass (extraction.extract_features) | {rates['pass']:.1f} | "
           f"{rates['pass'] / rates['alone']:.2f}x |")
     ratios = [rates["pass"] / rates["alone"]]
     if FLAGS.flip:

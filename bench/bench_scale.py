@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The backbone pass distributed: images/s with 1 vs 2 replicas and 1 vs 2 workers, one run.
 
-bin/train's backbone pass (`features.cached_features`: every record shard
+bin/train's backbone pass (`feature_cache.cached_features`: every record shard
 into its cache part) is timed four ways over the same records, each into a
 fresh cache:
 - 1 replica, then 2 replicas of a MirroredStrategy over 2 logical CPU devices
@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO_ROOT))
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe.backbone import loading as backbone_lib  # pylint: disable=g-import-not-at-top
 from tlframe.train import distribution  # pylint: disable=g-import-not-at-top
-from tlframe.train import features  # pylint: disable=g-import-not-at-top
+from tlframe.train import extraction  # pylint: disable=g-import-not-at-top
+from tlframe.train import feature_cache  # pylint: disable=g-import-not-at-top
 from tlframe import records  # pylint: disable=g-import-not-at-top
 from tlframe import samples  # pylint: disable=g-import-not-at-top
 from tlframe import train  # pylint: disable=g-import-not-at-top
@@ -76,8 +77,8 @@ def time_pass(backbone, records_dir, cache, **kwargs):
   """Seconds of one backbone pass into a fresh cache (the parts' pipelines included)."""
   shutil.rmtree(cache, ignore_errors=True)
   start = time.monotonic()
-  feature_set = features.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
-                                         **_kwargs(), **kwargs)
+  feature_set = feature_cache.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
+                                              **_kwargs(), **kwargs)
   assert not feature_set.from_cache
   return time.monotonic() - start, len(feature_set.labels)
 
@@ -91,13 +92,13 @@ def worker_main():
   backbone(tf.zeros([FLAGS.batch_size, 224, 224, 3]))
   strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
   start = time.monotonic()
-  feature_set = features.cached_features(backbone, FLAGS.worker_of, "train",
-                                         feature_cache_dir=FLAGS.worker_cache, worker=worker,
-                                         **_kwargs())
+  feature_set = feature_cache.cached_features(backbone, FLAGS.worker_of, "train",
+                                              feature_cache_dir=FLAGS.worker_cache, worker=worker,
+                                              **_kwargs())
   seconds = time.monotonic() - start
-  decoded = sum(len(features.read_part(path)["labels"]) for path in
+  decoded = sum(len(feature_cache.read_part(path)["labels"]) for path in
                 glob.glob(os.path.join(FLAGS.worker_cache, "*", "part-*.npz"))
-                if features.read_part(path)["extracted_by"].startswith(f"worker {worker[0]} "))
+                if feature_cache.read_part(path)["extracted_by"].startswith(f"worker {worker[0]} "))
   print("RESULT " + json.dumps(dict(seconds=seconds, images=len(feature_set.labels),
                                     decoded=decoded)))
 
@@ -143,7 +144,7 @@ def float16_table(work_dir):
 def time_backbone_alone(backbone, images):
   """Seconds of the backbone alone on `images` ready tensors (the pass's compute)."""
   # pylint: disable-next=protected-access
-  featurize = features._featurizer(backbone, FLAGS.batch_size, 224, False)
+  featurize = extraction._featurizer(backbone, FLAGS.batch_size, 224, False)
   batch = tf.random.stateless_uniform([FLAGS.batch_size, 224, 224, 3], seed=[1, 2])
   featurize(batch).numpy()
   start = time.monotonic()

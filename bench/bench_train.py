@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 # tlframe before tensorflow: importing it sets TensorFlow's oneDNN default (tlframe/__init__.py).
 from tlframe.backbone import loading as backbone_lib  # pylint: disable=wrong-import-position
-from tlframe.train import features as features_lib  # pylint: disable=wrong-import-position
+from tlframe.train import feature_cache  # pylint: disable=wrong-import-position
 from tlframe.train import head as head_lib  # pylint: disable=wrong-import-position
 from tlframe import records  # pylint: disable=wrong-import-position
 from tlframe import samples  # pylint: disable=wrong-import-position
@@ -73,7 +73,7 @@ def fresh_feature_cache(work_dir):
   so the timed bin/train run does its backbone pass; this process uses it too."""
   cache = work_dir / f"cache-{time.time_ns()}"
   cache.mkdir()
-  (cache / "backbones").symlink_to(pathlib.Path(backbone_lib.cache_dir()) / "backbones")
+  (cache / "backbones").symlink_to(pathlib.Path(backbone_lib.cache_root()) / "backbones")
   os.environ["TLFRAME_CACHE_DIR"] = str(cache)
 
 
@@ -238,8 +238,8 @@ def run(flowers_dir, work_dir, backbone_handle, with_sweep):
   extract = dict(backbone=backbone, records_dir=records_dir, batch_size=32,
                  image_size=backbone.input_size, resize_mode="center_crop",
                  num_classes=len(labels), num_thumbnails_per_class=16)
-  train_set = features_lib.cached_features(split="train", **extract)
-  test_set = features_lib.cached_features(split="validation", **extract)
+  train_set = feature_cache.cached_features(split="train", **extract)
+  test_set = feature_cache.cached_features(split="validation", **extract)
   assert train_set.from_cache and test_set.from_cache
   x, y = train_set.features, train_set.labels
   test_x, test_y = test_set.features, test_set.labels

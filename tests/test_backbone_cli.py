@@ -22,7 +22,7 @@ def run_bin(name, *args, env=None):
 
 @pytest.fixture(scope="module")
 def weights_wheel(builtin_backbone_dirs):
-  downloads = os.path.join(backbone.cache_dir(), "downloads")
+  downloads = os.path.join(backbone.cache_root(), "downloads")
   return os.path.join(downloads, next(n for n in os.listdir(downloads) if n.endswith(".whl")))
 
 

@@ -29,7 +29,7 @@ def photos(skimage_photos):
 
 @pytest.fixture(scope="module")
 def state_dict(builtin_backbone_dirs):
-  data = torch_pth.find_weights(download_dir=os.path.join(backbone.cache_dir(), "downloads"))
+  data = torch_pth.find_weights(download_dir=os.path.join(backbone.cache_root(), "downloads"))
   return torch_pth.load_state_dict(data)
 
 

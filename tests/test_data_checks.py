@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import data_checks
-from tlframe.train import features as features_lib
+from tlframe.train import feature_cache
 from tlframe.predict import plots
 from tlframe import records
 from tlframe.predict import report
@@ -188,7 +188,7 @@ def test_near_duplicates_across_splits_are_found_on_real_photos(tmp_path, builti
                   validation_filelist=str(image_dir / "validation.txt"),
                   test_filelist=str(image_dir / "test.txt"))
   backbone = backbone_lib.load_backbone(backbone_lib.DEFAULT_HANDLE)
-  feature_sets = {split: features_lib.cached_features(
+  feature_sets = {split: feature_cache.cached_features(
       backbone, records_dir, split, batch_size=8, image_size=backbone.input_size,
       resize_mode="center_crop", num_classes=len(photos),
       feature_cache_dir=str(tmp_path / "cache")) for split in records.SPLITS}

@@ -8,6 +8,8 @@ import tensorflow as tf
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe import export
+from tlframe.train import extraction
+from tlframe.train import feature_cache
 from tlframe.train import features
 from tlframe.train import head as head_lib
 from tlframe import pipeline
@@ -44,7 +46,7 @@ def pipeline_images(records_dir):
 
 def extract(backbone, records_dir, **kwargs):
   kwargs = dict(dict(batch_size=BATCH, num_thumbnails_per_class=2), **kwargs)
-  return features.extract_features(
+  return extraction.extract_features(
       backbone, records.split_file_pattern(records_dir, "train"), image_size=224,
       resize_mode="center_crop", num_classes=len(CLASSES), **kwargs)
 
@@ -63,7 +65,7 @@ def test_features_are_the_backbones_of_each_image_in_order(backbone, photo_recor
   assert features_only is feature_set.features and labels_only is feature_set.labels
   # A second split through the same backbone and batch size reuses the one trace.
   extract(backbone, photo_records)
-  traced = features._featurizer(backbone, BATCH, 224, False)  # pylint: disable=protected-access
+  traced = extraction._featurizer(backbone, BATCH, 224, False)  # pylint: disable=protected-access
   assert traced.experimental_get_tracing_count() == 1
 
 
@@ -115,15 +117,15 @@ def test_flip_averaged_scores_are_the_mean_of_the_two_views(backbone, photo_reco
 def test_flip_features_have_their_own_cache_entry(backbone, photo_records):
   kwargs = dict(batch_size=BATCH, image_size=224, resize_mode="center_crop",
                 num_classes=len(CLASSES), num_thumbnails_per_class=2)
-  plain = features.cached_features(backbone, photo_records, "train", **kwargs)
-  flipped = features.cached_features(backbone, photo_records, "train", flip=True, **kwargs)
+  plain = feature_cache.cached_features(backbone, photo_records, "train", **kwargs)
+  flipped = feature_cache.cached_features(backbone, photo_records, "train", flip=True, **kwargs)
   assert plain.flipped_features is None and flipped.flipped_features is not None
-  again = features.cached_features(backbone, photo_records, "train", flip=True, **kwargs)
+  again = feature_cache.cached_features(backbone, photo_records, "train", flip=True, **kwargs)
   assert again.from_cache
   np.testing.assert_array_equal(again.flipped_features, flipped.flipped_features)
   np.testing.assert_array_equal(again.features, plain.features)
-  assert features.cached_features(backbone, photo_records, "train",
-                                   **kwargs).flipped_features is None
+  assert feature_cache.cached_features(backbone, photo_records, "train",
+                                       **kwargs).flipped_features is None
 
 
 def test_exported_flip_averaged_scores_are_the_mean_of_the_two_passes(backbone, skimage_photos,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tlframe.backbone import loading as backbone_lib
-from tlframe.train import features
+from tlframe.train import feature_cache
 from tlframe import records
 from test_train_helpers import REPO, make_records, run_local_workers, save_tiny_backbone
 from test_train_helpers import subprocess_env
@@ -39,17 +39,18 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from tlframe.backbone import loading as backbone_lib
-from tlframe.train import distribution, features
+from tlframe.train import distribution, extraction, feature_cache
 records_dir, backbone_dir, cache = sys.argv[1:4]
 kwargs = json.loads(sys.argv[4])
 backbone = backbone_lib.load_backbone(backbone_dir)  # outside the strategy's scope
 strategy = distribution.make_strategy("mirrored")
-cached_one = features.cached_features(backbone, records_dir, "train",
-                                      feature_cache_dir=cache + "/one", **kwargs)
-cached = features.cached_features(backbone, records_dir, "train", feature_cache_dir=cache + "/two",
-                                  strategy=distribution.extraction_strategy(strategy), **kwargs)
+cached_one = feature_cache.cached_features(backbone, records_dir, "train",
+                                           feature_cache_dir=cache + "/one", **kwargs)
+cached = feature_cache.cached_features(backbone, records_dir, "train",
+                                       feature_cache_dir=cache + "/two",
+                                       strategy=distribution.extraction_strategy(strategy), **kwargs)
 # Each replica's share of one step: a batch of its own images, featurized.
-featurize = features._distributed_featurizer(strategy, backbone, kwargs["batch_size"], 64, False)
+featurize = extraction._distributed_featurizer(strategy, backbone, kwargs["batch_size"], 64, False)
 images = strategy.experimental_distribute_values_from_function(
     lambda context: tf.fill([kwargs["batch_size"], 64, 64, 3],
                             float(context.replica_id_in_sync_group)))
@@ -126,7 +127,7 @@ def test_two_local_workers_share_the_pass_and_train_like_one(sharded_task, tmp_p
       os.path.relpath(p, tmp_path / "cache_single") for p in single_parts]
   assert len(multi_parts) == 7  # 4 train and 3 validation shards
   for multi_path, single_path in zip(multi_parts, single_parts):
-    multi_part, single_part = features.read_part(multi_path), features.read_part(single_path)
+    multi_part, single_part = feature_cache.read_part(multi_path), feature_cache.read_part(single_path)
     number = int(re.search(r"part-(\d+)-of", multi_path).group(1))
     assert multi_part["extracted_by"] == f"worker {number % 2} of 2"
     np.testing.assert_array_equal(multi_part["labels"], single_part["labels"])
@@ -144,26 +145,26 @@ def test_a_missing_or_damaged_part_is_redone_alone(sharded_task, tmp_path, caplo
   records_dir, backbone_dir = sharded_task
   backbone = backbone_lib.load_backbone(backbone_dir)
   cache = str(tmp_path / "cache")
-  full = features.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
-                                  **KWARGS)
+  full = feature_cache.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
+                                       **KWARGS)
   parts = sorted(glob.glob(os.path.join(cache, "train-*", "part-*.npz")))
   assert len(parts) == 4 and not full.from_cache
   os.remove(parts[1])                                            # never written (killed)
   open(parts[3], "wb").write(open(parts[3], "rb").read()[:300])  # damaged
   kept = {path: os.stat(path).st_mtime_ns for path in parts if path not in parts[1:4:2]}
   caplog.set_level(logging.INFO, logger="absl")
-  again = features.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
-                                   worker=(1, 2), **KWARGS)
+  again = feature_cache.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
+                                        worker=(1, 2), **KWARGS)
   assert f"Ignoring unreadable feature cache {parts[3]}" in caplog.text
   redone = _worker_passes(caplog.text)
   assert sorted(redone) == ["train-00001-of-00004.tfrecord", "train-00003-of-00004.tfrecord"]
   assert {path: os.stat(path).st_mtime_ns for path in kept} == kept
   assert not again.from_cache
   for number in (1, 3):
-    assert features.read_part(parts[number])["extracted_by"] == "worker 1 of 2"
+    assert feature_cache.read_part(parts[number])["extracted_by"] == "worker 1 of 2"
   np.testing.assert_array_equal(again.features, full.features)
   np.testing.assert_array_equal(again.labels, full.labels)
   np.testing.assert_array_equal(again.thumbnail_rows, full.thumbnail_rows)
   np.testing.assert_array_equal(again.thumbnails, full.thumbnails)
-  assert features.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
-                                  **KWARGS).from_cache
+  assert feature_cache.cached_features(backbone, records_dir, "train", feature_cache_dir=cache,
+                                       **KWARGS).from_cache

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tlframe.backbone import loading as backbone_lib
+from tlframe.train import feature_cache
 from tlframe.train import features
 from tlframe.train import head as head_lib
 from tlframe import train
@@ -93,9 +94,9 @@ def test_float16_storage_halves_the_parts_and_keeps_the_features(task):
   records_dir, backbone_dir = task
   backbone = backbone_lib.load_backbone(backbone_dir)
   kwargs = dict(batch_size=8, image_size=64, resize_mode="center_crop", num_classes=4)
-  full = features.cached_features(backbone, records_dir, "train", **kwargs)
-  half = features.cached_features(backbone, records_dir, "train", storage="float16", **kwargs)
-  again = features.cached_features(backbone, records_dir, "train", storage="float16", **kwargs)
+  full = feature_cache.cached_features(backbone, records_dir, "train", **kwargs)
+  half = feature_cache.cached_features(backbone, records_dir, "train", storage="float16", **kwargs)
+  again = feature_cache.cached_features(backbone, records_dir, "train", storage="float16", **kwargs)
   assert again.from_cache
   # The run that extracted them trains on what the cache gives later: float16-rounded values.
   np.testing.assert_array_equal(again.features, half.features)
@@ -104,11 +105,11 @@ def test_float16_storage_halves_the_parts_and_keeps_the_features(task):
   assert not np.array_equal(half.features, full.features)
 
   def entry_bytes(storage):
-    key = features.cache_key(backbone, records_dir, "train", image_size=64,
-                             resize_mode="center_crop", num_thumbnails_per_class=16,
-                             storage=storage)
+    key = feature_cache.cache_key(backbone, records_dir, "train", image_size=64,
+                                  resize_mode="center_crop", num_thumbnails_per_class=16,
+                                  storage=storage)
     return sum(os.path.getsize(path) for path in
-               glob.glob(os.path.join(features.entry_dir("train", key), "part-*.npz")))
+               glob.glob(os.path.join(feature_cache.entry_dir("train", key), "part-*.npz")))
 
   # Keyed apart, and all else in the parts the same: float16 saves 2 of 4 bytes per value.
   assert entry_bytes("float32") - entry_bytes("float16") == pytest.approx(

@@ -16,7 +16,7 @@ import pytest
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import calibration
-from tlframe.train import features as features_lib
+from tlframe.train import feature_cache
 from tlframe.train import head as head_lib
 from tlframe import records
 from tlframe import samples
@@ -63,7 +63,7 @@ def test_temperature_lowers_ece_on_the_test_split(flowers12_runs):
     assert fitted["fitted_on"] == "out_of_fold"
     # The test split's features, from the cache the run filled (no second backbone pass).
     backbone = backbone_lib.load_backbone(options.backbone, precision=options.precision)
-    test_set = features_lib.cached_features(
+    test_set = feature_cache.cached_features(
         backbone, options.records_dir, "test", batch_size=options.extract_batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode, num_classes=12,
         num_thumbnails_per_class=options.num_thumbnails_per_class)

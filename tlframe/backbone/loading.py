@@ -43,7 +43,7 @@ _BUILTINS = {
 }
 BUILTIN_NAMES = options.BUILTIN_BACKBONES
 PRECISIONS = options.PRECISIONS
-FEATURES = options.FEATURES
+FEATURES = options.FEATURES   # each the kind of module that gives them: FEATURE_VECTOR, CLASSIFICATION
 FEATURE_VECTOR = "feature_vector"
 CLASSIFICATION = "classification"
 CONCATENATION_SEPARATOR = ","
@@ -58,14 +58,20 @@ _CLASSIFIER_DIMS = (1000, 1001)
 # Cache and built-ins.
 
 
-def cache_dir():
-  """`$TLFRAME_CACHE_DIR`, default ~/.cache/tlframe: built backbones and downloaded weights."""
+def cache_root():
+  """tlframe's cache: `$TLFRAME_CACHE_DIR`, default ~/.cache/tlframe.
+
+  It holds the built backbones (`backbones/`), downloaded weights
+  (`downloads/`), the per-machine backbone speeds (`backbone_speeds.json`,
+  written by tlframe/train/backbone_choice.py) and, unless `feature_cache_dir`
+  says otherwise, the feature cache (`features/`).
+  """
   return os.environ.get("TLFRAME_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "tlframe")
 
 
 def builtin_dir(name):
-  return os.path.join(cache_dir(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
+  return os.path.join(cache_root(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
 
 
 def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
@@ -87,7 +93,7 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
     return export_dir
   network, weights = _BUILTINS[name]
   data = torch_pth.find_weights(weights, weights_file=weights_file,
-                                download_dir=os.path.join(cache_dir(), "downloads"))
+                                download_dir=os.path.join(cache_root(), "downloads"))
   state_dict = torch_pth.load_state_dict(data, source=weights.filename)
   for kind in missing:
     target = os.path.join(export_dir, kind)
@@ -157,14 +163,16 @@ def _resolve_url(handle):
 def resolve_handle(handle, *, features=FEATURE_VECTOR):
   """The local SavedModel directory for `handle` (a URL, a directory or a built-in name).
 
-  `features="logits"` selects a built-in's classification variant; for other
-  handles the module itself decides what it outputs.
+  `features="classification"` (or its old name `logits`) selects a built-in's
+  classification variant; for other handles the module itself decides what
+  it outputs.
   """
+  features = options.canonical_features(features)
   if features not in FEATURES:
     raise UserError(f"features must be one of {', '.join(FEATURES)}, not {features!r}")
   if handle in BUILTIN_NAMES:
-    variant = CLASSIFICATION if features == "logits" else FEATURE_VECTOR
-    return os.path.join(ensure_builtin(handle, kinds=(variant,)), variant)
+    # A FEATURES value is the kind of module that gives those features.
+    return os.path.join(ensure_builtin(handle, kinds=(features,)), features)
   if _is_url(handle):
     return _resolve_url(handle)
   if tf.io.gfile.isdir(handle):
@@ -293,8 +301,9 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
   without a bfloat16 entry runs float32 with a warning. A handle of several
   handles separated by commas loads their concatenation (`ConcatenatedModule`):
   its input size is the largest part's (or input_size, which parts of any size
-  get).
+  get). features: options.FEATURES, or an alias of one (`logits`).
   """
+  features = options.canonical_features(features)
   warn_if_onednn_off()
   requested_precision = resolve_precision(precision)
   if CONCATENATION_SEPARATOR in handle and not tf.io.gfile.isdir(handle):
@@ -341,7 +350,7 @@ def _backbone(handle, path, module, functions, size, features, precision, reques
                     "not a TF-Hub image module")
   output_dim = int(outputs.shape[1])
   kind = CLASSIFICATION if output_dim in _CLASSIFIER_DIMS else FEATURE_VECTOR
-  if features == "logits" and kind != CLASSIFICATION:
+  if features == CLASSIFICATION and kind != CLASSIFICATION:
     raise UserError(f"{handle} is a feature-vector module ({output_dim} outputs); logits need a "
                     "classification module")
   return Backbone(handle, path, module, size, output_dim, kind, precision_used,

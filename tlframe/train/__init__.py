@@ -1,7 +1,9 @@
 """The training stage: features of the frozen backbone -> a trained head in a model dir.
 
 - `run`: `train(options)`, the run's outline (bin/train's library);
-- `features`: extraction and the shared feature cache;
+- `features`: `FeatureSet`, a split's features as training reads them;
+- `extraction`: the backbone pass over a split's records;
+- `feature_cache`: that pass kept on disk, shared by every model dir;
 - `head`: the linear head, its losses, save and load;
 - `fit_loop`: `FitLoop`, the loop both trainers share (early stopping, best weights);
 - `trainer`: `HeadTrainer` (the head on cached or augmented features);

@@ -237,7 +237,7 @@ def machine_speeds(precision):
   gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
           for gpu in tf.config.list_physical_devices("GPU")]
   return MachineSpeeds(
-      machine_key(resolved, gpus), os.path.join(backbone_lib.cache_dir(), SPEEDS_FILENAME),
+      machine_key(resolved, gpus), os.path.join(backbone_lib.cache_root(), SPEEDS_FILENAME),
       measure=lambda name: measure_builtin(name, resolved),
       is_built=lambda name: os.path.isdir(backbone_lib.builtin_dir(name)))
 

@@ -13,7 +13,7 @@ grouped bottom to top:
 - built-in backbones (tlframe.backbone.inverted_residual): their `blocks`, i.e. the stem,
   each inverted residual block and the final 1x1 convolution (19 for
   MobileNetV2, 18 for EfficientNet-Lite0), then the classifier for
-  `--features=logits`;
+  `--features=classification`;
 - any other module: consecutive variables of `trainable_variables` (in their
   order, which for TF-Hub modules is the network's, bottom to top) that share
   the first name scope below the scope common to all of them:

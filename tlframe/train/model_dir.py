@@ -26,6 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe.util import fileio
+from tlframe import options as options_lib
 from tlframe import records
 from tlframe.errors import UserError
 from tlframe.train.layout import (CHECKPOINT_DIRNAME, LOGS_DIRNAME, METRICS_FILENAME, OUTPUTS,
@@ -55,6 +56,14 @@ def run_identity(options):
               if name not in _NOT_IN_RUN_IDENTITY and name != "records_dir"}
   identity["records"] = records_identity(options.records_dir)
   return json.loads(json.dumps(identity))
+
+
+def _current_names(identity):
+  """A recorded run identity with values renamed since as they are named now
+  (`features`: logits -> classification), so an earlier run's dir still resumes."""
+  if isinstance(identity, dict) and "features" in identity:
+    return dict(identity, features=options_lib.canonical_features(identity["features"]))
+  return identity
 
 
 def _existing_outputs(model_dir):
@@ -98,7 +107,7 @@ def prepare(model_dir, options, *, is_chief=True):
   previous = None
   if tf.io.gfile.exists(path):
     try:
-      previous = fileio.read_json(path)
+      previous = _current_names(fileio.read_json(path))
     except (ValueError, UnicodeDecodeError):
       previous = {}  # unreadable: treated as another model's
   outputs = _existing_outputs(model_dir)
@@ -155,7 +164,7 @@ def finished_run(model_dir, options):
     metrics = fileio.read_json(os.path.join(model_dir, METRICS_FILENAME))
   except (tf.errors.NotFoundError, FileNotFoundError, ValueError, UnicodeDecodeError):
     return None
-  if previous != identity or not isinstance(metrics, dict) or metrics.get(
-      "run_identity") != identity:
+  if _current_names(previous) != identity or not isinstance(metrics, dict) or _current_names(
+      metrics.get("run_identity")) != identity:
     return None
   return metrics

@@ -3,9 +3,9 @@
 The run, top to bottom (`train`):
 1. check the options and the records, take the model dir's lock, and decide
    whether the run resumes, trains a new head, or is refused (`model_dir`);
-2. one backbone pass over the train and validation records, or its features
-   from the shared cache (`features`): shared out over the replicas and
-   workers of the strategy, kept in memory or, beyond
+2. one backbone pass over the train and validation records (`extraction`), or
+   its features from the shared cache (`feature_cache`): shared out over the
+   replicas and workers of the strategy, kept in memory or, beyond
    --max_in_memory_features, streamed from the cache;
 3. choose l2 by cross-validation on the cached features unless --l2 fixes it
    (`tuning`, on a subsample when streamed; also before augmented training);
@@ -35,6 +35,7 @@ from tlframe.train import calibration as calibration_lib
 from tlframe.train import data_checks
 from tlframe.train import distribution
 from tlframe.export import exporter as export_lib
+from tlframe.train import feature_cache
 from tlframe.train import features as features_lib
 from tlframe.train import finetune
 from tlframe.util import fileio
@@ -101,15 +102,12 @@ def _run(options, strategy):
   if options.l2 is None or val_set is None:
     cv_set = tuning.cross_validation_set(train_set, options, len(label_names))
 
-  def normalization_constants(normalization):
-    return features_lib.normalization_constants(train_set, normalization)
-
   cv, out_of_fold = None, None
   if options.l2 is None:
     cv_start = time.monotonic()
     normalization, best_l2, rows, out_of_fold, widened = tuning.tune_head(
         strategy, options, cv_set.features, cv_set.labels, len(label_names),
-        normalization_constants=normalization_constants)
+        normalization_constants=train_set.normalization_constants)
     cv = dict(folds=options.cv_folds, rows=rows, best_l2=best_l2,
               best_normalization=normalization, examples=len(cv_set.labels),
               subsample=train_set.streamed, grid=sorted({row["l2"] for row in rows}),
@@ -118,7 +116,7 @@ def _run(options, strategy):
   elif options.feature_normalization == "auto":
     # A given l2 was chosen on some scale: the standardized one, bin/train's before auto.
     options = dataclasses.replace(options, feature_normalization="standardize")
-  shift, scale = normalization_constants(options.feature_normalization)
+  shift, scale = train_set.normalization_constants(options.feature_normalization)
 
   writers = summaries.Writers(os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME))
   summaries.write_input_grids(writers.train, train_set.thumbnails, train_set.thumbnail_labels,
@@ -229,7 +227,7 @@ def _feature_sets(options, strategy, backbone, num_classes):
     if not counts[split]:
       feature_sets[split] = None
       continue
-    feature_sets[split] = features_lib.cached_features(
+    feature_sets[split] = feature_cache.cached_features(
         backbone, options.records_dir, split, batch_size=batch_size,
         image_size=backbone.input_size, resize_mode=options.resize_mode,
         num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
@@ -254,8 +252,8 @@ def _check_splits(options, output_dim):
             if records.count_examples(options.records_dir, split)]
   _check_validation_needs(options, has_validation="validation" in splits)
   streamed = [split for split in splits
-              if features_lib.will_stream(options.records_dir, split, output_dim,
-                                          options.flip_features, options.max_in_memory_features)]
+              if feature_cache.will_stream(options.records_dir, split, output_dim,
+                                           options.flip_features, options.max_in_memory_features)]
   if options.patience and "validation" in streamed:
     raise UserError("patience checks the validation features after every epoch, in memory: "
                     f"raise max_in_memory_features (now {options.max_in_memory_features}) "

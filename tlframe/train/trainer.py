@@ -19,7 +19,7 @@ batches as an uninterrupted one.
 import numpy as np
 import tensorflow as tf
 
-from tlframe.train import features as features_lib
+from tlframe.train import feature_cache
 from tlframe.train import head as head_lib
 from tlframe.train import fit_loop
 from tlframe import options as options_lib
@@ -138,7 +138,7 @@ def streamed_feature_batches(strategy, stream, weights_by_class, global_batch_si
   weights_by_class = tf.constant(weights_by_class)
 
   def read_rows(path):
-    part = features_lib.read_part(path.decode("utf-8"))
+    part = feature_cache.read_part(path.decode("utf-8"))
     if part is None:
       raise ValueError(f"the feature cache part {path.decode('utf-8')} became unreadable during "
                        "training: rerun, which recomputes it")

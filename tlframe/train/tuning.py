@@ -121,7 +121,8 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   lists the simplest first). Each row also names its `feature_normalization`;
   scores are the choice's [N, C] out-of-fold scores.
   `normalization_constants(name)` gives the (shift, scale) of that
-  normalization of the training features.
+  normalization of the training features (train.run passes the training
+  set's `features.FeatureSet.normalization_constants`).
   """
   candidates = (options_lib.AUTO_NORMALIZATIONS if options.feature_normalization == "auto"
                 else (options.feature_normalization,))
