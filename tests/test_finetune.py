@@ -21,6 +21,7 @@ import tensorflow as tf
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import finetune
 from tlframe.train import head as head_lib
+from tlframe.train import tuned_blocks
 from tlframe.train import layout as model_dir_layout
 from tlframe import pipeline
 from tlframe import records
@@ -123,29 +124,29 @@ def fine_tuned(tiny_task, tmp_path_factory):
 
 def test_generic_module_blocks_follow_name_scopes(tiny_task):
   backbone = backbone_lib.load_backbone(tiny_task[1])
-  blocks = finetune.blocks_of(backbone.module)
+  blocks = tuned_blocks.blocks_of(backbone.module)
   assert [[v.name for v in block] for block in blocks] == [
       [f"tiny/block{i}/conv/kernel:0", f"tiny/block{i}/bn/gamma:0", f"tiny/block{i}/bn/beta:0"]
       for i in (1, 2)]
-  assert len(finetune.trainable_variables(backbone, "all")) == 6
+  assert len(tuned_blocks.trainable_variables(backbone, "all")) == 6
   with pytest.raises(finetune.UserError, match=r"^fine_tune_blocks=3 but .* has 2 blocks"):
-    finetune.trainable_variables(backbone, 3)
+    tuned_blocks.trainable_variables(backbone, 3)
 
 
 def test_builtin_blocks_are_its_inverted_residual_blocks(builtin_backbone_dirs):
   backbone = backbone_lib.load_backbone(backbone_lib.DEFAULT_HANDLE, precision="float32")
   module = backbone.module
-  assert len(finetune.blocks_of(module)) == len(module.blocks) == 19
-  top = finetune.trainable_variables(backbone, 1)
+  assert len(tuned_blocks.blocks_of(module)) == len(module.blocks) == 19
+  top = tuned_blocks.trainable_variables(backbone, 1)
   assert [v.shape for v in top] == [(1, 1, 320, 1280), (1280,)]
   assert top[0] is module.blocks[-1][0].kernel
-  three = finetune.trainable_variables(backbone, "3")
+  three = tuned_blocks.trainable_variables(backbone, "3")
   assert {v.ref() for v in three} == {v.ref() for block in module.blocks[-3:]
                                       for layer in block for v in layer.trainable}
-  assert len(finetune.trainable_variables(backbone, "all")) == len(module.trainable_variables)
+  assert len(tuned_blocks.trainable_variables(backbone, "all")) == len(module.trainable_variables)
   logits = backbone_lib.load_backbone(backbone_lib.DEFAULT_HANDLE, features="logits",
                                       precision="float32")
-  assert [v.shape for v in finetune.trainable_variables(logits, 1)] == [(1280, 1000), (1000,)]
+  assert [v.shape for v in tuned_blocks.trainable_variables(logits, 1)] == [(1280, 1000), (1000,)]
 
 
 def test_only_the_top_block_and_the_head_change(fine_tuned):
@@ -161,7 +162,7 @@ def test_only_the_top_block_and_the_head_change(fine_tuned):
 
   original = backbone_lib.load_backbone(fine_tuned["module_dir"])
   tuned = backbone_lib.load_backbone(fine_tuned["module_dir"])
-  finetune.restore_backbone_variables(tuned, model_dir, config.fine_tune["blocks"])
+  tuned_blocks.restore_backbone_variables(tuned, model_dir, config.fine_tune["blocks"])
   before, after = _variables_by_name(original.module), _variables_by_name(tuned.module)
   changed = sorted(name for name in before if not np.array_equal(before[name], after[name]))
   assert changed == sorted(f"tiny/block2/{name}:0" for name in
@@ -248,7 +249,7 @@ def test_a_module_without_trainable_variables_is_refused(tiny_task, tmp_path):
 def _fine_tuned_weights(options, metrics):
   """The run's fine-tuned backbone variables and head kernel, with its metrics, as JSON data."""
   tuned = backbone_lib.load_backbone(options["backbone"])
-  variables = finetune.restore_backbone_variables(tuned, options["model_dir"],
+  variables = tuned_blocks.restore_backbone_variables(tuned, options["model_dir"],
                                                   options["fine_tune_blocks"])
   trained_head, _ = head_lib.load_head(options["model_dir"])
   return dict(replicas=metrics["num_replicas"], fine_tune=metrics["fine_tune"],
@@ -341,12 +342,12 @@ def test_builtin_sigkill_then_rerun_continues_from_the_fine_tuning_checkpoint(
   def load(model_dir=None):
     backbone = backbone_lib.load_backbone(backbone_lib.DEFAULT_HANDLE, precision="float32")
     if model_dir:
-      finetune.restore_backbone_variables(backbone, str(model_dir), 1)
+      tuned_blocks.restore_backbone_variables(backbone, str(model_dir), 1)
     return backbone
 
   def last_trained_top_block(model_dir):
     """The top block after the last epoch (the kept weights may be the start's)."""
-    variables = finetune.trainable_variables(load(), 1)
+    variables = tuned_blocks.trainable_variables(load(), 1)
     tf.train.Checkpoint(backbone_variables=variables).read(tf.train.latest_checkpoint(
         model_dir / "checkpoints" / model_dir_layout.FINE_TUNE_SUBDIRNAME)).expect_partial()
     return [variable.numpy() for variable in variables]
@@ -354,7 +355,7 @@ def test_builtin_sigkill_then_rerun_continues_from_the_fine_tuning_checkpoint(
   original = load()
   resumed_top = last_trained_top_block(model_dir)
   for ours, theirs, start in zip(resumed_top, last_trained_top_block(tmp_path / "whole"),
-                                 finetune.trainable_variables(original, 1)):
+                                 tuned_blocks.trainable_variables(original, 1)):
     assert not np.allclose(ours, start.numpy()), "the top block did not train"
     # The resumed run saw the batches and the state of the uninterrupted one.
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -166,3 +166,12 @@ def test_the_export_format_loads_without_the_exporter():
   assert "tlframe.export.layout" in loaded
   assert not {m for m in loaded if m.startswith(("tlframe.export.exporter", "tlframe.train."))
               and m != "tlframe.train.layout"}
+
+
+def test_the_exporter_loads_no_trainer():
+  # It puts a model's fine-tuned blocks back (train.tuned_blocks), not the loop that trained them.
+  loaded = _loaded_after("import tlframe.export.exporter")
+  assert "tlframe.train.tuned_blocks" in loaded
+  assert not {m for m in loaded if m in ("tlframe.train.finetune", "tlframe.train.trainer",
+                                          "tlframe.train.fit_loop", "tlframe.train.tuning",
+                                          "tlframe.train.summaries")}

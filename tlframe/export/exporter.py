@@ -43,7 +43,7 @@ import tlframe
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import calibration as calibration_lib
 from tlframe.util import fileio
-from tlframe.train import finetune
+from tlframe.train import tuned_blocks
 from tlframe.train import head as head_lib
 from tlframe import imageformat
 from tlframe.train import layout as model_dir_layout
@@ -186,7 +186,7 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
                     "training; retrain")
   if config.fine_tune:
     # Into this loaded copy only: the module's own files stay as they are.
-    finetune.restore_backbone_variables(backbone, model_dir, config.fine_tune["blocks"])
+    tuned_blocks.restore_backbone_variables(backbone, model_dir, config.fine_tune["blocks"])
   export_base = export_base or os.path.join(model_dir, model_dir_layout.EXPORT_DIRNAME)
   tf.io.gfile.makedirs(export_base)
   tmp = os.path.join(export_base, f".tmp-{uuid.uuid4().hex[:12]}")

@@ -8,6 +8,7 @@
 - `fit_loop`: `FitLoop`, the loop both trainers share (early stopping, best weights);
 - `trainer`: `HeadTrainer` (the head on cached or augmented features);
 - `finetune`: fine-tuning the backbone's top blocks;
+- `tuned_blocks`: which blocks train, their values kept for the export;
 - `tuning`: the L2 penalty by cross-validation;
 - `calibration`: the softmax temperature and reliability;
 - `metrics`, `summaries` (TensorBoard), `distribution` (tf.distribute);

@@ -7,24 +7,8 @@ K blocks of a second copy of the backbone trainable, on randomly cropped and
 flipped images from the records (`pipeline.augment_image`, through
 `trainer.augmented_batches`).
 
-The top K blocks (`blocks_of`): the module's `trainable_variables` (TF-Hub's
-reusable SavedModel convention; a module without them cannot be fine-tuned)
-grouped bottom to top:
-- built-in backbones (tlframe.backbone.inverted_residual): their `blocks`, i.e. the stem,
-  each inverted residual block and the final 1x1 convolution (19 for
-  MobileNetV2, 18 for EfficientNet-Lite0), then the classifier for
-  `--features=classification`;
-- any other module: consecutive variables of `trainable_variables` (in their
-  order, which for TF-Hub modules is the network's, bottom to top) that share
-  the first name scope below the scope common to all of them:
-  `MobilenetV2/expanded_conv_16/project/weights` is in block `expanded_conv_16`.
-  A variable with no scope of its own is a block alone;
-- a concatenation `a,b`: the top K blocks of each part.
-Every other variable, and every non-trainable one (BatchNorm's moving
-statistics), is only read. The module is always called in inference mode, so
-BatchNorm uses its moving statistics and never updates them; in the built-ins'
-default BatchNorm-folded export the folded convolutions' kernels and biases
-are what train.
+Which variables train (the top K blocks) and how their trained values are
+kept in the model dir for the export: tlframe.train.tuned_blocks.
 
 The step: softmax/hinge loss of the head (the head's --l2 on its kernel) on
 the augmented batch, one optimizer for the backbone's variables at
@@ -43,12 +27,6 @@ leaves a model worse on validation loss than the head alone; after
 (model_dir/checkpoints/fine_tune) is saved after every epoch and a rerun of
 the same command resumes from it. TensorBoard: logs/fine_tune/{train,validation}
 (loss, accuracy, both learning rates, the train - validation gaps).
-
-The only lasting change is in the model dir: `save_backbone_variables` writes
-the trained variables to model_dir/fine_tuned_backbone/, and the export loads
-the backbone from its handle and `restore_backbone_variables` puts them in
-(the cached built-in SavedModel and the shared feature cache are never
-written).
 """
 
 import dataclasses
@@ -68,86 +46,8 @@ from tlframe import pipeline
 from tlframe import records
 from tlframe.train import summaries
 from tlframe.train import trainer as trainer_lib
-from tlframe.errors import UserError
+from tlframe.train import tuned_blocks
 from tlframe.util.progress import Progress
-
-
-# ---------------------------------------------------------------------------
-# Which variables train.
-
-
-def blocks_of(module):
-  """The module's trainable variables as blocks bottom to top (the rule in the module doc)."""
-  variables = list(getattr(module, "trainable_variables", None) or ())
-  if not variables:
-    return []
-  built_in_blocks = getattr(module, "blocks", None)
-  if built_in_blocks is not None:
-    block_of = {variable.ref(): index for index, block in enumerate(built_in_blocks)
-                for layer in block for variable in layer.trainable}
-    keys = [block_of.get(variable.ref(), len(built_in_blocks)) for variable in variables]
-  else:
-    scopes = [variable.name.split(":")[0].split("/")[:-1] for variable in variables]
-    common = len(os.path.commonprefix(scopes))
-    keys = [tuple(scope[common:common + 1]) or index
-            for index, scope in enumerate(scopes)]
-  blocks = []
-  for key, variable in zip(keys, variables):
-    if blocks and blocks[-1][0] == key:
-      blocks[-1][1].append(variable)
-    else:
-      blocks.append((key, [variable]))
-  return [block for _, block in blocks]
-
-
-def trainable_variables(backbone, blocks):
-  """The variables of the top `blocks` blocks of `backbone` (of each part of a concatenation).
-
-  Raises UserError naming fine_tune when a module exposes no trainable
-  variables, and fine_tune_blocks when it has fewer blocks.
-  """
-  count = options_lib.fine_tune_blocks(blocks)
-  module = backbone.module
-  parts = (list(zip(backbone.handle.split(backbone_lib.CONCATENATION_SEPARATOR), module.parts))
-           if isinstance(module, backbone_lib.ConcatenatedModule) else [(backbone.handle, module)])
-  chosen = []
-  for handle, part in parts:
-    part_blocks = blocks_of(part)
-    if not part_blocks:
-      raise UserError(f"fine_tune: {handle.strip()} exposes no trainable_variables (TF-Hub's "
-                      "reusable SavedModel convention), so it cannot be fine-tuned: drop "
-                      "fine_tune or use a module that exposes them", arguments=["fine_tune"])
-    if count != options_lib.ALL_BLOCKS and count > len(part_blocks):
-      raise UserError(f"fine_tune_blocks={count} but {handle.strip()} has "
-                      f"{len(part_blocks)} blocks: use at most {len(part_blocks)}, or "
-                      f"{options_lib.ALL_BLOCKS}", arguments=["fine_tune_blocks"])
-    top = part_blocks if count == options_lib.ALL_BLOCKS else part_blocks[-count:]
-    chosen.extend(variable for block in top for variable in block)
-  return chosen
-
-
-def save_backbone_variables(variables, model_dir):
-  """Writes the fine-tuned variables' values to model_dir/fine_tuned_backbone/ (plain copies)."""
-  copies = [tf.Variable(variable.numpy(), name=f"variable_{index}")
-            for index, variable in enumerate(variables)]
-  prefix = os.path.join(model_dir, model_dir_layout.FINE_TUNED_BACKBONE_CHECKPOINT)
-  return tf.train.Checkpoint(variables=copies).write(prefix)
-
-
-def restore_backbone_variables(backbone, model_dir, blocks):
-  """Puts the variables `save_backbone_variables` wrote into a freshly loaded `backbone`.
-
-  Only this in-memory copy changes, never the module's files.
-  """
-  variables = trainable_variables(backbone, blocks)
-  prefix = os.path.join(model_dir, model_dir_layout.FINE_TUNED_BACKBONE_CHECKPOINT)
-  try:
-    tf.train.Checkpoint(variables=variables).read(prefix).assert_consumed()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise UserError(f"{prefix} does not fit {backbone.handle} with fine_tune_blocks={blocks} "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): the backbone "
-                    "changed since training; retrain", arguments=["fine_tune_blocks"]) from None
-  return variables
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +154,7 @@ class FineTuner(fit_loop.FitLoop):
     self.steps_per_epoch = steps_per_epoch
     self.global_batch_size = global_batch_size
     self._writers = writers
-    self.variables = trainable_variables(backbone, options.fine_tune_blocks)
+    self.variables = tuned_blocks.trainable_variables(backbone, options.fine_tune_blocks)
     schedule = dataclasses.replace(options, epochs=options.fine_tune_epochs, warmup_epochs=0.0)
     with strategy.scope():
       self.head = head_lib.LinearHead(trained_head.num_features, trained_head.num_classes,

@@ -49,6 +49,7 @@ from tlframe import records
 from tlframe.train import summaries
 from tlframe.train import trainer as trainer_lib
 from tlframe.train import training_report
+from tlframe.train import tuned_blocks
 from tlframe.train import tuning
 from tlframe.errors import UserError
 from tlframe.options import TrainOptions  # noqa: F401  # pylint: disable=unused-import  (the API's options)
@@ -91,7 +92,7 @@ def _run(options, strategy):
                                         precision=options.precision)
   backbone_load_seconds = time.monotonic() - load_start
   if options.fine_tune:
-    finetune.trainable_variables(backbone, options.fine_tune_blocks)  # refuses before any work
+    tuned_blocks.trainable_variables(backbone, options.fine_tune_blocks)  # refuses before any work
   _check_splits(options, backbone.output_dim)
   feature_sets = _feature_sets(options, strategy, backbone, len(label_names))
   train_set, val_set = feature_sets["train"], feature_sets["validation"]
@@ -363,7 +364,7 @@ def _write_model(model_dir, trained_head, options, backbone, label_names, calibr
   if tf.io.gfile.isdir(fine_tuned_dir):
     tf.io.gfile.rmtree(fine_tuned_dir)
   if fine_tuned:
-    finetune.save_backbone_variables(fine_tuned.variables, model_dir)
+    tuned_blocks.save_backbone_variables(fine_tuned.variables, model_dir)
   head_lib.HeadConfig(
       loss=options.loss, feature_normalization=options.feature_normalization,
       num_features=backbone.output_dim, num_classes=len(label_names), labels=label_names,
