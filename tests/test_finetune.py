@@ -129,7 +129,7 @@ def test_generic_module_blocks_follow_name_scopes(tiny_task):
       [f"tiny/block{i}/conv/kernel:0", f"tiny/block{i}/bn/gamma:0", f"tiny/block{i}/bn/beta:0"]
       for i in (1, 2)]
   assert len(tuned_blocks.trainable_variables(backbone, "all")) == 6
-  with pytest.raises(finetune.UserError, match=r"^fine_tune_blocks=3 but .* has 2 blocks"):
+  with pytest.raises(UserError, match=r"^fine_tune_blocks=3 but .* has 2 blocks"):
     tuned_blocks.trainable_variables(backbone, 3)
 
 
