@@ -281,6 +281,9 @@ def extract_features(backbone, file_pattern, *, batch_size, image_size, resize_m
   features, flipped, labels, filenames, thumbnails, thumbnail_rows = [], [], [], [], [], []
   thumbnails_per_class = np.zeros([num_classes], np.int64)
   row = 0
+  batches = iter(batches)   # its prefetch starts decoding the first batch now, while
+  if strategy is None:      # the featurizer traces (once per run; a no-op after)
+    featurize.get_concrete_function()
   for images, batch_labels, batch_filenames in batches:
     outputs = featurize(images)
     batch_labels = gather(batch_labels)
