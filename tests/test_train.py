@@ -232,6 +232,28 @@ def test_auto_normalization_is_cross_validated_with_l2(informative_scale, noise_
   assert scores.shape == (len(labels), 3)
 
 
+def test_a_restarted_cross_validation_trainer_scores_as_a_new_one():
+  """tune_head trains each normalization's folds on one trainer, restarted in between: its
+  out-of-fold scores are exactly those of a trainer made for that normalization alone."""
+  features, labels = _scaled_task(0.01, 1.0)
+  options = train.TrainOptions(records_dir="r", model_dir="m", l2=None, epochs=20,
+                               loss="softmax")
+  strategy = tf.distribute.get_strategy()
+
+  def scores(normalization, trainers):
+    return tuning.out_of_fold_scores(
+        strategy, dataclasses.replace(options, feature_normalization=normalization), features,
+        labels, 3, l2_values=[1e-3, 0.1], trainers=trainers,
+        **dict(zip(("shift", "scale"), head_lib.normalization_constants(features,
+                                                                        normalization))))
+
+  trainers = {}
+  scores("none", trainers)
+  restarted = scores("standardize", trainers)
+  assert len(trainers) == 1
+  np.testing.assert_array_equal(restarted, scores("standardize", None))
+
+
 def test_stratified_folds_spread_each_class():
   labels = np.repeat(np.arange(3), [5, 9, 2])
   folds = tuning.stratified_folds(labels, 3, seed=0)

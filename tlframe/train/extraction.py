@@ -55,13 +55,14 @@ def extract_features(backbone, file_pattern, *, batch_size, image_size, resize_m
     dataset = pipeline.make_dataset(file_pattern, global_batch, image_size=image_size,
                                     resize_mode=resize_mode, with_filenames=True,
                                     skip_counter=skip_counter)
-    dataset = dataset.map(lambda images, labels, names: _pad_batch(images, labels, names,
-                                                                    global_batch))
+    # Plain functions of tensors: not autograph-converted (converting costs each run's trace).
+    dataset = dataset.map(tf.autograph.experimental.do_not_convert(
+        lambda images, labels, names: _pad_batch(images, labels, names, global_batch)))
     if strategy is not None:
       # Global batch k becomes the per-replica batches k*R .. k*R+R-1, which the
       # strategy hands to replicas 0 .. R-1 in turn: gathered back in order.
-      dataset = dataset.map(lambda *batch: tuple(
-          tf.reshape(t, [replicas, batch_size] + t.shape[1:].as_list()) for t in batch))
+      dataset = dataset.map(tf.autograph.experimental.do_not_convert(lambda *batch: tuple(
+          tf.reshape(t, [replicas, batch_size] + t.shape[1:].as_list()) for t in batch)))
       dataset = dataset.unbatch()
     # tf.data's decode and resize run on their own threads, one per op, while the
     # backbone's graph uses TF's pools: otherwise both split every op over all
@@ -88,6 +89,9 @@ def extract_features(backbone, file_pattern, *, batch_size, image_size, resize_m
   features, flipped, labels, filenames, thumbnails, thumbnail_rows = [], [], [], [], [], []
   thumbnails_per_class = np.zeros([num_classes], np.int64)
   row = 0
+  batches = iter(batches)   # its prefetch starts decoding the first batch now, while
+  if strategy is None:      # the featurizer traces (once per run; a no-op after)
+    featurize.get_concrete_function()
   for images, batch_labels, batch_filenames in batches:
     outputs = featurize(images)
     batch_labels = gather(batch_labels)
@@ -148,7 +152,8 @@ def _featurizer(backbone, batch_size, image_size, flip):
   if key not in by_shape:
     spec = tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32)
 
-    @tf.function(input_signature=[spec])
+    # No autograph: `flip` is a Python bool, and converting cost every run's trace time.
+    @tf.function(input_signature=[spec], autograph=False)
     def featurize(images):
       if not flip:
         return backbone(images)
@@ -166,7 +171,7 @@ def _distributed_featurizer(strategy, backbone, batch_size, image_size, flip):
   if key not in by_shape:
     featurize = _featurizer(backbone, batch_size, image_size, flip)
 
-    @tf.function
+    @tf.function(autograph=False)
     def featurize_replicas(images):
       # A plain function to run: strategy.run would clone a tf.function with
       # its input signature and bind the PerReplica batch to it.
@@ -176,7 +181,8 @@ def _distributed_featurizer(strategy, backbone, batch_size, image_size, flip):
   return by_shape[key]
 
 
-@tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+@tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+             autograph=False)
 def _thumbnails(images):
   thumbnails = tf.image.resize(images, [THUMBNAIL_SIZE, THUMBNAIL_SIZE], antialias=True)
   return tf.cast(tf.round(tf.clip_by_value(thumbnails, 0.0, 1.0) * 255.0), tf.uint8)

@@ -245,6 +245,26 @@ class HeadTrainer(fit_loop.FitLoop):
         **self._loop_state())
     self.run_epochs = tf.function(self._epochs_loop, autograph=False)
     self._iterator = None   # one over all the epochs `fit` runs, drawn chunk by chunk
+    # Every variable's starting value (None: zeros, most of them), for `restart`. The Keras
+    # optimizer's (Keras variables) are not among the checkpoint's descendants: added apart.
+    variables = [trackable for trackable in tf.train.TrackableView(self.checkpoint).descendants()
+                 if isinstance(trackable, tf.Variable)] + list(self.optimizer.variables)
+    self._initial_values = []
+    for variable in variables:
+      value = np.asarray(variable.numpy())
+      self._initial_values.append((variable, value if np.any(value) else None))
+
+  def restart(self, options, normalization):
+    """Back to a new trainer's state, for `options` that differ from this trainer's at most
+    in feature_normalization: the traced epochs loop is kept (a new trainer traces its own,
+    most of a small cross-validation's time). Cached features only (the loop's graph does
+    not normalize them)."""
+    for variable, value in self._initial_values:
+      variable.assign(tf.zeros(variable.shape, variable.dtype) if value is None else value)
+    self.options = options
+    self.head.feature_normalization = options.feature_normalization
+    self.head.set_normalization(*normalization)
+    self._iterator = None
 
   def _weights(self):
     return self.head.trainable_weights

@@ -40,12 +40,14 @@ def stratified_folds(labels, num_folds, seed):
 
 
 def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shift, scale,
-                       l2_values=None):
+                       l2_values=None, trainers=None):
   """[G, N, C] scores of each example by the model of its l2 that did not train on it.
 
   For each l2 in `l2_values` (default: options.l2), options.cv_folds models
   train together, model k without fold k. Returns None when there are fewer
-  training examples than folds.
+  training examples than folds. trainers: a dict in which calls whose options
+  differ only in feature_normalization share their trainer (restarted), so
+  its loop is traced once.
   """
   num_folds = options.cv_folds
   if len(train_y) < num_folds:
@@ -59,11 +61,17 @@ def out_of_fold_scores(strategy, options, train_x, train_y, num_classes, *, shif
                                                     options.class_weight)[train_y]
   global_batch = trainer_lib.effective_batch_size(options, len(train_y),
                                                   strategy.num_replicas_in_sync)
-  trainer = trainer_lib.HeadTrainer(
-      strategy, options, num_features=train_x.shape[1], num_classes=num_classes,
-      steps_per_epoch=len(train_y) // global_batch, global_batch_size=global_batch,
-      l2_values=np.repeat(grid, num_folds), normalization=(shift, scale),
-      model_fractions=train_masks.mean(axis=1))
+  key = (tuple(grid.tolist()), train_x.shape[1], num_classes, global_batch, train_masks.tobytes())
+  trainers = {} if trainers is None else trainers
+  if key in trainers:
+    trainer = trainers[key]
+    trainer.restart(options, (shift, scale))
+  else:
+    trainer = trainers[key] = trainer_lib.HeadTrainer(
+        strategy, options, num_features=train_x.shape[1], num_classes=num_classes,
+        steps_per_epoch=len(train_y) // global_batch, global_batch_size=global_batch,
+        l2_values=np.repeat(grid, num_folds), normalization=(shift, scale),
+        model_fractions=train_masks.mean(axis=1))
   normalized = trainer.normalize(train_x)
   trainer.fit(lambda first: trainer_lib.feature_batches(
       strategy, normalized, train_y, weights, global_batch, options.seed, first, options.epochs))
@@ -126,12 +134,12 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   """
   candidates = (options_lib.AUTO_NORMALIZATIONS if options.feature_normalization == "auto"
                 else (options.feature_normalization,))
-  results = []
+  results, trainers = [], {}
   for normalization in candidates:
     candidate = dataclasses.replace(options, feature_normalization=normalization)
     shift, scale = normalization_constants(normalization)
     l2, rows, scores = tune_l2(strategy, candidate, train_x, train_y, num_classes, shift=shift,
-                               scale=scale)
+                               scale=scale, trainers=trainers)
     rows = [dict(row, feature_normalization=normalization) for row in rows]
     chosen = next(row for row in rows if row["l2"] == l2)
     results.append((chosen["accuracy"], -chosen["calibrated_loss"], -len(results), normalization,
@@ -145,7 +153,7 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
   return normalization, l2, rows, scores, widened
 
 
-def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
+def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale, trainers=None):
   """k-fold CV over options.l2_grid on cached features, widened at an edge.
 
   Returns (best l2, table rows sorted by l2, [N, C] out-of-fold scores of the
@@ -156,7 +164,8 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
   then the lowest calibrated loss. When the best is at an edge of the grid
   with a higher accuracy than the next value inwards (not a tie on a
   plateau), the grid grows by two more steps of its own ratio on that side
-  (logged), until the best is inside or l2 reaches L2_LIMITS.
+  (logged), until the best is inside or l2 reaches L2_LIMITS. trainers: as in
+  out_of_fold_scores.
   """
   if len(train_y) < options.cv_folds:
     raise UserError(f"cv_folds={options.cv_folds} but only {len(train_y)} training examples: "
@@ -169,7 +178,8 @@ def tune_l2(strategy, options, train_x, train_y, num_classes, *, shift, scale):
 
   def evaluate(values):
     new_scores = out_of_fold_scores(strategy, options, train_x, train_y, num_classes,
-                                    shift=shift, scale=scale, l2_values=values)
+                                    shift=shift, scale=scale, l2_values=values,
+                                    trainers=trainers)
     losses = head_lib.per_example_loss(options.loss, tf.constant(new_scores), train_y,
                                        options.label_smoothing).numpy()       # [G, N]
     correct = np.argmax(new_scores, axis=-1) == train_y[None, :]
