@@ -19,7 +19,6 @@ import pytest
 import tensorflow as tf
 
 from tlframe.backbone import loading as backbone_lib
-from tlframe.train import finetune
 from tlframe.train import head as head_lib
 from tlframe.train import tuned_blocks
 from tlframe.train import layout as model_dir_layout
