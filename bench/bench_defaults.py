@@ -256,7 +256,9 @@ def auto_table(results, budget_s, precision):
         seconds = (f"{images / row['images_per_second'] + row['head_seconds']:.0f} s"
                    if row["images_per_second"] else "cached")
         cells.append(f"{spread(row['tlframe'])} ({seconds})")
-      print(f"| {data} | {k} | {images} | {choice.backbone} (~{choice.estimated_pass_s:.0f} s) | "
+      estimate = (f"~{choice.estimated_pass_s:.0f} s" if choice.estimated_pass_s is not None
+                  else "the only candidate")
+      print(f"| {data} | {k} | {images} | {choice.backbone} ({estimate}) | "
             f"{auto} | "
             + " | ".join(cells) + " |", flush=True)
 

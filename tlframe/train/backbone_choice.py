@@ -112,18 +112,25 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
   MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. `candidates` must hold a single
   backbone (the list's last). images_per_second: a function handle ->
   images/s on this machine (for a concatenation too), asked only of the
-  candidates the count leaves. Pure: give it a fake rate to test the rule.
+  candidates the count leaves, and not at all when it leaves one (then
+  estimated_pass_s is None). Pure: give it a fake rate to test the rule.
   """
+  left = [handle for handle in candidates if _enough_per_class(handle, smallest_class)]
+  passed_over = [f"{handle}: a class has {smallest_class} training images, a concatenation "
+                 f"needs {MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}"
+                 for handle in candidates if handle not in left]
+  if len(left) == 1:
+    # Nothing for a speed to decide: no measuring (a first run on a few photos would
+    # spend a backbone load and two calls on it).
+    reason = f"the only candidate left for {num_images} images"
+    if passed_over:
+      reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
+    return Choice(left[0], reason, num_images, budget_s, None, {}, smallest_class)
   # Rates only of the candidates the count leaves: a small set measures no second built-in.
-  rates = {handle: float(images_per_second(handle)) for handle in candidates
-           if _enough_per_class(handle, smallest_class)}
+  rates = {handle: float(images_per_second(handle)) for handle in left}
   estimates = {handle: num_images / rate for handle, rate in rates.items()}
-  passed_over = []
-  for handle in candidates:
-    if handle not in rates:
-      passed_over.append(f"{handle}: a class has {smallest_class} training images, a "
-                         f"concatenation needs {MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}")
-    elif estimates[handle] <= budget_s:
+  for handle in left:
+    if estimates[handle] <= budget_s:
       reason = (f"the most accurate candidate whose pass over {num_images} images is expected to "
                 f"fit --backbone_budget_s={budget_s:g}: ~{estimates[handle]:.0f} s at "
                 f"{rates[handle]:.3g} images/s")
