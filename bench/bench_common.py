@@ -3,7 +3,10 @@
 import os
 import pathlib
 import re
+import statistics
+import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -23,6 +26,18 @@ def cpu_model():
   except OSError:
     names = []
   return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def import_seconds():
+  """T0: the median wall time of three `python -c "import tensorflow"`, the floor of any
+  run in a fresh process."""
+  times = []
+  for _ in range(3):
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import tensorflow"], check=True,
+                   capture_output=True)
+    times.append(time.monotonic() - start)
+  return statistics.median(times)
 
 
 def build_model(work_dir):

@@ -36,23 +36,12 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_common import add_data_dir_argument, cpu_model, flowers12_dir  # pylint: disable=wrong-import-position
+from bench_common import add_data_dir_argument, cpu_model, flowers12_dir, import_seconds  # pylint: disable=wrong-import-position
 
 TRAIN = REPO / "bin" / "train"
 STAGES = (("conversion", "conversion_s"), ("load", "backbone_load_s"),
           ("pass", "backbone_pass_s"), ("CV", "cross_validation_s"),
           ("head", "head_training_s"), ("calib.", "calibration_s"), ("export", "export_s"))
-
-
-def import_seconds():
-  """The median wall time of three `python -c "import tensorflow"`."""
-  times = []
-  for _ in range(3):
-    start = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import tensorflow"], check=True,
-                   capture_output=True)
-    times.append(time.monotonic() - start)
-  return statistics.median(times)
 
 
 def photo_subset(flowers_dir, work_dir, num_classes, per_class, validation_per_class, seed):
