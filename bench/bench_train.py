@@ -227,9 +227,10 @@ def main():
 
 def run(flowers_dir, work_dir, backbone_handle, with_sweep):
   """Prints the tables; returns their numbers as a JSON-ready dict."""
-  for part in backbone_handle.split(","):   # built outside the timed run
+  for part in backbone_handle.split(","):   # built outside the timed run, as bin/train loads it
     if part in backbone_lib.BUILTIN_NAMES:
-      backbone_lib.ensure_builtin(part)
+      backbone_lib.ensure_builtin(part, precision=backbone_lib.resolve_precision(
+          options_lib.TrainOptions.precision))
   t0 = import_seconds()
   fresh_feature_cache(work_dir)
   model_dir = work_dir / f"model-{time.time_ns()}"

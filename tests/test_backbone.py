@@ -60,7 +60,11 @@ def test_builtin_imagenet_predictions(classifier, photo_batch):
 def test_feature_vector_in_tf_function(builtin_backbone_dirs, photo_batch):
   features = backbone.load_backbone()
   assert (features.kind, features.output_dim, features.input_size) == ("feature_vector", 1280, 224)
-  assert features.precision == "float32" and features.path == builtin_backbone_dirs["feature_vector"]
+  # A float32 load opens the float32-only module (half the load time), built beside the full one.
+  assert features.precision == "float32"
+  assert features.path == builtin_backbone_dirs["feature_vector"] + backbone.FLOAT32_ONLY_SUFFIX
+  assert [spec.dtype for function in features.module.__call__.concrete_functions
+          for spec in function.structured_input_signature[0]] == [tf.float32]
   _, images = photo_batch
 
   @tf.function
@@ -78,6 +82,9 @@ def test_feature_vector_in_tf_function(builtin_backbone_dirs, photo_batch):
   kernel, bias = classification.trainable_variables[-2:]
   assert logits.shape == (3, 1000)
   np.testing.assert_allclose(out @ kernel.numpy() + bias.numpy(), logits, atol=1e-3)
+  # The full module's float32 entry gives the float32-only module's features.
+  full = tf.saved_model.load(builtin_backbone_dirs["feature_vector"])
+  np.testing.assert_allclose(np.asarray(full(images)), out, atol=1e-5)
 
 
 def test_exported_module_keeps_tf_hub_interface(builtin_backbone_dirs):
@@ -96,12 +103,18 @@ def test_exported_module_keeps_tf_hub_interface(builtin_backbone_dirs):
 def test_local_directory_handle_equals_builtin(builtin_backbone_dirs, photo_batch):
   _, images = photo_batch
   by_name = backbone.load_backbone(backbone.DEFAULT_HANDLE)
-  copy = os.path.join(os.environ["TLFRAME_CACHE_DIR"], "copied_module")
-  shutil.copytree(builtin_backbone_dirs["feature_vector"], copy, dirs_exist_ok=True)
-  by_dir = backbone.load_backbone(copy)
+  copies = {}
+  for name in ("feature_vector", "feature_vector" + backbone.FLOAT32_ONLY_SUFFIX):
+    copies[name] = os.path.join(os.environ["TLFRAME_CACHE_DIR"], "copied_modules", name)
+    shutil.copytree(os.path.join(os.path.dirname(builtin_backbone_dirs["feature_vector"]), name),
+                    copies[name], dirs_exist_ok=True)
+  by_dir = backbone.load_backbone(copies["feature_vector" + backbone.FLOAT32_ONLY_SUFFIX])
   np.testing.assert_array_equal(by_dir(images).numpy(), by_name(images).numpy())
   assert by_dir.cache_key == by_name.cache_key  # same module content, same cache key
-  assert backbone.load_backbone(copy, precision="bfloat16").cache_key != by_dir.cache_key
+  full = backbone.load_backbone(copies["feature_vector"])   # the TF-Hub module: both entries
+  np.testing.assert_allclose(full(images).numpy(), by_name(images).numpy(), atol=1e-5)
+  assert backbone.load_backbone(copies["feature_vector"], precision="bfloat16").cache_key != (
+      full.cache_key)
 
 
 def save_conv_module(path, spatial, dim=8):

@@ -14,7 +14,8 @@ from tlframe import _lazy
 __all__, __getattr__, __dir__ = _lazy.exports(__name__, {
     "loading": ("DEFAULT_HANDLE", "BUILTIN_NAMES", "PRECISIONS", "FEATURES", "FEATURE_VECTOR",
                 "CLASSIFICATION", "CONCATENATION_SEPARATOR", "BUILTIN_FORMAT_VERSION",
-                "CLASS_NAMES_FILE", "cache_root", "builtin_dir", "build_builtin", "ensure_builtin",
+                "FLOAT32_ONLY_SUFFIX", "CLASS_NAMES_FILE", "cache_root", "builtin_dir",
+                "builtin_module_dirname", "build_builtin", "ensure_builtin", "is_builtin_built",
                 "resolve_handle", "Backbone", "ConcatenatedModule", "load_backbone"),
     "runtime": ("DISABLE_BF16_ENV", "bfloat16_supported", "resolve_precision", "onednn_enabled",
                 "default_thread_counts", "configure_threads"),

@@ -49,6 +49,7 @@ CLASSIFICATION = "classification"
 CONCATENATION_SEPARATOR = ","
 # Bump when the built-in export changes, so old cache entries are not reused.
 BUILTIN_FORMAT_VERSION = "v4"
+FLOAT32_ONLY_SUFFIX = "-float32"
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
 # Google's classification modules have 1001 outputs, class 0 being "background".
 _CLASSIFIER_DIMS = (1000, 1001)
@@ -74,29 +75,42 @@ def builtin_dir(name):
   return os.path.join(cache_root(), "backbones", f"{name}-{BUILTIN_FORMAT_VERSION}")
 
 
+def builtin_module_dirname(kind, precision=None):
+  """The directory of a built-in's `kind` module in a build, for a load at `precision`.
+
+  `kind` itself is the TF-Hub module, with a float32 and a bfloat16 entry point;
+  `<kind>-float32` (precision "float32") has the float32 one alone and loads in
+  half the time: a float32 run loads nothing it does not run.
+  """
+  return f"{kind}{FLOAT32_ONLY_SUFFIX}" if precision == "float32" else kind
+
+
 def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
-                  kinds=(FEATURE_VECTOR, CLASSIFICATION)):
+                  kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None):
   """Builds built-in `name`'s `kinds` into `export_dir`/{feature_vector,classification}.
 
-  Each kind is written into a temporary sibling directory that is renamed to
-  `export_dir/<kind>` when complete; if another process finished it first,
-  its result is kept and ours discarded. With exist_ok, the kinds already
-  there are kept and only the missing ones built. Returns `export_dir`.
+  precision "float32" builds the float32-only modules instead
+  (`builtin_module_dirname`). Each module is written into a temporary sibling
+  directory that is renamed into place when complete; if another process
+  finished it first, its result is kept and ours discarded. With exist_ok, the
+  modules already there are kept and only the missing ones built. Returns
+  `export_dir`.
   """
   if name not in BUILTIN_NAMES:
     raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")
   if tf.io.gfile.isdir(export_dir) and not exist_ok:
     raise UserError(f"{export_dir} already exists; delete it or choose another export directory")
-  missing = [kind for kind in kinds
-             if not tf.io.gfile.exists(os.path.join(export_dir, kind, "saved_model.pb"))]
+  missing = [kind for kind in kinds if not tf.io.gfile.exists(
+      os.path.join(export_dir, builtin_module_dirname(kind, precision), "saved_model.pb"))]
   if not missing:
     return export_dir
   network, weights = _BUILTINS[name]
   data = torch_pth.find_weights(weights, weights_file=weights_file,
                                 download_dir=os.path.join(cache_root(), "downloads"))
   state_dict = torch_pth.load_state_dict(data, source=weights.filename)
+  dtypes = (tf.float32,) if precision == "float32" else (tf.float32, tf.bfloat16)
   for kind in missing:
-    target = os.path.join(export_dir, kind)
+    target = os.path.join(export_dir, builtin_module_dirname(kind, precision))
     tmp = fileio.temp_path_for(target if "://" in target else os.path.abspath(target))
     tf.io.gfile.makedirs(os.path.dirname(tmp))
     try:
@@ -104,7 +118,8 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
       inverted_residual.export_saved_model(
           inverted_residual.InvertedResidualNet(
               network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
-              class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None), tmp)
+              class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None), tmp,
+          dtypes=dtypes)
       try:
         fileio.publish_directory(tmp, target, last_name="saved_model.pb")
       except tf.errors.AlreadyExistsError:
@@ -115,10 +130,17 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
   return export_dir
 
 
-def ensure_builtin(name, kinds=(FEATURE_VECTOR, CLASSIFICATION)):
-  """The built-in's directory in the cache, building the `kinds` missing there on first use
-  (a run builds only the kind it uses: half the first run's build)."""
-  return build_builtin(name, builtin_dir(name), exist_ok=True, kinds=kinds)
+def ensure_builtin(name, kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None):
+  """The built-in's directory in the cache, building the modules missing there on first use
+  (a run builds only the kind and precision it uses: a fraction of building them all)."""
+  return build_builtin(name, builtin_dir(name), exist_ok=True, kinds=kinds, precision=precision)
+
+
+def is_builtin_built(name, features=FEATURE_VECTOR, precision=None):
+  """Whether loading built-in `name` at `precision` (as resolved) costs no build."""
+  return tf.io.gfile.exists(os.path.join(builtin_dir(name),
+                                         builtin_module_dirname(features, precision),
+                                         "saved_model.pb"))
 
 
 # ---------------------------------------------------------------------------
@@ -160,19 +182,21 @@ def _resolve_url(handle):
   return path
 
 
-def resolve_handle(handle, *, features=FEATURE_VECTOR):
+def resolve_handle(handle, *, features=FEATURE_VECTOR, precision=None):
   """The local SavedModel directory for `handle` (a URL, a directory or a built-in name).
 
   `features="classification"` (or its old name `logits`) selects a built-in's
   classification variant; for other handles the module itself decides what
-  it outputs.
+  it outputs. precision "float32" selects a built-in's float32-only module
+  (`builtin_module_dirname`); other modules are what they are.
   """
   features = options.canonical_features(features)
   if features not in FEATURES:
     raise UserError(f"features must be one of {', '.join(FEATURES)}, not {features!r}")
   if handle in BUILTIN_NAMES:
     # A FEATURES value is the kind of module that gives those features.
-    return os.path.join(ensure_builtin(handle, kinds=(features,)), features)
+    return os.path.join(ensure_builtin(handle, kinds=(features,), precision=precision),
+                        builtin_module_dirname(features, precision))
   if _is_url(handle):
     return _resolve_url(handle)
   if tf.io.gfile.isdir(handle):
@@ -308,7 +332,7 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
   requested_precision = resolve_precision(precision)
   if CONCATENATION_SEPARATOR in handle and not tf.io.gfile.isdir(handle):
     return _load_concatenation(handle, features, input_size, precision, requested_precision)
-  path, module, functions, fixed_size = _open_module(handle, features)
+  path, module, functions, fixed_size = _open_module(handle, features, requested_precision)
   if fixed_size is not None and input_size not in (None, fixed_size):
     raise UserError(f"input_size={input_size} but {handle} takes {fixed_size}x{fixed_size} "
                     f"images; leave it unset or set {fixed_size}", arguments=["input_size"])
@@ -320,9 +344,9 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
                    requested_precision)
 
 
-def _open_module(handle, features):
+def _open_module(handle, features, precision):
   """(path, loaded module, its __call__ functions by dtype, its fixed input size or None)."""
-  path = resolve_handle(handle, features=features)
+  path = resolve_handle(handle, features=features, precision=precision)
   try:
     module = tf.saved_model.load(path)
   except (OSError, ValueError, tf.errors.OpError) as e:
@@ -363,7 +387,7 @@ def _load_concatenation(handle, features, input_size, precision, requested_preci
   if len(handles) < 2 or not all(handles):
     raise UserError(f"handle={handle}: give two or more handles separated by commas, e.g. "
                     "mobilenet_v2_100_224,efficientnet_lite0", arguments=["handle"])
-  opened = [_open_module(part, features) for part in handles]
+  opened = [_open_module(part, features, requested_precision) for part in handles]
   fixed_sizes = [fixed for _, _, _, fixed in opened if fixed]
   largest = max(fixed_sizes, default=None)
   if input_size is not None and largest is not None and (

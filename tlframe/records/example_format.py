@@ -48,3 +48,6 @@ def parse_example(serialized):
           features[KEY_FILENAME])
 
 
+def parse_filenames(serialized):
+  """[B] serialized records -> their [B] filenames, without parsing the images."""
+  return tf.io.parse_example(serialized, {KEY_FILENAME: READ_FEATURES[KEY_FILENAME]})[KEY_FILENAME]

@@ -246,7 +246,7 @@ def machine_speeds(precision):
   return MachineSpeeds(
       machine_key(resolved, gpus), os.path.join(backbone_lib.cache_root(), SPEEDS_FILENAME),
       measure=lambda name: measure_builtin(name, resolved),
-      is_built=lambda name: os.path.isdir(backbone_lib.builtin_dir(name)))
+      is_built=lambda name: backbone_lib.is_builtin_built(name, precision=resolved))
 
 
 # ---------------------------------------------------------------------------
