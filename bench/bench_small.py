@@ -58,7 +58,7 @@ def photo_subset(flowers_dir, work_dir, num_classes, per_class, validation_per_c
     for index, photo in enumerate(picked):
       (image_dir / name / photo.name).symlink_to(photo)
       if index >= per_class:
-        validation.append(f"{name}/{photo.name},{name}")
+        validation.append(f"{image_dir.name}/{name}/{photo.name},{name}")  # relative to the list
   filelist = work_dir / f"validation-{num_classes}c-seed{seed}.csv"
   filelist.write_text("\n".join(validation) + "\n")
   return image_dir, filelist

@@ -336,7 +336,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     (broken / label).mkdir(parents=True)
     (broken / label / "x.jpg").write_bytes(b"")
   nothing = run_make_tfrecords("--image_dir", broken, "--output_dir", tmp_path / "o2")
-  for result, message in ((missing, "nope: no such directory"),
+  for result, message in ((missing, "nope does not exist: give the folder or list of your photos"),
                           (nothing, "no usable images: all 2 files were skipped (e.g. ")):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -9,7 +9,11 @@ in tlframe.records stay there: None here means records.convert's own.
 
 from absl import flags
 
+from tlframe.cli import runner
+
 FLAGS = flags.FLAGS
+# The flags that name photos or lists that must exist.
+_SOURCE_PATHS = ("image_dir", "filelist", "validation_filelist", "test_filelist", "test_dir")
 NAMES = ("image_dir", "filelist", "labels", "validation_percentage", "test_percentage",
          "validation_filelist", "test_filelist", "test_dir", "shard_size", "max_side", "max_pixels")
 
@@ -63,3 +67,10 @@ def arguments():
 def given():
   """The names of the conversion flags set on the command line or in a flagfile."""
   return [name for name in NAMES if FLAGS[name].present]
+
+
+def check_sources():
+  """A UserError for a source (--image_dir, a file list, --test_dir) that does not exist,
+  before TensorFlow loads."""
+  for name in _SOURCE_PATHS:
+    runner.check_exists(FLAGS[name].value, f"--{name}", "give the folder or list of your photos")
