@@ -107,7 +107,22 @@ def test_speeds_are_measured_once_per_machine_and_estimated_when_not_built(tmp_p
   with open(cache) as f:
     assert json.load(f)["cpu A / float32"] == {MOBILENET: 40.0, "efficientnet_lite0": 30.0}
   assert backbone_choice.machine_key("float32") != backbone_choice.machine_key("bfloat16")
+  # Measured while the machine is busy: used for the run, not kept; measured again next time.
+  busy = backbone_choice.MachineSpeeds("cpu C / float32", cache, measure, is_built=lambda _: True,
+                                       busy=lambda: "load average 3.0 on 2 cores")
+  assert busy(MOBILENET) == 40.0 and busy(MOBILENET) == 40.0
+  assert measured[-2:] == [MOBILENET, MOBILENET]
+  with open(cache) as f:
+    assert "cpu C / float32" not in json.load(f)
   assert backbone_choice.machine_key("float32", ["GPU X"]) == "GPU X / float32"
+
+
+def test_the_cpu_is_busy_when_its_load_average_exceeds_half_its_cores(monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+  monkeypatch.setattr(os, "getloadavg", lambda: (0.9, 0.5, 0.2))
+  assert backbone_choice.cpu_busy() is None
+  monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 1.0, 0.5))
+  assert backbone_choice.cpu_busy() == "load average 1.6 on 2 cores"
 
 
 def test_a_first_measure_on_the_built_mobilenet_is_cheap(builtin_backbone_dirs, tmp_path):

@@ -185,21 +185,36 @@ def machine_key(precision, gpu_names=()):
   return f"{device} / {precision}"
 
 
+def cpu_busy():
+  """Why the CPU is too busy now for a speed worth keeping ("load average L on N cores"), or
+  None: the 1-minute load average (other processes' work, mostly: this run's own few
+  seconds weigh little in it) above half the cores."""
+  if not hasattr(os, "getloadavg"):
+    return None
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  load = os.getloadavg()[0]
+  return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
+
+
 class MachineSpeeds:
   """handle -> images/s on this machine: cached measures, measuring what is missing and cheap.
 
   measure(builtin) -> images/s: runs one built-in on a small batch (the
   default, `measure_builtin`, loads it with TensorFlow). is_built(builtin):
-  whether measuring it costs no build. The cache is a JSON file
-  {machine key: {built-in: images/s}} written atomically (a concurrent
-  writer's entry may be lost and is measured again).
+  whether measuring it costs no build. busy() -> None, or why the machine is
+  too busy for a measure to be kept (`cpu_busy`): such a measure serves this
+  run only, and the next run measures again, so a slow moment is not cached
+  for good. The cache is a JSON file {machine key: {built-in: images/s}}
+  written atomically (a concurrent writer's entry may be lost and is measured
+  again).
   """
 
-  def __init__(self, key, cache_path, measure, is_built):
+  def __init__(self, key, cache_path, measure, is_built, busy=lambda: None):
     self.key = key
     self._cache_path = cache_path
     self._measure = measure
     self._is_built = is_built
+    self._busy = busy
 
   def _read(self):
     return _read_json_or_none(self._cache_path) or {}   # unreadable: measured again, rewritten
@@ -219,6 +234,11 @@ class MachineSpeeds:
     before = dict(known)
     rate = concatenation_rate([self._builtin_rate(part, known) for part in parts(handle)])
     if known != before:
+      busy = self._busy()
+      if busy:
+        logging.info("Backbone speeds measured while the machine was busy (%s): used for this "
+                     "run, not kept", busy)
+        return rate
       cache = self._read()   # another run may have written meanwhile: keep its entries
       cache[self.key] = dict(cache.get(self.key, {}), **known)
       os.makedirs(os.path.dirname(self._cache_path), exist_ok=True)
@@ -246,7 +266,8 @@ def machine_speeds(precision):
   return MachineSpeeds(
       machine_key(resolved, gpus), os.path.join(backbone_lib.cache_root(), SPEEDS_FILENAME),
       measure=lambda name: measure_builtin(name, resolved),
-      is_built=lambda name: backbone_lib.is_builtin_built(name, precision=resolved))
+      is_built=lambda name: backbone_lib.is_builtin_built(name, precision=resolved),
+      busy=(lambda: None) if gpus else cpu_busy)   # a GPU's speed does not share the CPU's load
 
 
 # ---------------------------------------------------------------------------
