@@ -165,6 +165,23 @@ def test_filelist_csv_and_tsv_with_header_and_relative_paths(photo_tree, tmp_pat
     assert example["image/encoded"] == source.read_bytes()
 
 
+def test_a_split_list_none_of_whose_files_converts_is_a_user_error(photo_tree, tmp_path):
+  # Paths relative to the photo folder, but the list lives elsewhere: none of them exists.
+  rows = [str(p.relative_to(photo_tree)) for p in sorted(photo_tree.rglob("cat/*.jpg"))]
+  filelist = tmp_path / "validation.csv"
+  filelist.write_text("".join(f"{path},cat\n" for path in rows))
+  with pytest.raises(UserError, match=rf"validation_filelist={filelist}: none of its files became "
+                     rf"a record \(e.g. .*No such file.*\); a relative path in a list is read "
+                     rf"from the list's own folder \({tmp_path}\)"):
+    records.convert(str(tmp_path / "out"), image_dir=str(photo_tree),
+                    validation_filelist=str(filelist), test_percentage=0)
+  # Written from the photo folder's point of view, the same list converts.
+  filelist.write_text("".join(f"{photo_tree / path},cat\n" for path in rows))
+  manifest = records.convert(str(tmp_path / "out"), image_dir=str(photo_tree),
+                             validation_filelist=str(filelist), test_percentage=0)
+  assert manifest["splits"]["validation"]["examples"] == len(rows)
+
+
 def test_filelist_line_without_label_is_a_user_error(tmp_path):
   filelist = tmp_path / "list.csv"
   filelist.write_text("a.jpg,cat\nb.jpg\n")

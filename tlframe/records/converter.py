@@ -37,6 +37,7 @@ import collections
 import fnmatch
 import hashlib
 import json
+import posixpath
 
 from absl import logging
 import tensorflow as tf
@@ -182,6 +183,7 @@ def write_conversion(output_dir, plan, write_shards, overwrite=False):
       sidecars, todo = _finished_and_todo(output_dir, plan.shards)
       sidecars.update(write_shards(todo))
       _check_classes_after_decoding(output_dir, plan.labels, plan.labels_given, sidecars)
+      _check_listed_splits(output_dir, plan, sidecars)
       manifest = _manifest(plan, sidecars)
       write_labels(output_dir, plan.labels)
       fileio.atomic_write_json(join_path(output_dir, MANIFEST_FILENAME), manifest)
@@ -288,6 +290,30 @@ def _check_classes_after_decoding(output_dir, labels, labels_given, sidecars):
   raise UserError(f"class {empty[0]!r} has no readable image: its {len(files)} files were all "
                   f"skipped (e.g. {files[0]['path']}: {files[0]['reason']}); fix or remove them, "
                   "or leave the class out with labels, then rerun", arguments=["labels"])
+
+
+def _check_listed_splits(output_dir, plan, sidecars):
+  """A split that a list fixes (validation_filelist, test_filelist) keeps at least one image.
+
+  A list none of whose files became a record (its relative paths read from
+  the wrong folder, say) would leave the split empty, and a training run
+  without the validation it was given. As after a class's files all failed,
+  that split's sidecars are removed, so the rerun after the fix decodes again.
+  """
+  for split in ("validation", "test"):
+    filelist = plan.options.get(f"{split}_filelist")
+    shards = [shard for shard in plan.shards if shard.split == split]
+    if not filelist or any(sidecars[shard.name]["files"] for shard in shards):
+      continue
+    for shard in shards:
+      tf.io.gfile.remove(sidecar_path(output_dir, shard.name))
+    why = [entry for shard in shards for entry in sidecars[shard.name]["skipped"]] + [
+        entry for entry in plan.skipped if f"--{split}_filelist" in entry["reason"]]
+    example = f" (e.g. {why[0]['path']}: {why[0]['reason']})" if why else ""
+    folder = posixpath.dirname(filelist) or "."
+    raise UserError(f"{split}_filelist={filelist}: none of its files became a record{example}; "
+                    f"a relative path in a list is read from the list's own folder ({folder})",
+                    arguments=[f"{split}_filelist"])
 
 
 def _manifest(plan, sidecars):
