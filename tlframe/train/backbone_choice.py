@@ -75,6 +75,8 @@ SPEEDS_FILENAME = "backbone_speeds.json"
 # Images per measuring call: large enough for the batched kernels, small
 # enough that a first measure costs a second or two.
 MEASURE_BATCH_SIZE = 8
+# Timed calls per measure, the fastest kept: one slow call is a hiccup, not the speed.
+MEASURE_CALLS = 3
 SEPARATOR = ","
 
 
@@ -187,13 +189,13 @@ def machine_key(precision, gpu_names=()):
 
 def cpu_busy():
   """Why the CPU is too busy now for a speed worth keeping ("load average L on N cores"), or
-  None: the 1-minute load average (other processes' work, mostly: this run's own few
-  seconds weigh little in it) above half the cores."""
+  None: a 1-minute load average above the number of cores, more work than the cores run at
+  once (this run's own last seconds, or the user's last command, stay below that)."""
   if not hasattr(os, "getloadavg"):
     return None
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   load = os.getloadavg()[0]
-  return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
+  return f"load average {load:.1f} on {cores} cores" if load > cores else None
 
 
 class MachineSpeeds:
@@ -246,16 +248,20 @@ class MachineSpeeds:
     return rate
 
 
-def measure_builtin(name, precision, batch_size=MEASURE_BATCH_SIZE):
-  """Images/s of built-in `name` on one batch of random images, timed after a first (tracing) call."""
+def measure_builtin(name, precision, batch_size=MEASURE_BATCH_SIZE, timed_calls=MEASURE_CALLS):
+  """Images/s of built-in `name` on a batch of random images: the fastest of `timed_calls`
+  calls after a first (tracing) one, so that a moment's hiccup is not taken for the speed."""
   model = backbone_lib.load_backbone(name, precision=precision)
   images = tf.random.stateless_uniform([batch_size, model.input_size, model.input_size, 3],
                                        seed=[0, 0])
   run = tf.function(model.__call__)
   run(images).numpy()   # traces
-  start = time.perf_counter()
-  run(images).numpy()
-  return batch_size / (time.perf_counter() - start)
+  fastest = float("inf")
+  for _ in range(timed_calls):
+    start = time.perf_counter()
+    run(images).numpy()
+    fastest = min(fastest, time.perf_counter() - start)
+  return batch_size / fastest
 
 
 def machine_speeds(precision):
