@@ -18,5 +18,5 @@ __all__, __getattr__, __dir__ = _lazy.exports(__name__, {
                 "builtin_module_dirname", "build_builtin", "ensure_builtin", "is_builtin_built",
                 "resolve_handle", "Backbone", "ConcatenatedModule", "load_backbone"),
     "runtime": ("DISABLE_BF16_ENV", "bfloat16_supported", "resolve_precision", "onednn_enabled",
-                "default_thread_counts", "configure_threads"),
+                "usable_cores", "default_thread_counts", "configure_threads"),
 })

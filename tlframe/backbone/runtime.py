@@ -76,16 +76,21 @@ def warn_if_onednn_off():
         "TF_ENABLE_ONEDNN_OPTS=1 before starting Python", 1)
 
 
+def usable_cores():
+  """The cores this process may use: a container's CPU set, not the host's."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, cores or 1)
+
+
 def default_thread_counts():
   """(intra_op, inter_op) defaults: all usable cores for both.
 
   Measured with bench/bench_backbone.py on the 2-core reference machine:
   intra_op=1 is clearly slower, and nothing beat this (TensorFlow's own
   default) beyond noise; tlframe makes it explicit, counting the cores this
-  process may actually use (a container's CPU set, not the host's).
+  process may actually use (`usable_cores`).
   """
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  cores = max(1, cores or 1)
+  cores = usable_cores()
   return cores, cores
 
 

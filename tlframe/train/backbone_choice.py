@@ -34,6 +34,7 @@ import tensorflow as tf
 from absl import logging
 
 from tlframe.backbone import loading as backbone_lib
+from tlframe.backbone import runtime as backbone_runtime
 from tlframe.util import fileio
 from tlframe.train import layout as model_dir_layout
 from tlframe import options as options_lib
@@ -182,8 +183,7 @@ def machine_key(precision, gpu_names=()):
       model = found.group(1).strip() if found else model
     except OSError:
       pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = f"{model}, {cores} cores"
+    device = f"{model}, {backbone_runtime.usable_cores()} cores"
   return f"{device} / {precision}"
 
 
@@ -193,7 +193,7 @@ def cpu_busy():
   once (this run's own last seconds, or the user's last command, stay below that)."""
   if not hasattr(os, "getloadavg"):
     return None
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = backbone_runtime.usable_cores()
   load = os.getloadavg()[0]
   return f"load average {load:.1f} on {cores} cores" if load > cores else None
 
