@@ -85,6 +85,11 @@ def builtin_module_dirname(kind, precision=None):
   return f"{kind}{FLOAT32_ONLY_SUFFIX}" if precision == "float32" else kind
 
 
+def _module_built(export_dir, kind, precision):
+  return tf.io.gfile.exists(os.path.join(export_dir, builtin_module_dirname(kind, precision),
+                                         "saved_model.pb"))
+
+
 def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
                   kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None):
   """Builds built-in `name`'s `kinds` into `export_dir`/{feature_vector,classification}.
@@ -100,8 +105,7 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
     raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")
   if tf.io.gfile.isdir(export_dir) and not exist_ok:
     raise UserError(f"{export_dir} already exists; delete it or choose another export directory")
-  missing = [kind for kind in kinds if not tf.io.gfile.exists(
-      os.path.join(export_dir, builtin_module_dirname(kind, precision), "saved_model.pb"))]
+  missing = [kind for kind in kinds if not _module_built(export_dir, kind, precision)]
   if not missing:
     return export_dir
   network, weights = _BUILTINS[name]
@@ -138,9 +142,7 @@ def ensure_builtin(name, kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None)
 
 def is_builtin_built(name, features=FEATURE_VECTOR, precision=None):
   """Whether loading built-in `name` at `precision` (as resolved) costs no build."""
-  return tf.io.gfile.exists(os.path.join(builtin_dir(name),
-                                         builtin_module_dirname(features, precision),
-                                         "saved_model.pb"))
+  return _module_built(builtin_dir(name), features, precision)
 
 
 # ---------------------------------------------------------------------------
