@@ -40,6 +40,12 @@ def import_seconds():
   return statistics.median(times)
 
 
+def conversion_seconds(train_stdout):
+  """The seconds bin/train's "conversion: S s" line reports; 0 when it converted nothing."""
+  lines = [line for line in train_stdout.splitlines() if line.startswith("conversion:")]
+  return float(lines[0].split()[1]) if lines else 0.0
+
+
 def build_model(work_dir):
   """A model dir with an export: the default head on MobileNetV2 on crops of 4 sample photos."""
   image_dir = os.path.join(work_dir, "train_images")

@@ -36,7 +36,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_common import add_data_dir_argument, cpu_model, flowers12_dir, import_seconds  # pylint: disable=wrong-import-position
+from bench_common import add_data_dir_argument, conversion_seconds, cpu_model, flowers12_dir, import_seconds  # pylint: disable=wrong-import-position
 
 TRAIN = REPO / "bin" / "train"
 STAGES = (("conversion", "conversion_s"), ("load", "backbone_load_s"),
@@ -83,8 +83,7 @@ def run_train(image_dir, filelist, model_dir, cache_dir):
     sys.exit(f"bin/train failed:\n{result.stderr[-3000:]}")
   metrics = json.loads((model_dir / "metrics.json").read_text())
   stages = {name: metrics["timings"].get(key, 0.0) for name, key in STAGES}
-  conversion = [line for line in result.stdout.splitlines() if line.startswith("conversion:")]
-  stages["conversion"] = float(conversion[0].split()[1]) if conversion else 0.0
+  stages["conversion"] = conversion_seconds(result.stdout)
   if "is up to date" in result.stdout:
     stages = {name: 0.0 for name, _ in STAGES}
   return wall, stages, result.stdout

@@ -57,7 +57,8 @@ from tlframe import pipeline  # pylint: disable=wrong-import-position
 from tlframe.train import trainer as trainer_lib  # pylint: disable=wrong-import-position
 from tlframe.train import tuning  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench_common import add_data_dir_argument, cpu_model, flowers12_dir, import_seconds, k_shot_rows  # pylint: disable=wrong-import-position
+from bench_common import (add_data_dir_argument, conversion_seconds, cpu_model, flowers12_dir,  # pylint: disable=wrong-import-position
+                          import_seconds, k_shot_rows)
 from svc_baseline import cross_validated_svc  # pylint: disable=wrong-import-position
 
 K_SHOTS = (1, 5, 10, 20, 60)
@@ -89,8 +90,7 @@ def train_from_photos(flowers_dir, model_dir, backbone):
     sys.exit(f"bin/train failed:\n{result.stderr[-3000:]}")
   with open(os.path.join(model_dir, model_dir_layout.METRICS_FILENAME)) as f:
     metrics = json.load(f)
-  conversion = [line for line in result.stdout.splitlines() if line.startswith("conversion:")]
-  return wall, metrics, float(conversion[0].split()[1]) if conversion else 0.0
+  return wall, metrics, conversion_seconds(result.stdout)
 
 
 def fit_head(x, y, test_x, test_y, options, *, timed=False, l2_values=None):
