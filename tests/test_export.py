@@ -53,22 +53,59 @@ def test_export_dir_holds_the_contract(trained_model):
   assert info["calibration"]["temperature"] == pytest.approx(expected["temperature"])
 
 
+def _saved_graph(export_dir):
+  """The MetaGraphDef of the export's saved_model.pb."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  saved = saved_model_pb2.SavedModel()
+  with open(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
+    saved.ParseFromString(f.read())
+  return saved.meta_graphs[0]
+
+
+def _bfloat16_functions(graph):
+  from tensorflow.core.framework import types_pb2  # pylint: disable=g-import-not-at-top
+  return [function.signature.name for function in graph.graph_def.library.function
+          if any(arg.type == types_pb2.DT_BFLOAT16 for arg in function.signature.input_arg)]
+
+
 def test_the_signatures_share_one_trace_of_the_backbone_and_head(trained_model):
   """saved_model.pb holds the three signatures' functions and the one function they all
   classify through, each traced once; not the backbone module's own functions (its
   bfloat16 entry point in a float32 export), which only made the export slower."""
-  from tensorflow.core.framework import types_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
-  saved = saved_model_pb2.SavedModel()
-  with open(os.path.join(trained_model.export_dir, "saved_model.pb"), "rb") as f:
-    saved.ParseFromString(f.read())
-  graph = saved.meta_graphs[0]
+  graph = _saved_graph(trained_model.export_dir)
   functions = {node.function.concrete_functions[0].split("_")[-2]: node.function
                for node in graph.object_graph_def.nodes if node.WhichOneof("kind") == "function"}
   assert sorted(functions) == ["bytes", "images", "keyed", "outputs"]
   assert all(len(function.concrete_functions) == 1 for function in functions.values())
-  assert not [function.signature.name for function in graph.graph_def.library.function
-              if any(arg.type == types_pb2.DT_BFLOAT16 for arg in function.signature.input_arg)]
+  assert not _bfloat16_functions(graph)
+
+
+def test_a_bfloat16_runs_backbone_exports_float32_without_loading_again(trained_model,
+                                                                         saved_model, tmp_path,
+                                                                         monkeypatch):
+  """bin/train hands its loaded backbone to the export: a bfloat16 pass's module (it holds
+  both entry points) gives the float32 export, the same as a fresh float32 load's."""
+  _, config = head_lib.load_head(trained_model.model_dir)
+  loaded = backbone_lib.load_backbone(config.backbone, input_size=config.image_size,
+                                      precision="bfloat16")
+  assert loaded.precision == "bfloat16"
+
+  def load_again(*unused_args, **unused_kwargs):
+    raise AssertionError("the export loaded the backbone again")
+
+  monkeypatch.setattr(backbone_lib, "load_backbone", load_again)
+  export_dir = export.export_model(trained_model.model_dir, export_base=str(tmp_path),
+                                   backbone=loaded)
+  info = json.load(open(os.path.join(export_dir, export.EXPORT_INFO_FILENAME)))
+  assert info["precision"] == "float32"
+  assert not _bfloat16_functions(_saved_graph(export_dir))
+  encoded = tf.constant([encoded for encoded, _, _ in
+                         _split_records(trained_model.records_dir, "validation")])
+  scores = tf.saved_model.load(export_dir).signatures["serving_default"](
+      image_bytes=encoded)["scores"].numpy()
+  np.testing.assert_allclose(
+      scores, saved_model.signatures["serving_default"](image_bytes=encoded)["scores"].numpy(),
+      atol=1e-5, rtol=0)
 
 
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):

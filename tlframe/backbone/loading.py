@@ -272,11 +272,20 @@ class Backbone:
     self.kind = kind
     self.precision = precision
     self._compute_dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    self._fingerprint = fingerprint
     self.cache_key = f"{fingerprint}-{input_size}px-{kind}-{output_dim}d-{precision}"
 
   def __call__(self, images):
     outputs = self.module(tf.cast(images, self._compute_dtype))
     return tf.cast(outputs, tf.float32)
+
+  def in_float32(self):
+    """This backbone computing in float32, on the same loaded module (every module has a
+    float32 entry point): a bfloat16 run's export needs no second load."""
+    if self.precision == "float32":
+      return self
+    return Backbone(self.handle, self.path, self.module, self.input_size, self.output_dim,
+                    self.kind, "float32", self._fingerprint)
 
   def __repr__(self):
     return (f"Backbone({self.handle!r}, input_size={self.input_size}, output_dim="

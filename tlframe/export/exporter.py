@@ -171,13 +171,16 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   the backbone's compute precision in the export ("float32", "bfloat16" or
   "auto" for bfloat16 where this machine has it). tflite: also write and check
   a TFLite model. backbone: the model's backbone as the caller (bin/train)
-  already loaded it, to skip loading it again when its precision is the
-  export's and no fine-tuning changed it.
+  already loaded it, to skip loading it again when it computes in the
+  export's precision (in float32 any loaded module does: a bfloat16 pass's
+  module too) and no fine-tuning changed it.
   """
   head, config = head_lib.load_head(model_dir)
   calibration = calibration_lib.read_calibration(model_dir)
-  if (backbone is None or config.fine_tune
-      or backbone.precision != backbone_lib.resolve_precision(precision)):
+  precision = backbone_lib.resolve_precision(precision)
+  if backbone is not None and precision == "float32":
+    backbone = backbone.in_float32()
+  if backbone is None or config.fine_tune or backbone.precision != precision:
     backbone = backbone_lib.load_backbone(config.backbone, features=config.features,
                                           input_size=config.image_size, precision=precision)
   if backbone.output_dim != config.num_features:
