@@ -239,7 +239,9 @@ def run(flowers_dir, work_dir, backbone_handle, with_sweep):
   timings = metrics["timings"]
   backbone_pass = timings["backbone_pass_s"]
 
-  backbone = backbone_lib.load_backbone(backbone_handle)
+  # At the precision the run resolved (bfloat16 where the CPU has it): its cached features.
+  backbone = backbone_lib.load_backbone(backbone_handle,
+                                        precision=metrics["backbone"]["precision"])
   labels = records.read_labels(records_dir)
   extract = dict(backbone=backbone, records_dir=records_dir, batch_size=32,
                  image_size=backbone.input_size, resize_mode="center_crop",
