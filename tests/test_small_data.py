@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -29,6 +30,24 @@ def test_the_l2_plateau_is_decided_by_the_calibrated_loss_not_the_grid_edge():
   assert tuning.best_l2(rows) == 1.0            # an exact tie: the more regularized
   rows[0]["accuracy"] = 1.01
   assert tuning.best_l2(rows) == 1e-3           # accuracy first
+
+
+def test_normalizations_at_the_same_accuracy_tie_unless_the_loss_is_clearly_lower():
+  """The second normalization takes the choice from the first only with a higher held-out
+  accuracy, or the same and a calibrated loss lower beyond the noise of its difference."""
+  rng = np.random.default_rng(0)
+  first = dict(accuracy=1.0, losses=rng.uniform(0.0, 0.2, size=20))
+  # Lower on average, by much less than its spread: a tie, which the first keeps.
+  noisy = dict(accuracy=1.0, losses=first["losses"] - 0.002 + 0.05 * np.resize([1, -1], 20))
+  assert noisy["losses"].mean() < first["losses"].mean()
+  assert not tuning.clearly_better(noisy, first)
+  # Lower on every example: clearly better.
+  assert tuning.clearly_better(dict(accuracy=1.0, losses=first["losses"] * 0.9), first)
+  # Accuracy first, whatever the losses.
+  assert tuning.clearly_better(dict(accuracy=1.01, losses=first["losses"] + 1), first)
+  assert not tuning.clearly_better(dict(accuracy=0.99, losses=first["losses"] * 0.5), first)
+  # An identical result does not take the choice.
+  assert not tuning.clearly_better(dict(first), first)
 
 
 @pytest.fixture(scope="module")

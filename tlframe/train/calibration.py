@@ -44,12 +44,17 @@ def softmax(scores, temperature=1.0):
   return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def negative_log_likelihood(scores, labels, temperature):
-  """Mean -log softmax(scores / T)[label] of [N, C] scores and [N] int labels."""
+def per_example_nll(scores, labels, temperature):
+  """[N] -log softmax(scores / T)[label] of [N, C] scores and [N] int labels."""
   logits = np.asarray(scores, np.float64) / temperature
   top = logits.max(axis=-1, keepdims=True)
   log_normalizer = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
-  return float(np.mean(log_normalizer - logits[np.arange(len(labels)), labels]))
+  return log_normalizer - logits[np.arange(len(labels)), labels]
+
+
+def negative_log_likelihood(scores, labels, temperature):
+  """Mean -log softmax(scores / T)[label] of [N, C] scores and [N] int labels."""
+  return float(np.mean(per_example_nll(scores, labels, temperature)))
 
 
 def fit_temperature(scores, labels):

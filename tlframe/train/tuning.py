@@ -117,17 +117,35 @@ def best_l2(rows):
   return min(plateau, key=lambda row: (row["calibrated_loss"], -row["l2"]))["l2"]
 
 
+def clearly_better(challenger, incumbent):
+  """Whether the `challenger` normalization's CV result beats the `incumbent`'s.
+
+  Each: dict(accuracy (held-out, at its chosen l2), losses ([N] held-out
+  losses after temperature scaling, per example)). Better: a higher held-out
+  accuracy; at the same accuracy, a mean calibrated loss lower by more than
+  TIE_STANDARD_ERRORS standard errors of the per-example difference (the
+  examples are the same for both, so the difference is paired). Anything less
+  is a tie, and the incumbent keeps it.
+  """
+  if challenger["accuracy"] != incumbent["accuracy"]:
+    return challenger["accuracy"] > incumbent["accuracy"]
+  difference = np.asarray(incumbent["losses"]) - np.asarray(challenger["losses"])
+  if len(difference) < 2:
+    return False
+  standard_error = difference.std(ddof=1) / np.sqrt(len(difference))
+  return difference.mean() > options_lib.NORMALIZATION_TIE_STANDARD_ERRORS * standard_error
+
+
 def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization_constants):
   """The cross-validated feature normalization and l2: (normalization, l2, rows, scores, widened).
 
   For options.l2 unset (train.run resolves "auto" to standardize when --l2 is
   given). Candidates: options_lib.AUTO_NORMALIZATIONS when
   options.feature_normalization is "auto", else that one; l2: options.l2_grid,
-  widened at an edge (tune_l2). The choice follows best_l2 over all
-  candidates' rows: the highest held-out accuracy, then the lowest calibrated
-  held-out loss; a tie between normalizations goes to the first candidate (AUTO_NORMALIZATIONS
-  lists the simplest first). Each row also names its `feature_normalization`;
-  scores are the choice's [N, C] out-of-fold scores.
+  widened at an edge (tune_l2), each candidate's chosen by best_l2. Between the
+  candidates, `clearly_better` decides, in their order (AUTO_NORMALIZATIONS
+  lists the simplest first, which keeps a tie). Each row also names its
+  `feature_normalization`; scores are the choice's [N, C] out-of-fold scores.
   `normalization_constants(name)` gives the (shift, scale) of that
   normalization of the training features (train.run passes the training
   set's `features.FeatureSet.normalization_constants`).
@@ -142,14 +160,20 @@ def tune_head(strategy, options, train_x, train_y, num_classes, *, normalization
                                scale=scale, trainers=trainers)
     rows = [dict(row, feature_normalization=normalization) for row in rows]
     chosen = next(row for row in rows if row["l2"] == l2)
-    results.append((chosen["accuracy"], -chosen["calibrated_loss"], -len(results), normalization,
-                    l2, rows, scores))
-  accuracy, _, _, normalization, l2, _, scores = max(results, key=lambda result: result[:3])
+    results.append(dict(normalization=normalization, l2=l2, rows=rows, scores=scores,
+                        accuracy=chosen["accuracy"],
+                        losses=calibration_lib.per_example_nll(scores, train_y,
+                                                               chosen["temperature"])))
+  best = results[0]
+  for result in results[1:]:
+    if clearly_better(result, best):
+      best = result
+  normalization, l2, scores = best["normalization"], best["l2"], best["scores"]
   if len(candidates) > 1:
     logging.info("Feature normalization by cross-validation: %s (held-out accuracy %.4f)",
-                 normalization, accuracy)
-  rows = [row for result in results for row in result[5]]
-  widened = any(len(result[5]) > len(set(options.l2_grid)) for result in results)
+                 normalization, best["accuracy"])
+  rows = [row for result in results for row in result["rows"]]
+  widened = any(len(result["rows"]) > len(set(options.l2_grid)) for result in results)
   return normalization, l2, rows, scores, widened
 
 
