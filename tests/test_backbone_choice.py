@@ -50,6 +50,23 @@ def test_the_rule_picks_the_concatenation_for_a_small_set_and_mobilenet_past_the
   assert backbone_choice.concatenation_rate([20.0, 20.0]) == pytest.approx(10.0)
 
 
+def test_a_few_photos_fit_at_any_speed_and_measure_nothing():
+  budget = options_lib.DEFAULT_BACKBONE_BUDGET_S
+  few = int(budget * backbone_choice.SLOWEST_IMAGES_PER_SECOND)
+  asked = []
+
+  def rates(handle):
+    asked.append(handle)
+    return 1000.0
+
+  choice = backbone_choice.choose(few, budget, rates, smallest_class=10)
+  assert choice.backbone == CONCATENATION and not asked and choice.images_per_second == {}
+  assert "speeds not measured" in choice.reason and choice.estimated_pass_s is None
+  # One photo more could miss the budget on a slow enough machine: measured.
+  assert backbone_choice.choose(few + 1, budget, rates, smallest_class=10).backbone == CONCATENATION
+  assert asked == [CONCATENATION, MOBILENET]
+
+
 def test_a_concatenation_needs_enough_training_images_in_every_class():
   budget, minimum = options_lib.DEFAULT_BACKBONE_BUDGET_S, (
       backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
@@ -212,6 +229,8 @@ def test_a_run_stores_the_choice_in_metrics_and_the_export_and_a_rerun_keeps_it(
   new_head = train.train(dataclasses.replace(options, export=False, l2=1e-2))
   assert not new_head["up_to_date"] and new_head["backbone"]["handle"] == pair
   assert "already in --model_dir" in new_head["backbone_choice"]["reason"]
-  # --overwrite chooses again: now past the budget, the fastest.
-  resolved, fresh = backbone_choice.resolve(dataclasses.replace(options, overwrite=True))
+  # --overwrite chooses again: now past the budget, the fastest (a budget under 48 s: 48
+  # images would fit the default's even at the slowest speed, and measure nothing).
+  resolved, fresh = backbone_choice.resolve(dataclasses.replace(options, overwrite=True,
+                                                                backbone_budget_s=10.0))
   assert resolved.backbone == fresh.backbone == big and "no candidate" in fresh.reason

@@ -67,6 +67,10 @@ CANDIDATES = (f"{MOBILENET_V2},{EFFICIENTNET_LITE0}", MOBILENET_V2)
 # 5; +0.5 and +0.7 at 10 and 20); on LFW ahead or level from 3 (the smallest
 # measured: +1.1; +0.2 at 5). 5 leaves a margin above where both turn.
 MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 5
+# Images/s below any candidate's on a machine TensorFlow runs on (the pair ran at ~3.5 on
+# the 2-core reference machine under a load average of ~8): a set whose pass fits the
+# budget even at this speed needs no measure to choose the most accurate candidate.
+SLOWEST_IMAGES_PER_SECOND = 1.0
 # Seconds the backbone pass of the chosen candidate may take: the wait a user
 # accepts for better features (a few hundred images run the concatenation even
 # on a loaded 2-core machine; thousands on a slow one get MobileNetV2).
@@ -119,7 +123,8 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
   MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. `candidates` must hold a single
   backbone (the list's last). images_per_second: a function handle ->
   images/s on this machine (for a concatenation too), asked only of the
-  candidates the count leaves, and not at all when it leaves one (then
+  candidates the count leaves, and not at all when it leaves one or when
+  `num_images` would fit the budget even at SLOWEST_IMAGES_PER_SECOND (then
   estimated_pass_s is None). Pure: give it a fake rate to test the rule.
   """
   left = [handle for handle in candidates if _enough_per_class(handle, smallest_class)]
@@ -130,6 +135,15 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
     # Nothing for a speed to decide: no measuring (a first run on a few photos would
     # spend a backbone load and two calls on it).
     reason = f"the only candidate left for {num_images} images"
+    if passed_over:
+      reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
+    return Choice(left[0], reason, num_images, budget_s, None, {}, smallest_class)
+  if num_images <= budget_s * SLOWEST_IMAGES_PER_SECOND:
+    # A few photos fit at any speed: measuring (a load and four calls of each built-in,
+    # seconds) would cost a first run more than it could decide.
+    reason = (f"the most accurate candidate: its pass over {num_images} images fits "
+              f"--backbone_budget_s={budget_s:g} even at {SLOWEST_IMAGES_PER_SECOND:g} "
+              "images/s (speeds not measured)")
     if passed_over:
       reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
     return Choice(left[0], reason, num_images, budget_s, None, {}, smallest_class)
