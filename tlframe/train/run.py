@@ -73,6 +73,8 @@ def _run(options, strategy):
   start = time.monotonic()
   chief = distribution.is_chief(strategy)
   options, choice = backbone_choice.resolve(options)   # --backbone=auto, before anything uses it
+  # Counted with the load: auto may measure speeds and build the backbone it chooses.
+  choice_seconds = time.monotonic() - start
   choice = choice.as_dict() if choice else None
   finished = None if options.force_export else _finished_run(options)
   if finished is not None:
@@ -90,7 +92,7 @@ def _run(options, strategy):
   backbone = backbone_lib.load_backbone(options.backbone, features=options.features,
                                         input_size=options.input_size,
                                         precision=options.precision)
-  backbone_load_seconds = time.monotonic() - load_start
+  backbone_load_seconds = choice_seconds + time.monotonic() - load_start
   if options.fine_tune:
     tuned_blocks.trainable_variables(backbone, options.fine_tune_blocks)  # refuses before any work
   _check_splits(options, backbone.output_dim)
