@@ -123,7 +123,8 @@ def clearly_better(challenger, incumbent):
   Each: dict(accuracy (held-out, at its chosen l2), losses ([N] held-out
   losses after temperature scaling, per example)). Better: a higher held-out
   accuracy; at the same accuracy, a mean calibrated loss lower by more than
-  TIE_STANDARD_ERRORS standard errors of the per-example difference (the
+  options.NORMALIZATION_TIE_STANDARD_ERRORS standard errors of the
+  per-example difference (the
   examples are the same for both, so the difference is paired). Anything less
   is a tie, and the incumbent keeps it.
   """
