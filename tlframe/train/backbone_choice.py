@@ -131,22 +131,23 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
   passed_over = [f"{handle}: a class has {smallest_class} training images, a concatenation "
                  f"needs {MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}"
                  for handle in candidates if handle not in left]
+
+  def chosen(handle, reason, estimated_pass_s=None, rates=None):
+    if passed_over:
+      reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
+    return Choice(handle, reason, num_images, budget_s, estimated_pass_s, rates or {},
+                  smallest_class)
+
   if len(left) == 1:
     # Nothing for a speed to decide: no measuring (a first run on a few photos would
     # spend a backbone load and two calls on it).
-    reason = f"the only candidate left for {num_images} images"
-    if passed_over:
-      reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
-    return Choice(left[0], reason, num_images, budget_s, None, {}, smallest_class)
+    return chosen(left[0], f"the only candidate left for {num_images} images")
   if num_images <= budget_s * SLOWEST_IMAGES_PER_SECOND:
     # A few photos fit at any speed: measuring (a load and four calls of each built-in,
     # seconds) would cost a first run more than it could decide.
-    reason = (f"the most accurate candidate: its pass over {num_images} images fits "
-              f"--backbone_budget_s={budget_s:g} even at {SLOWEST_IMAGES_PER_SECOND:g} "
-              "images/s (speeds not measured)")
-    if passed_over:
-      reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
-    return Choice(left[0], reason, num_images, budget_s, None, {}, smallest_class)
+    return chosen(left[0], f"the most accurate candidate: its pass over {num_images} images "
+                  f"fits --backbone_budget_s={budget_s:g} even at "
+                  f"{SLOWEST_IMAGES_PER_SECOND:g} images/s (speeds not measured)")
   # Rates only of the candidates the count leaves: a small set measures no second built-in.
   rates = {handle: float(images_per_second(handle)) for handle in left}
   estimates = {handle: num_images / rate for handle, rate in rates.items()}
@@ -163,9 +164,7 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
     reason = (f"no candidate qualifies for {num_images} images at --backbone_budget_s="
               f"{budget_s:g}: the fastest, ~{estimates[handle]:.0f} s at {rates[handle]:.3g} "
               "images/s")
-  if passed_over:
-    reason += f" (more accurate but passed over: {'; '.join(passed_over)})"
-  return Choice(handle, reason, num_images, budget_s, estimates[handle], rates, smallest_class)
+  return chosen(handle, reason, estimates[handle], rates)
 
 
 def _enough_per_class(handle, smallest_class):
@@ -344,9 +343,8 @@ def _unbuildable(handle, options):
   precision = backbone_lib.resolve_precision(options.precision)
   features = options_lib.canonical_features(options.features)
   for part in parts(handle):
-    if part in backbone_lib.BUILTIN_NAMES and not backbone_lib.is_builtin_built(
-        part, features, precision=precision):
-      try:
+    if part in backbone_lib.BUILTIN_NAMES:
+      try:   # at once when built
         backbone_lib.ensure_builtin(part, kinds=(features,), precision=precision)
       except UserError as e:
         return f"{part}: {e}"
