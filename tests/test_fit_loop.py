@@ -147,3 +147,12 @@ def test_fit_resumes_where_the_checkpoint_left_and_runs_nothing_past_the_end(tin
   np.testing.assert_allclose(resumed.head.kernel.numpy(), trainer.head.kernel.numpy(),
                              rtol=1e-6)
   assert resumed.fit(batches(resumed)) == 0
+
+
+def test_a_checkpoint_of_other_state_stops_the_resume_with_a_user_error(tiny_module, tmp_path):
+  # As one written by an earlier tlframe, whose Keras optimizer had other variables.
+  trainer = _head_trainer(_options(tiny_module))
+  path = tf.train.Checkpoint(head=trainer.head, epoch=trainer.epoch).write(str(tmp_path / "old"))
+  with pytest.raises(UserError, match=r"^cannot resume from .*old: it does not hold this "
+                     r"trainer's state .*pass overwrite=True"):
+    trainer.fit(lambda first: None, resume_from=path)

@@ -175,3 +175,22 @@ def test_the_exporter_loads_no_trainer():
   assert not {m for m in loaded if m in ("tlframe.train.finetune", "tlframe.train.trainer",
                                           "tlframe.train.fit_loop", "tlframe.train.tuning",
                                           "tlframe.train.summaries")}
+
+
+def test_programs_load_no_keras_until_it_is_used():
+  # What bin/train and bin/predict load, after `from tlframe import cli` as every program
+  # starts (tlframe/util/lazy_keras.py); then tf.keras still works, loaded on first use.
+  statement = ("from tlframe import cli\nimport tensorflow as tf\n"
+               "from tlframe.train import run, finetune, summaries\n"
+               "from tlframe.predict import evaluation, classifier\n"
+               "before = 'keras' in sys.modules\n"
+               "layer = tf.keras.layers.Dense(2)\n"
+               "assert layer(tf.ones([1, 3])).shape == (1, 2)\n"
+               "assert not before and 'keras' in sys.modules")
+  loaded = _loaded_after(statement)
+  assert "tlframe.train.finetune" in loaded and "keras" in loaded
+
+
+def test_the_library_alone_leaves_tensorflow_importing_keras():
+  loaded = _loaded_after("import tlframe\nimport tensorflow")
+  assert "keras" in loaded

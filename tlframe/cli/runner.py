@@ -2,7 +2,8 @@
 
 Importing it comes first in every program: it imports `tlframe`, whose import
 keeps TensorFlow's native start-up noise out of stderr (tlframe/util/native_logs.py)
-before TensorFlow loads.
+before TensorFlow loads, and it keeps TensorFlow's start from importing Keras,
+which no program uses (tlframe/util/lazy_keras.py: a second of every start).
 
 `run(main)` then parses the flags (one `error:` line and exit 2 for a bad
 flag, naming the flagfile and line it came from and, for an unknown one, the
@@ -29,9 +30,12 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from tlframe.util import lazy_keras
 from tlframe.util import native_logs
 from tlframe.cli import programs
 from tlframe.errors import UserError
+
+lazy_keras.defer()
 
 USAGE_EXIT_CODE = 2
 _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")

@@ -40,6 +40,7 @@ from absl import logging
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import head as head_lib
 from tlframe.train import layout as model_dir_layout
+from tlframe.train import optimizers
 from tlframe.train import fit_loop
 from tlframe import options as options_lib
 from tlframe import pipeline
@@ -160,15 +161,13 @@ class FineTuner(fit_loop.FitLoop):
       self.head = head_lib.LinearHead(trained_head.num_features, trained_head.num_classes,
                                       feature_normalization=options.feature_normalization)
       self.head.assign(trained_head)
-      backbone_optimizer = trainer_lib.make_optimizer(
+      # Decoupled weight decay on the backbone's weights.
+      self.backbone_optimizer = optimizers.make_optimizer(
           dataclasses.replace(schedule, learning_rate=options.fine_tune_learning_rate),
-          steps_per_epoch)
-      # The same optimizer with decoupled weight decay on the backbone's weights.
-      self.backbone_optimizer = type(backbone_optimizer).from_config(
-          dict(backbone_optimizer.get_config(), weight_decay=options.fine_tune_weight_decay))
+          steps_per_epoch, weight_decay=options.fine_tune_weight_decay)
       # The head starts trained: at its own --learning_rate it would leave its
       # optimum faster than the backbone improves (measured: docs/training.md).
-      self.head_optimizer = trainer_lib.make_optimizer(
+      self.head_optimizer = optimizers.make_optimizer(
           dataclasses.replace(schedule, learning_rate=options.fine_tune_head_learning_rate or
                               options.fine_tune_learning_rate), steps_per_epoch)
       self.backbone_optimizer.build(self.variables)

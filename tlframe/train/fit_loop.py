@@ -65,7 +65,13 @@ class FitLoop:
     saves after every chunk of epochs; on_checkpoint(epochs_done) after each.
     """
     if resume_from:
-      self.checkpoint.restore(resume_from).assert_existing_objects_matched()
+      try:
+        self.checkpoint.restore(resume_from).assert_existing_objects_matched()
+      except AssertionError:
+        # E.g. one written by a tlframe whose optimizer was Keras': other variables.
+        raise UserError(f"cannot resume from {resume_from}: it does not hold this trainer's "
+                        "state (written by another version of tlframe?); pass "
+                        "overwrite=True to start the model again", arguments=["overwrite"]) from None
       logging.info("%s from %s at epoch %d", self._RESUMED, resume_from, self.epochs_done)
     first_epoch = self.epochs_done
     chunk = self._epochs_per_chunk(checkpointing=manager is not None)

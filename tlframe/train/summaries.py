@@ -17,7 +17,9 @@ import os
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins import projector
-from tensorboard.plugins.hparams import api as hparams_api
+# summary_v2 is what hparams' `api` re-exports, without the Keras callback beside it
+# (`api` imports Keras: a second of every run's start).
+from tensorboard.plugins.hparams import summary_v2 as hparams_api
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from tlframe.util import fileio

@@ -22,6 +22,7 @@ import tensorflow as tf
 from tlframe.train import feature_cache
 from tlframe.train import head as head_lib
 from tlframe.train import fit_loop
+from tlframe.train import optimizers
 from tlframe import options as options_lib
 from tlframe import pipeline
 from tlframe.train import summaries
@@ -35,24 +36,6 @@ def class_weights(labels, num_classes, mode):
   counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
   weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
   return weights.astype(np.float32)
-
-
-def make_optimizer(options, steps_per_epoch):
-  """A Keras optimizer with the --lr_schedule over all steps of the run."""
-  import keras  # pylint: disable=g-import-not-at-top
-  total_steps = options.epochs * steps_per_epoch
-  warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
-  if options.lr_schedule == "cosine":
-    learning_rate = keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup_steps else options.learning_rate,
-        decay_steps=max(1, total_steps - warmup_steps),
-        warmup_target=options.learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps)
-  else:
-    learning_rate = options.learning_rate
-  if options.optimizer == "adam":
-    return keras.optimizers.Adam(learning_rate)
-  return keras.optimizers.SGD(learning_rate, momentum=options.momentum)
 
 
 def effective_batch_size(options, num_examples, num_replicas):
@@ -232,7 +215,7 @@ class HeadTrainer(fit_loop.FitLoop):
     with strategy.scope():
       self.head = head_lib.LinearHead(num_features, num_classes, num_models=self.num_models,
                                       feature_normalization=options.feature_normalization)
-      self.optimizer = make_optimizer(options, steps_per_epoch)
+      self.optimizer = optimizers.make_optimizer(options, steps_per_epoch)
       self.optimizer.build(self.head.trainable_weights)
       self._init_loop(epochs=options.epochs, patience=options.patience)
     self.head.set_normalization(*normalization)
@@ -245,10 +228,9 @@ class HeadTrainer(fit_loop.FitLoop):
         **self._loop_state())
     self.run_epochs = tf.function(self._epochs_loop, autograph=False)
     self._iterator = None   # one over all the epochs `fit` runs, drawn chunk by chunk
-    # Every variable's starting value (None: zeros, most of them), for `restart`. The Keras
-    # optimizer's (Keras variables) are not among the checkpoint's descendants: added apart.
+    # Every variable's starting value (None: zeros, most of them), for `restart`.
     variables = [trackable for trackable in tf.train.TrackableView(self.checkpoint).descendants()
-                 if isinstance(trackable, tf.Variable)] + list(self.optimizer.variables)
+                 if isinstance(trackable, tf.Variable)]
     self._initial_values = []
     for variable in variables:
       value = np.asarray(variable.numpy())
