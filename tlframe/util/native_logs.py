@@ -17,6 +17,11 @@ import re
 import sys
 import threading
 
+try:
+  import fcntl
+except ImportError:   # Windows
+  fcntl = None
+
 ENV = "TLFRAME_NATIVE_LOGS"
 # A native (C++) log line: severity, date, time, thread, source file:line] -- in
 # absl's format ("I0000 00:00:1795760330.016 19932 port.cc:153] ...") or TF's
@@ -32,6 +37,10 @@ _NATIVE_NOISE = re.compile(rb"cuInit|cuda|CUDA|TensorRT|oneDNN|"
                            rb"Local rendezvous is aborting|OP_REQUIRES failed")
 _PLAIN_NOISE = (b"WARNING: All log messages before absl::InitializeLog() is called",
                 b"Improper call to JPEG library in state")
+# The pipe's room for what is written to fd 2 while the reader thread cannot run: C code
+# that holds the GIL as it writes (`python -X importtime`: ~300 KB as TensorFlow imports)
+# would wait forever on a full pipe of the default 64 KB.
+_PIPE_BYTES = 1 << 20
 _installed = False
 
 
@@ -68,6 +77,7 @@ def filter_stderr():
     sys.stderr.flush()
     original = os.dup(2)
     read_end, write_end = os.pipe()
+    _enlarge(write_end)
     pipe_id = _file_id(write_end)
     os.dup2(write_end, 2)
     os.close(write_end)
@@ -94,6 +104,13 @@ def filter_stderr():
       thread.join(timeout=5)
 
   atexit.register(restore)
+
+
+def _enlarge(pipe):
+  try:
+    fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+  except (AttributeError, OSError):   # not Linux, or above /proc/sys/fs/pipe-max-size
+    pass
 
 
 def _file_id(fd):
