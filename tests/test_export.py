@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -99,6 +100,38 @@ def test_a_bfloat16_runs_backbone_exports_float32_without_loading_again(trained_
   info = json.load(open(os.path.join(export_dir, export.EXPORT_INFO_FILENAME)))
   assert info["precision"] == "float32"
   assert not _bfloat16_functions(_saved_graph(export_dir))
+  encoded = tf.constant([encoded for encoded, _, _ in
+                         _split_records(trained_model.records_dir, "validation")])
+  scores = tf.saved_model.load(export_dir).signatures["serving_default"](
+      image_bytes=encoded)["scores"].numpy()
+  np.testing.assert_allclose(
+      scores, saved_model.signatures["serving_default"](image_bytes=encoded)["scores"].numpy(),
+      atol=1e-5, rtol=0)
+
+
+def test_a_backbone_built_in_this_process_is_used_as_built(trained_model, saved_model, tmp_path,
+                                                          monkeypatch, skimage_photos):
+  """A first run on a machine builds the built-in, then takes it as built instead of loading
+  back what it wrote: the same features as the saved module's, and the same export."""
+  cache = tmp_path / "cache"   # empty but for the weights: the first load builds
+  shutil.copytree(os.path.join(backbone_lib.cache_root(), "downloads"), cache / "downloads")
+  monkeypatch.setenv("TLFRAME_CACHE_DIR", str(cache))
+  _, config = head_lib.load_head(trained_model.model_dir)
+
+  def load_back(*unused_args, **unused_kwargs):
+    raise AssertionError("the module just built was loaded back from disk")
+
+  with monkeypatch.context() as patches:
+    patches.setattr(tf.saved_model, "load", load_back)
+    built = backbone_lib.load_backbone(config.backbone, precision="float32")
+  from_disk = backbone_lib.load_backbone(config.backbone, precision="float32")
+  assert built.module is not from_disk.module and built.cache_key == from_disk.cache_key
+  images = tf.stack([tf.image.resize(photo, [224, 224]) / 255.0
+                     for photo in skimage_photos.values()])
+  np.testing.assert_array_equal(built(images).numpy(), from_disk(images).numpy())
+
+  export_dir = export.export_model(trained_model.model_dir, export_base=str(tmp_path / "export"),
+                                   backbone=built)
   encoded = tf.constant([encoded for encoded, _, _ in
                          _split_records(trained_model.records_dir, "validation")])
   scores = tf.saved_model.load(export_dir).signatures["serving_default"](

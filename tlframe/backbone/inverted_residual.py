@@ -343,7 +343,7 @@ class InvertedResidualNet(tf.Module):
 
 def export_saved_model(model, export_dir, dtypes=(tf.float32, tf.bfloat16)):
   """Writes `model` as a TF2 SavedModel whose `__call__` takes images of the `dtypes`
-  (float32 first: the serving signature's)."""
+  (float32 first: the serving signature's); returns {dtype: the concrete function saved}."""
   size = model.input_size
   # The specs are named as __call__'s argument and traced in the save's context: the
   # save looks its functions up by that name and context, and traced them all again
@@ -354,3 +354,4 @@ def export_saved_model(model, export_dir, dtypes=(tf.float32, tf.bfloat16)):
         tf.TensorSpec([None, size, size, 3], dtype, name="images")) for dtype in dtypes]
   tf.saved_model.save(model, export_dir, signatures={"serving_default": traced[0]},
                       options=options)
+  return dict(zip(dtypes, traced))

@@ -6,7 +6,8 @@ A handle is one of
 - a directory holding a TF2 SavedModel (local or any TF filesystem);
 - a built-in name (`BUILTIN_NAMES`): built once from published weights into
   `$TLFRAME_CACHE_DIR` (default ~/.cache/tlframe), atomically, so concurrent
-  first uses are safe;
+  first uses are safe; the process that built it takes it as built the first
+  time (the functions and variables it saved), not loaded back;
 - several of these separated by commas (`mobilenet_v2_100_224,efficientnet_lite0`):
   their features side by side (`ConcatenatedModule`).
 
@@ -57,6 +58,36 @@ _CLASSIFIER_DIMS = (1000, 1001)
 
 # ---------------------------------------------------------------------------
 # Cache and built-ins.
+
+# Modules this process built and published, not yet opened, by directory: the first
+# `load_backbone` of one takes it as built (`_BuiltModule`) instead of loading back what
+# it just wrote (~0.5 s a module).
+_built_here = {}
+
+
+class _BuiltModule(tf.Module):
+  """A built-in as this process built it, in place of the SavedModel it wrote. As a restored
+  module's, its `__call__` holds the concrete functions saved there
+  (`__call__.concrete_functions`) and runs the one of the images' dtype, on the same
+  variables (tracing the network's Python code again would cost more than the load)."""
+
+  def __init__(self, network, functions):
+    super().__init__()
+    self.network = network
+    by_dtype = {dtype.name: function for dtype, function in functions.items()}
+
+    def call(images):
+      return by_dtype[images.dtype.name](images)
+
+    call.concrete_functions = list(functions.values())
+    self.__call__ = call
+
+  @property
+  def blocks(self):
+    return self.network.blocks
+
+  def __call__(self, images):
+    return self.__dict__["__call__"](images)
 
 
 def cache_root():
@@ -119,13 +150,14 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
     tf.io.gfile.makedirs(os.path.dirname(tmp))
     try:
       logging.info("Building %s (%s) into %s", name, kind, target)
-      inverted_residual.export_saved_model(
-          inverted_residual.InvertedResidualNet(
-              network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
-              class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None), tmp,
-          dtypes=dtypes)
+      model = inverted_residual.InvertedResidualNet(
+          network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
+          class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None)
+      functions = inverted_residual.export_saved_model(model, tmp, dtypes=dtypes)
       try:
         fileio.publish_directory(tmp, target, last_name="saved_model.pb")
+        if not tf.distribute.has_strategy():   # as the module doc says of loading
+          _built_here[target] = _BuiltModule(model, functions)
       except tf.errors.AlreadyExistsError:
         logging.info("%s was built concurrently by another process; using that one", target)
     finally:
@@ -358,11 +390,14 @@ def load_backbone(handle=DEFAULT_HANDLE, *, features=FEATURE_VECTOR, input_size=
 def _open_module(handle, features, precision):
   """(path, loaded module, its __call__ functions by dtype, its fixed input size or None)."""
   path = resolve_handle(handle, features=features, precision=precision)
-  try:
-    module = tf.saved_model.load(path)
-  except (OSError, ValueError, tf.errors.OpError) as e:
-    raise UserError(f"could not load the SavedModel in {path} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}); if it is a cache entry, delete {path}") from None
+  module = _built_here.pop(path, None)
+  if module is None:
+    try:
+      module = tf.saved_model.load(path)
+    except (OSError, ValueError, tf.errors.OpError) as e:
+      raise UserError(f"could not load the SavedModel in {path} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}); if it is a cache entry, delete "
+                      f"{path}") from None
   functions = _call_functions(module, path)
   return path, module, functions, _first_input_spec(functions[tf.float32]).shape[1]
 
