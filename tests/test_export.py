@@ -31,6 +31,16 @@ def _split_records(records_dir, split):
           for serialized in dataset]
 
 
+def _assert_same_validation_scores(export_dir, saved_model, records_dir):
+  """The export in `export_dir` scores the validation records as `saved_model` does."""
+  encoded = tf.constant([encoded for encoded, _, _ in _split_records(records_dir, "validation")])
+  scores = tf.saved_model.load(export_dir).signatures["serving_default"](
+      image_bytes=encoded)["scores"].numpy()
+  np.testing.assert_allclose(
+      scores, saved_model.signatures["serving_default"](image_bytes=encoded)["scores"].numpy(),
+      atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def saved_model(trained_model):
   return tf.saved_model.load(trained_model.export_dir)
@@ -100,13 +110,7 @@ def test_a_bfloat16_runs_backbone_exports_float32_without_loading_again(trained_
   info = json.load(open(os.path.join(export_dir, export.EXPORT_INFO_FILENAME)))
   assert info["precision"] == "float32"
   assert not _bfloat16_functions(_saved_graph(export_dir))
-  encoded = tf.constant([encoded for encoded, _, _ in
-                         _split_records(trained_model.records_dir, "validation")])
-  scores = tf.saved_model.load(export_dir).signatures["serving_default"](
-      image_bytes=encoded)["scores"].numpy()
-  np.testing.assert_allclose(
-      scores, saved_model.signatures["serving_default"](image_bytes=encoded)["scores"].numpy(),
-      atol=1e-5, rtol=0)
+  _assert_same_validation_scores(export_dir, saved_model, trained_model.records_dir)
 
 
 def test_a_backbone_built_in_this_process_is_used_as_built(trained_model, saved_model, tmp_path,
@@ -126,19 +130,20 @@ def test_a_backbone_built_in_this_process_is_used_as_built(trained_model, saved_
     built = backbone_lib.load_backbone(config.backbone, precision="float32")
   from_disk = backbone_lib.load_backbone(config.backbone, precision="float32")
   assert built.module is not from_disk.module and built.cache_key == from_disk.cache_key
+  # What readers of a module use (fine-tuning's blocks, TF-Hub's lists), as restored.
+  for name in ("variables", "trainable_variables", "regularization_losses"):
+    assert ([v.name for v in getattr(built.module, name)]
+            == [v.name for v in getattr(from_disk.module, name)]), name
+  assert len(built.module.blocks) == len(from_disk.module.blocks)
+  assert ([f.structured_input_signature for f in built.module.__call__.concrete_functions]
+          == [f.structured_input_signature for f in from_disk.module.__call__.concrete_functions])
   images = tf.stack([tf.image.resize(photo, [224, 224]) / 255.0
                      for photo in skimage_photos.values()])
   np.testing.assert_array_equal(built(images).numpy(), from_disk(images).numpy())
 
   export_dir = export.export_model(trained_model.model_dir, export_base=str(tmp_path / "export"),
                                    backbone=built)
-  encoded = tf.constant([encoded for encoded, _, _ in
-                         _split_records(trained_model.records_dir, "validation")])
-  scores = tf.saved_model.load(export_dir).signatures["serving_default"](
-      image_bytes=encoded)["scores"].numpy()
-  np.testing.assert_allclose(
-      scores, saved_model.signatures["serving_default"](image_bytes=encoded)["scores"].numpy(),
-      atol=1e-5, rtol=0)
+  _assert_same_validation_scores(export_dir, saved_model, trained_model.records_dir)
 
 
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):

@@ -66,10 +66,19 @@ _built_here = {}
 
 
 class _BuiltModule(tf.Module):
-  """A built-in as this process built it, in place of the SavedModel it wrote. As a restored
-  module's, its `__call__` holds the concrete functions saved there
-  (`__call__.concrete_functions`) and runs the one of the images' dtype, on the same
-  variables (tracing the network's Python code again would cost more than the load)."""
+  """A built-in as this process built it, in place of the SavedModel it wrote.
+
+  As the restored module would: its `__call__` holds the concrete functions saved
+  (`__call__.concrete_functions`) and runs the one of the images' dtype (tracing the
+  network's Python code again would cost more than the load), and its other attributes
+  are the network's saved ones (TF-Hub's `variables` and `trainable_variables` in their
+  order, `blocks`, ...).
+  """
+
+  # The network's lists, not tf.Module's computed properties (a restored module's are
+  # the saved lists).
+  variables = property(lambda self: self.network.variables)
+  trainable_variables = property(lambda self: self.network.trainable_variables)
 
   def __init__(self, network, functions):
     super().__init__()
@@ -82,9 +91,10 @@ class _BuiltModule(tf.Module):
     call.concrete_functions = list(functions.values())
     self.__call__ = call
 
-  @property
-  def blocks(self):
-    return self.network.blocks
+  def __getattr__(self, name):
+    if name.startswith("_") or name == "network":   # not set yet: tf.Module's own look-ups
+      raise AttributeError(name)
+    return getattr(self.network, name)
 
   def __call__(self, images):
     return self.__dict__["__call__"](images)
