@@ -69,7 +69,7 @@ def test_a_few_photos_fit_at_any_speed_and_measure_nothing():
 
 def test_a_concatenation_needs_enough_training_images_in_every_class():
   budget, minimum = options_lib.DEFAULT_BACKBONE_BUDGET_S, (
-      backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
+      options_lib.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
   # 300 photos fit the pair's budget (~33 s); the smallest class decides.
   enough = backbone_choice.choose(300, budget, fake_rates(20.0), smallest_class=minimum)
   assert enough.backbone == CONCATENATION and enough.smallest_class == minimum
@@ -169,7 +169,7 @@ def test_a_run_with_few_images_per_class_keeps_to_one_backbone(tmp_path, skimage
   resolved, choice = backbone_choice.resolve(options, images_per_second=fake_rates(1000.0))
   manifest_counts = records_lib.read_manifest(records_dir)["splits"]["train"]["per_class"]
   assert choice.smallest_class == min(manifest_counts.values()) < (
-      backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
+      options_lib.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
   assert resolved.backbone == choice.backbone == MOBILENET
   assert f"{CONCATENATION}: a class has {choice.smallest_class} training images" in choice.reason
 
@@ -192,7 +192,7 @@ def test_offline_a_candidate_whose_weights_cannot_be_fetched_is_passed_over(
   options = train.TrainOptions(records_dir=records_dir, model_dir=str(tmp_path / "m"),
                                precision="bfloat16")
   resolved, choice = backbone_choice.resolve(options, images_per_second=fake_rates(1000.0))
-  assert choice.smallest_class >= backbone_choice.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION
+  assert choice.smallest_class >= options_lib.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION
   assert resolved.backbone == choice.backbone == MOBILENET
   assert (f"(not available here: {CONCATENATION}: efficientnet_lite0: could not find "
           "efficientnet-lite0-") in choice.reason

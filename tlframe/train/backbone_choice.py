@@ -5,7 +5,7 @@ first whose backbone pass over the run's images (every split of the records'
 manifest, twice with --flip_features) is expected to take at most the budget
 (`--backbone_budget_s`, DEFAULT_BUDGET_S) at this machine's images/s, and,
 for a concatenation, whose smallest class has at least
-MIN_IMAGES_PER_CLASS_FOR_CONCATENATION training images; when none
+options.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION training images; when none
 qualifies, the fastest. The order and the minimum were measured with
 bench/bench_defaults.py on oxford_flowers12, its k-shot subsets and LFW
 (docs/training.md, "--backbone=auto: how it chooses"), not tuned to one set.
@@ -54,19 +54,6 @@ EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # built-ins were not ahead of MobileNetV2 on average, and are slower, so as
 # candidates they would never be picked before it (they stay a flag away).
 CANDIDATES = (f"{MOBILENET_V2},{EFFICIENTNET_LITE0}", MOBILENET_V2)
-# A concatenation only when every class has at least this many training images.
-# Why a count per class: the head estimates each class's direction in the
-# features from that class's images; a concatenation doubles the dimensions
-# (2,560 for the pair against MobileNetV2's 1,280) that estimate is noisy in,
-# and with one or two images per class the pair falls far behind. Cross-
-# validation cannot make the call instead: with a few images per class every
-# candidate separates the held-out folds at every l2, and with one per class
-# there is nothing to hold out. The number is read off both measured sets
-# (docs/training.md): against MobileNetV2 the pair is -9.2 and -4.4 points on
-# oxford_flowers12 at 1 and 2 per class, ahead from 3 (+1.0, +1.4, +2.0 at 3, 4,
-# 5; +0.5 and +0.7 at 10 and 20); on LFW ahead or level from 3 (the smallest
-# measured: +1.1; +0.2 at 5). 5 leaves a margin above where both turn.
-MIN_IMAGES_PER_CLASS_FOR_CONCATENATION = 5
 # Images/s below any candidate's on a machine TensorFlow runs on (the pair ran at ~3.5 on
 # the 2-core reference machine under a load average of ~8): a set whose pass fits the
 # budget even at this speed needs no measure to choose the most accurate candidate.
@@ -120,7 +107,7 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
   A candidate qualifies when its pass over `num_images` is expected to fit
   `budget_s` and, for a concatenation, `smallest_class` (the fewest training
   images of any class; None: unknown, not checked) is at least
-  MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. `candidates` must hold a single
+  options_lib.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION. `candidates` must hold a single
   backbone (the list's last). images_per_second: a function handle ->
   images/s on this machine (for a concatenation too), asked only of the
   candidates the count leaves, and not at all when it leaves one or when
@@ -129,7 +116,7 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
   """
   left = [handle for handle in candidates if _enough_per_class(handle, smallest_class)]
   passed_over = [f"{handle}: a class has {smallest_class} training images, a concatenation "
-                 f"needs {MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}"
+                 f"needs {options_lib.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION}"
                  for handle in candidates if handle not in left]
 
   def chosen(handle, reason, estimated_pass_s=None, rates=None):
@@ -169,7 +156,7 @@ def choose(num_images, budget_s, images_per_second, candidates=CANDIDATES,
 
 def _enough_per_class(handle, smallest_class):
   return (len(parts(handle)) == 1 or smallest_class is None
-          or smallest_class >= MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
+          or smallest_class >= options_lib.MIN_IMAGES_PER_CLASS_FOR_CONCATENATION)
 
 
 def smallest_class(manifest):
