@@ -87,10 +87,10 @@ def backbone_alone(backbone, batch_size, images_per_round):
 
 def the_pass(backbone, pattern, num_classes, flip):
   def one_round():
-    feature_set = extraction.extract_features(
+    feature_sets = extraction.extract_features(
         backbone, pattern, batch_size=FLAGS.batch_size, image_size=backbone.input_size,
         resize_mode="center_crop", num_classes=num_classes, flip=flip)
-    return feature_set.extract_seconds
+    return feature_sets[0].extract_seconds   # the whole pass's, shared by its files
 
   return one_round
 

@@ -14,6 +14,7 @@ from tlframe.train import features
 from tlframe.train import head as head_lib
 from tlframe import pipeline
 from tlframe import records
+from tlframe.records import example_format
 from tlframe import samples
 
 CLASSES = ("astronaut", "chelsea", "coffee")
@@ -45,10 +46,12 @@ def pipeline_images(records_dir):
 
 
 def extract(backbone, records_dir, **kwargs):
+  """The FeatureSet of the training split's one record file."""
   kwargs = dict(dict(batch_size=BATCH, num_thumbnails_per_class=2), **kwargs)
-  return extraction.extract_features(
+  feature_set, = extraction.extract_features(
       backbone, records.split_file_pattern(records_dir, "train"), image_size=224,
       resize_mode="center_crop", num_classes=len(CLASSES), **kwargs)
+  return feature_set
 
 
 def test_features_are_the_backbones_of_each_image_in_order(backbone, photo_records):
@@ -82,6 +85,60 @@ def test_thumbnails_are_the_first_images_of_each_class(backbone, photo_records):
                           antialias=True).numpy() * 255
   assert np.abs(feature_set.thumbnails - small).max() <= 1
   assert len(extract(backbone, photo_records, num_thumbnails_per_class=0).thumbnails) == 0
+
+
+def test_one_pass_over_two_splits_gives_each_file_its_own_pass(backbone, skimage_photos,
+                                                               tmp_path):
+  """bin/train's pass over a few photos in two splits: the files share the batches (one
+  padded last batch, not one per file), and each file's rows, thumbnails and skipped
+  count are those of a pass over it alone."""
+  samples.write_photo_crops(str(tmp_path / "images"),
+                            {name: skimage_photos[name] for name in CLASSES}, per_class=5,
+                            size=120)
+  records_dir = tmp_path / "records"
+  records.convert(str(records_dir), image_dir=str(tmp_path / "images"),
+                  validation_percentage=40, test_percentage=0)
+  train_file, = tf.io.gfile.glob(records.split_file_pattern(str(records_dir), "train"))
+  validation_file, = tf.io.gfile.glob(records.split_file_pattern(str(records_dir), "validation"))
+  kwargs = dict(batch_size=BATCH, image_size=224, resize_mode="center_crop",
+                num_classes=len(CLASSES), num_thumbnails_per_class=1)
+
+  def passes():
+    """(the two files' sets of one pass, each file's set of its own pass)."""
+    return (extraction.extract_features(backbone, [train_file, validation_file], **kwargs),
+            [extraction.extract_features(backbone, [path], **kwargs)[0]
+             for path in (train_file, validation_file)])
+
+  # The cache's split sets, filled by one pass, equal each split's own.
+  cache = tmp_path / "cache"
+  sets = feature_cache.cached_feature_sets(backbone, str(records_dir), ["train", "validation"],
+                                           feature_cache_dir=str(cache), **kwargs)
+  _, alone = passes()
+  for split, own in zip(("train", "validation"), alone):
+    assert not sets[split].from_cache
+    np.testing.assert_allclose(sets[split].features, own.features, atol=1e-4)
+    again = feature_cache.cached_features(backbone, str(records_dir), split,
+                                          feature_cache_dir=str(cache), **kwargs)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.features, sets[split].features)
+
+  # One undecodable record among the validation file's good ones.
+  good = [bytes(r) for r in tf.data.TFRecordDataset(validation_file).as_numpy_iterator()]
+  bad = example_format.make_example(b"\xff\xd8\xff\xe0 not really a jpeg", "jpeg", 0,
+                                    CLASSES[0], "broken.jpg", 80, 80).SerializeToString()
+  with tf.io.TFRecordWriter(validation_file) as writer:
+    for record in good[:2] + [bad] + good[2:]:
+      writer.write(record)
+  together, alone = passes()
+  assert len(together[0].labels) + len(together[1].labels) == 15
+  for shared, own in zip(together, alone):
+    np.testing.assert_allclose(shared.features, own.features, atol=1e-4)
+    np.testing.assert_array_equal(shared.labels, own.labels)
+    np.testing.assert_array_equal(shared.filenames, own.filenames)
+    np.testing.assert_array_equal(shared.thumbnail_rows, own.thumbnail_rows)
+    np.testing.assert_array_equal(shared.thumbnails, own.thumbnails)
+    assert sorted(set(shared.labels[shared.thumbnail_rows])) == sorted(set(shared.labels))
+  assert [s.skipped for s in together] == [s.skipped for s in alone] == [0, 1]
 
 
 def test_flipped_features_are_the_mirrors_features(backbone, photo_records):

@@ -23,6 +23,7 @@ raises DataLossError while iterating. Check shards first with
 `tlframe.records.check_shards`, which names the shard, the offset and the fix.
 """
 
+import collections
 import threading
 
 from absl import logging
@@ -139,7 +140,8 @@ class SkipCounter:
   """Counts records skipped because their image did not decode; thread-safe.
 
   Pass one to `make_dataset(skip_counter=...)` and read `.count` (and the first
-  few `.filenames`) while or after iterating, to log or fail on bad data.
+  few `.filenames`, and `.by_file`: the count of each record file, by its index
+  in make_dataset's files) while or after iterating, to log or fail on bad data.
   """
 
   _KEEP_FILENAMES = 100
@@ -148,12 +150,15 @@ class SkipCounter:
     self._lock = threading.Lock()
     self.count = 0
     self.filenames = []
+    self.by_file = collections.Counter()
 
-  def record(self, filename):
-    """Called through tf.py_function with the record's image/filename as a string tensor."""
+  def record(self, filename, file_index):
+    """Called through tf.py_function with the record's image/filename as a string tensor
+    and the index of its record file."""
     filename = filename.numpy().decode("utf-8", "replace")
     with self._lock:
       self.count += 1
+      self.by_file[int(file_index.numpy())] += 1
       if len(self.filenames) < self._KEEP_FILENAMES:
         self.filenames.append(filename)
     logging.warning("Skipping a record whose image does not decode: %r", filename)
@@ -172,22 +177,29 @@ def try_map(value, fn, placeholder):
   return result.concatenate(failed).take(1)
 
 
-def _list_files(file_pattern):
-  files = sorted(tf.io.gfile.glob(file_pattern))
-  if not files:
-    raise UserError(f"no record files match {file_pattern}; check the path, or run "
+def list_files(files):
+  """A glob pattern's matches, sorted; a list of files as it is."""
+  if not isinstance(files, str):
+    return list(files)
+  matches = sorted(tf.io.gfile.glob(files))
+  if not matches:
+    raise UserError(f"no record files match {files}; check the path, or run "
                     "make_tfrecords to create them")
-  return files
+  return matches
 
 
 def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="center_crop",
                  augment=False, shuffle=False, repeat=False, deterministic=True, seed=None,
-                 with_filenames=False, drop_remainder=False, input_context=None,
-                 shuffle_buffer_size=DEFAULT_SHUFFLE_BUFFER, skip_counter=None):
+                 with_filenames=False, with_file_index=False, drop_remainder=False,
+                 input_context=None, shuffle_buffer_size=DEFAULT_SHUFFLE_BUFFER,
+                 skip_counter=None):
   """A dataset of (images, labels) or (images, labels, filenames) batches.
 
+  file_pattern: a glob pattern of record files, or a list of them.
   images: float32 [B, image_size, image_size, 3] in [0, 1]; labels: int32 [B];
-  filenames: string [B] (the image/filename feature). `augment` applies random
+  filenames: string [B] (the image/filename feature). `with_file_index` adds
+  the index of each example's record file among the files (a pattern's
+  matches sorted) as a last element: int32 [B]. `augment` applies random
   crop/flip/brightness/contrast (training only). `shuffle` shuffles files and
   records, reshuffled each epoch; `repeat` repeats forever. `deterministic`
   keeps the element order fixed; with a `seed` as well, shuffling and
@@ -201,9 +213,9 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
     skip_counter = SkipCounter()  # skips are logged even when nobody counts them
   if batch_size < 1:
     raise UserError(f"batch size must be positive, got {batch_size}")
-  files = _list_files(file_pattern)
+  files = list_files(file_pattern)
   records_sharded = False
-  dataset = tf.data.Dataset.from_tensor_slices(files)
+  dataset = tf.data.Dataset.from_tensor_slices((files, tf.range(len(files), dtype=tf.int32)))
   if input_context and input_context.num_input_pipelines > 1:
     if len(files) >= input_context.num_input_pipelines:
       dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -213,7 +225,9 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
     dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   # Sharding records needs the same record order in every pipeline.
   dataset = dataset.interleave(
-      tf.data.TFRecordDataset, cycle_length=min(len(files), _INTERLEAVE_CYCLE),
+      lambda path, file_index: tf.data.Dataset.zip((
+          tf.data.TFRecordDataset(path), tf.data.Dataset.from_tensors(file_index).repeat())),
+      cycle_length=min(len(files), _INTERLEAVE_CYCLE),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or records_sharded)
   if records_sharded:
     dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -228,27 +242,29 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   # control flow on tensors is explicit (tf.cond), and converting them, and all they call,
   # cost about a second of every run's start.
   @tf.autograph.experimental.do_not_convert
-  def parse_and_decode(serialized, element_seed):
+  def parse_and_decode(record, element_seed):
+    serialized, file_index = record
     encoded, label, filename = example_format.parse_example(serialized)
     return try_map(encoded, imageformat.decode_image, tf.zeros([1, 1, 3], tf.uint8)).map(
-        lambda image, ok: (image, label, filename, element_seed, ok))
+        lambda image, ok: (image, label, filename, file_index, element_seed, ok))
 
   dataset = dataset.interleave(parse_and_decode, cycle_length=tf.data.AUTOTUNE,
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
   @tf.autograph.experimental.do_not_convert
-  def keep_decoded(image, label, filename, element_seed, ok):
-    return tf.cond(ok, lambda: True, lambda: _count_skip(skip_counter, filename))
+  def keep_decoded(image, label, filename, file_index, element_seed, ok):
+    return tf.cond(ok, lambda: True, lambda: _count_skip(skip_counter, filename, file_index))
 
   dataset = dataset.filter(keep_decoded)
 
   @tf.autograph.experimental.do_not_convert
-  def to_model_input(image, label, filename, element_seed, ok):
+  def to_model_input(image, label, filename, file_index, element_seed, ok):
     if augment:
       image = augment_image(image, element_seed, image_size, resize_mode)
     else:
       image = preprocess(image, image_size, resize_mode)
-    return (image, label, filename) if with_filenames else (image, label)
+    return ((image, label) + ((filename,) if with_filenames else ())
+            + ((file_index,) if with_file_index else ()))
 
   dataset = dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=deterministic)
@@ -258,6 +274,6 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _count_skip(skip_counter, filename):
-  tf.py_function(skip_counter.record, [filename], [])
+def _count_skip(skip_counter, filename, file_index):
+  tf.py_function(skip_counter.record, [filename, file_index], [])
   return False

@@ -14,12 +14,14 @@ is written atomically, so a killed run, or a worker that dies, leaves whole
 parts only, and the next run redoes just the missing ones; two processes
 filling the same part at once are safe (the last rename wins, with the same
 content). An unreadable part is logged with its path and recomputed.
+`cached_feature_sets` gets several splits at once: the parts missing from all
+of them go through one backbone pass (bin/train's train, validation and test).
 
-Distributed (`cached_features(strategy=..., worker=...)`): under a
-MirroredStrategy each part's pass is split across the replicas
+Distributed (`cached_feature_sets(strategy=..., worker=...)`): under a
+MirroredStrategy each batch of the pass is split across the replicas
 (`extraction.extract_features`); under multi-worker, worker i extracts the
-parts of shards i, i + M, ... (M workers) into the shared cache, then reads
-the others' parts as they appear. The features equal the one-device pass's
+parts of each split's shards i, i + M, ... (M workers) into the shared cache,
+then reads the others' parts as they appear. The features equal the one-device pass's
 (within float tolerance, same order), so the key does not depend on the
 strategy.
 
@@ -124,100 +126,145 @@ def will_stream(records_dir, split, output_dim, flip, max_in_memory_features):
   return max_in_memory_features is not None and num_values > max_in_memory_features
 
 
-def cached_features(backbone, records_dir, split, *, batch_size, image_size, resize_mode,
-                    num_classes, num_thumbnails_per_class=16, flip=False, feature_cache_dir="",
-                    storage="float32", max_in_memory_features=None, strategy=None,
-                    worker=(0, 1)):
-  """The split's FeatureSet from the cache parts whose key matches; missing parts extracted.
+def cached_features(backbone, records_dir, split, **kwargs):
+  """The split's FeatureSet: `cached_feature_sets` of that one split."""
+  return cached_feature_sets(backbone, records_dir, [split], **kwargs)[split]
 
-  `flip`: the set also holds the mirrored images' features (one cache entry
-  holding both, keyed apart from the entry without them). `feature_cache_dir`:
-  the cache folder, on any TensorFlow filesystem (default: `feature_cache_dir()`).
-  `storage`: float32 or float16 on disk. `max_in_memory_features`: above this
-  many float values (rows x dim, mirrors included) the set is streamed, not
-  loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas
-  split each batch (distribution.extraction_strategy), or None. `worker`:
-  (index, count) of this process among the workers sharing the cache
-  (distribution.worker_index_and_count): it extracts the parts of shards
-  index, index + count, ..., then reads the others' as they appear.
+
+def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size, resize_mode,
+                        num_classes, num_thumbnails_per_class=16, flip=False,
+                        feature_cache_dir="", storage="float32", max_in_memory_features=None,
+                        strategy=None, worker=(0, 1)):
+  """{split: FeatureSet} of `splits`, from the cache parts whose key matches.
+
+  The missing parts of all the splits are extracted in one backbone pass
+  (`extraction.extract_features` over their record shards: a few photos in
+  two splits fill one batch, and the pass is set up once). `flip`: the sets
+  also hold the mirrored images' features (one cache entry holding both,
+  keyed apart from the entry without them). `feature_cache_dir`: the cache
+  folder, on any TensorFlow filesystem (default: `feature_cache_dir()`).
+  `batch_size`: images per batch (per replica), at most; a pass over fewer
+  images takes them in one batch. `storage`: float32 or float16 on disk. `max_in_memory_features`: above this
+  many float values (rows x dim, mirrors included) a set is streamed, not
+  loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas split
+  each batch (distribution.extraction_strategy), or None. `worker`: (index,
+  count) of this process among the workers sharing the cache
+  (distribution.worker_index_and_count): of each split it extracts the parts
+  of shards index, index + count, ..., then reads the others' as they appear.
+  Each set's `extract_seconds` is the time of this whole call.
   """
   if storage not in STORAGES:
     raise ValueError(f"storage {storage!r} is not one of {STORAGES}")
-  key = cache_key(backbone, records_dir, split, image_size=image_size,
-                  resize_mode=resize_mode, num_thumbnails_per_class=num_thumbnails_per_class,
-                  flip=flip, storage=storage)
-  entry = entry_dir(split, key, feature_cache_dir)
-  shards = records.read_manifest(records_dir)["splits"][split]["shards"]
-  if not shards:
-    raise UserError(f"{records_dir} has no {split} records: nothing to extract")
-  paths = [part_path(entry, index, len(shards)) for index in range(len(shards))]
-  streamed = will_stream(records_dir, split, backbone.output_dim, flip, max_in_memory_features)
+  manifest_splits = records.read_manifest(records_dir)["splits"]
+  shards, paths, streamed = {}, {}, {}
+  for split in splits:
+    key = cache_key(backbone, records_dir, split, image_size=image_size,
+                    resize_mode=resize_mode, num_thumbnails_per_class=num_thumbnails_per_class,
+                    flip=flip, storage=storage)
+    entry = entry_dir(split, key, feature_cache_dir)
+    shards[split] = manifest_splits[split]["shards"]
+    if not shards[split]:
+      raise UserError(f"{records_dir} has no {split} records: nothing to extract")
+    paths[split] = [part_path(entry, index, len(shards[split]))
+                    for index in range(len(shards[split]))]
+    streamed[split] = will_stream(records_dir, split, backbone.output_dim, flip,
+                                  max_in_memory_features)
   worker_index, num_workers = worker
   task = f"worker {worker_index} of {num_workers}"
-  mine = [index for index in range(len(shards)) if index % num_workers == worker_index]
-  others = [index for index in range(len(shards)) if index % num_workers != worker_index]
   start = time.monotonic()
-  extracted = []
+  parts = {}        # (split, shard index) -> the part's arrays as kept
+  extracted = []    # the (split, shard index) of the parts extracted here
 
-  def extract(index, progress):
-    if not extracted:  # a damaged shard stops the run here, named, not deep inside tf.data
+  def extract(wanted):
+    """Extracts the parts `wanted` in one pass; writes and keeps them."""
+    if not wanted:
+      return
+    for split in sorted({split for split, _ in wanted}):
+      # A damaged shard stops the run here, named, not deep inside tf.data.
       records.check_shards(records_dir, split)
-    extracted.append(index)
-    part = extraction.extract_features(
-        backbone, os.path.join(records_dir, shards[index]["name"]), batch_size=batch_size,
-        image_size=image_size, resize_mode=resize_mode, num_classes=num_classes,
-        num_thumbnails_per_class=num_thumbnails_per_class, flip=flip, strategy=strategy,
-        progress=progress)
-    logging.info("Backbone pass over %s (part %d of %d of the %s features, by %s): %d images "
-                 "decoded, %d skipped, in %.1f s", shards[index]["name"], index + 1, len(shards),
-                 split, task, len(part.labels), part.skipped,
-                 part.extract_seconds)
-    data = _part_data(part, storage, task)
-    try:
-      tf.io.gfile.makedirs(entry)
-      _write_part(paths[index], data)
-    except (OSError, tf.errors.OpError) as e:
-      reason = getattr(e, "message", None) or e
-      if streamed or num_workers > 1:
-        raise UserError(
-            f"cannot write {paths[index]} ({reason}): the {split} features must be in the cache "
-            f"({'they stream from it' if streamed else 'the other workers read it'}); free space "
-            "or give a writable feature_cache_dir", arguments=["feature_cache_dir"]) from None
-      # The features are in memory: this run goes on, only later ones pay the pass again.
-      logging.warning("Could not cache the %s features in %s (%s): continuing without the "
-                      "cache", split, paths[index], reason)
-    return data
+    logging.info("Backbone pass over the %s records (%s): %d part(s) to extract here",
+                 " and ".join(sorted({split for split, _ in wanted})), backbone, len(wanted))
+    num_records = sum(shards[split][index]["records"] for split, index in wanted)
+    extracted_sets = extraction.extract_features(
+        backbone, [os.path.join(records_dir, shards[split][index]["name"])
+                   for split, index in wanted],
+        # No batch larger than the pass: a few photos would go through the backbone
+        # padded to a full batch.
+        batch_size=max(1, min(batch_size, num_records)), image_size=image_size, resize_mode=resize_mode,
+        num_classes=num_classes, num_thumbnails_per_class=num_thumbnails_per_class, flip=flip,
+        strategy=strategy, progress=Progress(num_records, what="images"))
+    for (split, index), part in zip(wanted, extracted_sets):
+      logging.info("Backbone pass over %s (part %d of %d of the %s features, by %s): %d images "
+                   "decoded, %d skipped, in %.1f s (the pass)", shards[split][index]["name"],
+                   index + 1, len(shards[split]), split, task, len(part.labels), part.skipped,
+                   part.extract_seconds)
+      data = _part_data(part, storage, task)
+      _write_extracted(paths[split][index], data, split,
+                       streamed[split] or num_workers > 1,
+                       "they stream from it" if streamed[split] else "the other workers read it")
+      parts[split, index] = _kept(data, streamed[split])
+      extracted.append((split, index))
 
-  def get(index, progress):
-    data = read_part(paths[index]) if tf.io.gfile.exists(paths[index]) else None
-    return data if data is not None else extract(index, progress)
+  def read(split, index):
+    """Keeps the part when its file reads; returns whether it did."""
+    path = paths[split][index]
+    data = read_part(path) if tf.io.gfile.exists(path) else None
+    if data is not None:
+      parts[split, index] = _kept(data, streamed[split])
+    return data is not None
 
-  missing = [index for index in mine if not tf.io.gfile.exists(paths[index])]
-  if missing:
-    logging.info("Backbone pass over the %s records (%s): %d of %d parts to extract here", split,
-                 backbone, len(missing), len(shards))
-  progress = Progress(sum(shards[index]["records"] for index in missing), what="images")
-  parts = {index: _kept(get(index, progress), streamed) for index in mine}
-  for index in others:
-    _wait_for(paths[index], f"another worker's part of the {split} features")
-    parts[index] = _kept(get(index, progress), streamed)
-  feature_set = _joined([parts[index] for index in range(len(shards))], backbone.output_dim,
-                        flip, num_thumbnails_per_class, num_classes)
-  feature_set.from_cache = not extracted
-  feature_set.extract_seconds = time.monotonic() - start
-  if streamed:
-    feature_set.stream = Stream(paths=tuple(paths), rows=tuple(len(parts[index]["labels"])
-                                                               for index in range(len(shards))),
-                                dim=backbone.output_dim, flip=flip)
-  where = "streamed from the cache" if streamed else "in memory"
-  if extracted:
-    logging.info("%s features: %d x %d (%d of %d parts extracted here), %s, in %.1f s", split,
-                 len(feature_set.labels), backbone.output_dim, len(extracted), len(shards),
-                 where, feature_set.extract_seconds)
-  else:
-    logging.info("Loaded cached %s features from %s: skipping the backbone pass (%d x %d, %s)",
-                 split, entry, len(feature_set.labels), backbone.output_dim, where)
-  return feature_set
+  mine = [(split, index) for split in splits for index in range(len(shards[split]))
+          if index % num_workers == worker_index]
+  extract([part for part in mine if not read(*part)])
+  for split in splits:
+    for index in range(len(shards[split])):
+      if (split, index) not in parts:   # another worker's
+        _wait_for(paths[split][index], f"another worker's part of the {split} features")
+        if not read(split, index):
+          extract([(split, index)])
+
+  seconds = time.monotonic() - start
+  feature_sets = {}
+  for split in splits:
+    count = len(shards[split])
+    feature_set = _joined([parts[split, index] for index in range(count)],
+                          backbone.output_dim, flip, num_thumbnails_per_class, num_classes)
+    extracted_here = [index for extracted_split, index in extracted if extracted_split == split]
+    feature_set.from_cache = not extracted_here
+    feature_set.extract_seconds = seconds
+    if streamed[split]:
+      feature_set.stream = Stream(paths=tuple(paths[split]), rows=tuple(
+          len(parts[split, index]["labels"]) for index in range(count)),
+                                  dim=backbone.output_dim, flip=flip)
+    where = "streamed from the cache" if streamed[split] else "in memory"
+    if extracted_here:
+      logging.info("%s features: %d x %d (%d of %d parts extracted here), %s", split,
+                   len(feature_set.labels), backbone.output_dim, len(extracted_here), count,
+                   where)
+    else:
+      logging.info("Loaded cached %s features from %s: skipping the backbone pass (%d x %d, "
+                   "%s)", split, os.path.dirname(paths[split][0]), len(feature_set.labels),
+                   backbone.output_dim, where)
+    feature_sets[split] = feature_set
+  return feature_sets
+
+
+def _write_extracted(path, data, split, required, why_required):
+  """Writes an extracted part into the cache; a failure stops the run only when the part is
+  `required` there (`why_required` says why), else it is logged and the run goes on."""
+  try:
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    _write_part(path, data)
+  except (OSError, tf.errors.OpError) as e:
+    reason = getattr(e, "message", None) or e
+    if required:
+      raise UserError(
+          f"cannot write {path} ({reason}): the {split} features must be in the cache "
+          f"({why_required}); free space or give a writable feature_cache_dir",
+          arguments=["feature_cache_dir"]) from None
+    # The features are in memory: this run goes on, only later ones pay the pass again.
+    logging.warning("Could not cache the %s features in %s (%s): continuing without the "
+                    "cache", split, path, reason)
 
 
 def _wait_for(path, what):

@@ -168,7 +168,7 @@ def _run(options, strategy):
       streamed_splits=[split for split, feature_set in feature_sets.items()
                        if feature_set is not None and feature_set.streamed],
       timings=dict(backbone_load_s=backbone_load_seconds,
-                   backbone_pass_s=sum(s.extract_seconds for s in feature_sets.values() if s),
+                   backbone_pass_s=max(s.extract_seconds for s in feature_sets.values() if s),
                    backbone_pass_cached=all(s.from_cache for s in feature_sets.values() if s),
                    head_training_s=head_seconds, calibration_s=calibration_seconds,
                    cross_validation_s=cv["seconds"] if cv else 0.0),
@@ -221,25 +221,19 @@ def _finished_run(options):
 
 def _feature_sets(options, strategy, backbone, num_classes):
   """{split: FeatureSet or None} for train, validation and test, counted from what was read."""
-  feature_sets = {}
-  counts = {split: records.count_examples(options.records_dir, split) for split in records.SPLITS}
-  # No batch larger than the largest split: a few photos would otherwise go through the
-  # backbone padded to a full batch; one batch size still gives every split one trace.
-  batch_size = max(1, min(options.extract_batch_size, max(counts.values())))
+  splits = [split for split in records.SPLITS
+            if records.count_examples(options.records_dir, split)]
+  feature_sets = feature_cache.cached_feature_sets(
+      backbone, options.records_dir, splits, batch_size=options.extract_batch_size,
+      image_size=backbone.input_size, resize_mode=options.resize_mode,
+      num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
+      flip=options.flip_features, feature_cache_dir=options.feature_cache_dir,
+      storage=options.feature_storage, max_in_memory_features=options.max_in_memory_features,
+      strategy=distribution.extraction_strategy(strategy),
+      worker=distribution.worker_index_and_count(strategy))
   for split in records.SPLITS:
-    if not counts[split]:
-      feature_sets[split] = None
-      continue
-    feature_sets[split] = feature_cache.cached_features(
-        backbone, options.records_dir, split, batch_size=batch_size,
-        image_size=backbone.input_size, resize_mode=options.resize_mode,
-        num_classes=num_classes, num_thumbnails_per_class=options.num_thumbnails_per_class,
-        flip=options.flip_features, feature_cache_dir=options.feature_cache_dir,
-        storage=options.feature_storage, max_in_memory_features=options.max_in_memory_features,
-        strategy=distribution.extraction_strategy(strategy),
-        worker=distribution.worker_index_and_count(strategy))
-    if not len(feature_sets[split].labels):
-      feature_sets[split] = None  # every record of the split failed to decode (logged)
+    if split not in feature_sets or not len(feature_sets[split].labels):
+      feature_sets[split] = None  # no records, or every one failed to decode (logged)
   if feature_sets["train"] is None:
     raise UserError(f"{options.records_dir} has no readable training examples: rebuild the "
                     "records with a smaller validation_percentage/test_percentage",
