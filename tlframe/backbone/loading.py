@@ -132,11 +132,13 @@ def _module_built(export_dir, kind, precision):
 
 
 def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, exist_ok=False,
-                  kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None):
+                  kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None, cpp_loadable=True):
   """Builds built-in `name`'s `kinds` into `export_dir`/{feature_vector,classification}.
 
   precision "float32" builds the float32-only modules instead
-  (`builtin_module_dirname`). Each module is written into a temporary sibling
+  (`builtin_module_dirname`). cpp_loadable=False (the cache's modules, which
+  only tf.saved_model.load opens) leaves out the ops TF Serving restores
+  variables with (inverted_residual.export_saved_model). Each module is written into a temporary sibling
   directory that is renamed into place when complete; if another process
   finished it first, its result is kept and ours discarded. With exist_ok, the
   modules already there are kept and only the missing ones built. Returns
@@ -163,7 +165,8 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
       model = inverted_residual.InvertedResidualNet(
           network, state_dict, kind=kind, fold_batch_norm=fold_batch_norm,
           class_names_file=CLASS_NAMES_FILE if kind == CLASSIFICATION else None)
-      functions = inverted_residual.export_saved_model(model, tmp, dtypes=dtypes)
+      functions = inverted_residual.export_saved_model(model, tmp, dtypes=dtypes,
+                                                       cpp_loadable=cpp_loadable)
       try:
         fileio.publish_directory(tmp, target, last_name="saved_model.pb")
         if not tf.distribute.has_strategy():   # as the module doc says of loading
@@ -179,7 +182,8 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
 def ensure_builtin(name, kinds=(FEATURE_VECTOR, CLASSIFICATION), precision=None):
   """The built-in's directory in the cache, building the modules missing there on first use
   (a run builds only the kind and precision it uses: a fraction of building them all)."""
-  return build_builtin(name, builtin_dir(name), exist_ok=True, kinds=kinds, precision=precision)
+  return build_builtin(name, builtin_dir(name), exist_ok=True, kinds=kinds, precision=precision,
+                       cpp_loadable=False)
 
 
 def is_builtin_built(name, features=FEATURE_VECTOR, precision=None):
