@@ -269,9 +269,25 @@ def make_dataset(file_pattern, batch_size, *, image_size=224, resize_mode="cente
   dataset = dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=deterministic)
   dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-  options = tf.data.Options()
+  options = static_options()
   options.deterministic = deterministic
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def static_options():
+  """tf.data Options without autotuning: tlframe's pipelines take these.
+
+  AUTOTUNE then means as many parallel calls as cores (at most 16) and a
+  prefetch buffer that grows as needed. The autotuner's thread re-optimizes
+  its model of the pipeline every second or so, and for these pipelines (an
+  inner dataset per record, to skip undecodable images) one optimization took
+  ~1.2 s of a core; an iterator deleted meanwhile waits for it: measured, 1.25 s
+  at the end of bin/train's backbone pass in 4 of 10 runs (70 photos, 2
+  cores), and as long again at the end of the cross-validation's training.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return options
 
 
 def _count_skip(skip_counter, filename, file_index):

@@ -82,7 +82,8 @@ def feature_batches(strategy, features, labels, example_weights, global_batch_si
       rows = tf.reshape(tf.range(num_examples),
                         [pipelines, -1, per_replica])[context.input_pipeline_id]
       batches = tuple(tf.gather(t, rows) for t in (features, labels, weights))
-      return tf.data.Dataset.from_tensor_slices(batches).repeat(epochs - first_epoch)
+      return tf.data.Dataset.from_tensor_slices(batches).repeat(
+          epochs - first_epoch).with_options(pipeline.static_options())
 
     def epoch_order(epoch):
       order = tf.random.experimental.stateless_shuffle(
@@ -94,7 +95,7 @@ def feature_batches(strategy, features, labels, example_weights, global_batch_si
     dataset = dataset.batch(per_replica, drop_remainder=True)
     dataset = dataset.map(lambda i: (tf.gather(features, i), tf.gather(labels, i),
                                      tf.gather(weights, i)))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.with_options(pipeline.static_options()).prefetch(tf.data.AUTOTUNE)
 
   return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -153,7 +154,7 @@ def streamed_feature_batches(strategy, stream, weights_by_class, global_batch_si
     dataset = dataset.unbatch().batch(per_replica, drop_remainder=True)
     dataset = dataset.map(lambda features, labels: (
         features, labels, tf.gather(weights_by_class, labels)[:, None]))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.with_options(pipeline.static_options()).prefetch(tf.data.AUTOTUNE)
 
   return strategy.distribute_datasets_from_function(dataset_fn)
 
