@@ -146,6 +146,92 @@ def test_a_backbone_built_in_this_process_is_used_as_built(trained_model, saved_
   _assert_same_validation_scores(export_dir, saved_model, trained_model.records_dir)
 
 
+def _another_model(trained_model, model_dir):
+  """A copy of the trained model with other head weights, labels and temperature: a model
+  of the same export graph."""
+  shutil.copytree(trained_model.model_dir, model_dir, ignore=shutil.ignore_patterns("export"))
+  head, config = head_lib.load_head(str(model_dir))
+  rng = np.random.default_rng(0)
+  head.kernel.assign(head.kernel.numpy()[..., ::-1] + rng.normal(
+      scale=0.01, size=head.kernel.shape).astype(np.float32))
+  head.bias.assign(head.bias.numpy()[..., ::-1])
+  head_lib.save_head(head, str(model_dir))
+  config.labels = [f"other {name}" for name in config.labels]
+  config.write(str(model_dir))
+  calibration_path = model_dir / "calibration.json"
+  calibration_json = json.loads(calibration_path.read_text())
+  calibration_json["temperature"] = 0.5
+  calibration_path.write_text(json.dumps(calibration_json))
+  return str(model_dir)
+
+
+def _classify_records(export_dir, records_dir):
+  """Every signature's outputs on the validation records (also run through a TF1 session,
+  whose variables come from the saver's restore op, as TF Serving's C++ loader restores
+  them)."""
+  encoded = [encoded for encoded, _, _ in _split_records(records_dir, "validation")]
+  loaded = tf.saved_model.load(export_dir)
+  images = tf.stack([pipeline.preprocess(imageformat.decode_image(data), 224, "center_crop")
+                     for data in encoded])
+  outputs = {
+      "serving_default": loaded.signatures["serving_default"](image_bytes=tf.constant(encoded)),
+      "serving_keyed": loaded.signatures["serving_keyed"](
+          image_bytes=tf.constant(encoded), key=tf.constant([str(i) for i in range(len(encoded))])),
+      "predict_images": loaded.signatures["predict_images"](images=images)}
+  outputs = {name: {key: value.numpy() for key, value in result.items()}
+             for name, result in outputs.items()}
+  with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    signature = tf.compat.v1.saved_model.loader.load(
+        session, ["serve"], export_dir).signature_def["serving_default"]
+    outputs["tf1_session"] = session.run(
+        {key: value.name for key, value in signature.outputs.items()},
+        {signature.inputs["image_bytes"].name: encoded})
+  return outputs
+
+
+def test_an_export_of_a_known_graph_is_written_from_its_template(trained_model, tmp_path,
+                                                                 monkeypatch):
+  """A second model of the same graph (other weights, labels and temperature) is exported
+  from the first's template: its outputs through every signature, and through TF Serving's
+  way of restoring variables, are a traced export's; a template that does not read is
+  replaced by a traced export."""
+  monkeypatch.setattr(export.templates, "templates_dir", lambda: str(tmp_path / "templates"))
+  first = export.export_model(trained_model.model_dir, export_base=str(tmp_path / "first"))
+  assert len(os.listdir(tmp_path / "templates")) == 1   # the first export's graph, kept
+  other = _another_model(trained_model, tmp_path / "other")
+  from_template = export.export_model(other, export_base=str(tmp_path / "from_template"))
+  with open(os.path.join(first, "saved_model.pb"), "rb") as f:
+    first_graph = f.read()
+  with open(os.path.join(from_template, "saved_model.pb"), "rb") as f:
+    assert f.read() == first_graph   # not traced: the template's graph
+  monkeypatch.setattr(export.templates, "templates_dir", lambda: str(tmp_path / "none"))
+  traced = export.export_model(other, export_base=str(tmp_path / "traced"))
+  expected = _classify_records(traced, trained_model.records_dir)
+  actual = _classify_records(from_template, trained_model.records_dir)
+  assert expected["serving_default"]["labels"][0].decode().startswith("other ")
+  for signature, outputs in expected.items():
+    for name, value in outputs.items():
+      if value.dtype.kind == "f":
+        np.testing.assert_allclose(actual[signature][name], value, atol=1e-6, err_msg=name)
+      else:
+        np.testing.assert_array_equal(actual[signature][name], value, err_msg=name)
+  with open(os.path.join(from_template, "assets", "labels.txt")) as f:
+    assert f.read().split("\n")[0] == f"other {CLASSES[0]}"
+  # A template whose variables do not read: the export is traced, and still right.
+  monkeypatch.setattr(export.templates, "templates_dir", lambda: str(tmp_path / "templates"))
+  template, = (tmp_path / "templates").iterdir()
+  data, = (template / "variables").glob("variables.data-*")
+  data.write_bytes(data.read_bytes()[:1000])
+  again = export.export_model(other, export_base=str(tmp_path / "again"))
+  with open(os.path.join(again, "saved_model.pb"), "rb") as f:
+    assert f.read() != first_graph
+  (replaced,) = (tmp_path / "templates").iterdir()   # the traced export, kept in its place
+  assert replaced.name == template.name and len(data.read_bytes()) > 1000
+  np.testing.assert_allclose(_classify_records(again, trained_model.records_dir)[
+      "serving_default"]["probabilities"], expected["serving_default"]["probabilities"],
+                             atol=1e-6)
+
+
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):
   """serving_default on the validation records' bytes == training's pipeline + backbone + head."""
   examples = _split_records(trained_model.records_dir, "validation")

@@ -105,8 +105,9 @@ def cache_root():
 
   It holds the built backbones (`backbones/`), downloaded weights
   (`downloads/`), the per-machine backbone speeds (`backbone_speeds.json`,
-  written by tlframe/train/backbone_choice.py) and, unless `feature_cache_dir`
-  says otherwise, the feature cache (`features/`).
+  written by tlframe/train/backbone_choice.py), the export templates
+  (`export_templates/`, tlframe/export/templates.py) and, unless
+  `feature_cache_dir` says otherwise, the feature cache (`features/`).
   """
   return os.environ.get("TLFRAME_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "tlframe")

@@ -2,7 +2,8 @@
 
 - `layout`: the export's format (version dirs, signature and output names,
   tlframe_export.json, `resolve_export_dir`): all that readers need;
-- `exporter`: `export_model`, which writes it (and loads the trainer's modules).
+- `exporter`: `export_model`, which writes it (and loads the trainer's modules);
+- `templates`: an earlier export's graph reused when only the variables differ.
 
 Names resolve lazily, so `tlframe.export.resolve_export_dir` loads `layout` only.
 """

@@ -32,6 +32,7 @@ when complete, so TF Serving and readers never see a half export.
 """
 
 import os
+import sys
 import uuid
 import warnings
 
@@ -50,11 +51,16 @@ from tlframe.train import layout as model_dir_layout
 from tlframe import pipeline
 from tlframe import records
 from tlframe.errors import UserError
+from tlframe.export import layout as export_layout
+from tlframe.export import templates
 from tlframe.export.layout import (EXPORT_INFO_FILENAME, FORMAT_VERSION, MAX_TOP_K,
                                    OUTPUTS, PREDICT_IMAGES, SAVED_MODEL_FILENAME, SERVING_DEFAULT,
                                    SERVING_KEYED, SIGNATURES, TFLITE_DIRNAME, TFLITE_FILENAME,
                                    versions)
 
+# The modules whose code an export traces: a change to any makes new export templates.
+_TRACED_MODULES = (sys.modules[__name__], backbone_lib, head_lib, imageformat, pipeline,
+                   export_layout)
 # How far the TFLite model may be from the SavedModel (float kernels differ).
 TFLITE_PROBABILITY_TOLERANCE = 1e-3
 
@@ -78,14 +84,24 @@ class ClassifierModule(tf.Module):
     self.head = head
     self.labels_file = tf.saved_model.Asset(labels_file)
     self._backbone = backbone
-    self._label_names = np.asarray(labels, dtype=object)
-    self._temperature = float(temperature)
+    # Variables, not constants: the graph is then the same for every model of its
+    # shape, and an export template's (templates) holds any model's values.
+    self.label_names = tf.Variable(np.asarray(labels, dtype=object), dtype=tf.string,
+                                   trainable=False, name="label_names")
+    self.temperature = tf.Variable(float(temperature), trainable=False, name="temperature")
     self.average_flips = bool(average_flips)
     self._image_spec = tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32)
     # Every signature classifies through this one function: the backbone's graph is
     # traced, and saved, once (each signature tracing it anew cost seconds per export).
     self._classify = tf.function(self.outputs, autograph=False, input_signature=[
         tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)])
+
+  def model_variables(self):
+    """{object path: variable} of the variables that are not the backbone's (the head's,
+    the labels, the temperature): what makes one model's export differ from another's."""
+    head = {f"head/{name}": value for name, value in vars(self.head).items()
+            if isinstance(value, tf.Variable)}
+    return dict(head, label_names=self.label_names, temperature=self.temperature)
 
   @property
   def backbone_function(self):
@@ -95,10 +111,10 @@ class ClassifierModule(tf.Module):
   def outputs(self, images, backbone=None):
     """float32 [B, S, S, 3] in [0, 1] -> the signatures' output dict."""
     scores = self.scores(images, backbone or self._backbone)
-    probabilities = tf.nn.softmax(scores / self._temperature, axis=-1)
+    probabilities = tf.nn.softmax(scores / self.temperature, axis=-1)
     # top_k orders ties like argmax does (lower index first), so classes = top 1.
     top = tf.math.top_k(scores, k=self.top_k)
-    label_names = tf.constant(self._label_names, tf.string)
+    label_names = self.label_names.read_value()
     classes = tf.cast(top.indices[:, 0], tf.int64)
     return {
         "classes": classes,
@@ -199,8 +215,18 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     module = ClassifierModule(backbone, head, config.labels, calibration["temperature"],
                               config.resize_mode, os.path.join(tmp, records.LABELS_FILENAME),
                               average_flips=config.flip_features)
-    tf.saved_model.save(module, tmp, signatures=module.signatures())
-    tf.io.gfile.remove(os.path.join(tmp, records.LABELS_FILENAME))  # saved as assets/labels.txt
+    # A fine-tuned backbone's weights are not a template's; a TFLite model needs the traces.
+    template_key = None if (config.fine_tune or tflite) else templates.graph_key(
+        backbone, config, _TRACED_MODULES)
+    labels_path = os.path.join(tmp, records.LABELS_FILENAME)
+    if template_key is None or not templates.export_from_template(
+        template_key, module.model_variables(), tmp, _read_text(labels_path)):
+      tf.saved_model.save(module, tmp, signatures=module.signatures())
+      tf.io.gfile.remove(labels_path)  # saved as assets/labels.txt
+      if template_key is not None:
+        templates.keep(template_key, tmp)
+    else:
+      tf.io.gfile.remove(labels_path)
     tflite_path = None
     if tflite:
       tflite_path = os.path.join(TFLITE_DIRNAME, TFLITE_FILENAME)
@@ -225,6 +251,11 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   finally:
     if tf.io.gfile.exists(tmp):
       tf.io.gfile.rmtree(tmp)
+
+
+def _read_text(path):
+  with tf.io.gfile.GFile(path) as f:
+    return f.read()
 
 
 def _publish(tmp, export_base):
