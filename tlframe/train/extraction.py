@@ -132,7 +132,8 @@ def extract_features(backbone, files, *, batch_size, image_size, resize_mode, nu
     progress.update(len(batch_files))
   if skip_counter.count:
     logging.warning("%d records in %s did not decode and were skipped (first: %s)",
-                    skip_counter.count, ", ".join(files), skip_counter.filenames[:3])
+                    skip_counter.count, files[0] if len(files) == 1 else
+                    f"{len(files)} record files", skip_counter.filenames[:3])
   seconds = time.monotonic() - start
   return [part.feature_set(backbone.output_dim, flip, seconds, skip_counter.by_file[index])
           for index, part in enumerate(parts)]

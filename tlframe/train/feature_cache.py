@@ -21,9 +21,9 @@ Distributed (`cached_feature_sets(strategy=..., worker=...)`): under a
 MirroredStrategy each batch of the pass is split across the replicas
 (`extraction.extract_features`); under multi-worker, worker i extracts the
 parts of each split's shards i, i + M, ... (M workers) into the shared cache,
-then reads the others' parts as they appear. The features equal the one-device pass's
-(within float tolerance, same order), so the key does not depend on the
-strategy.
+then reads the others' parts as they appear. The features equal the
+one-device pass's (within float tolerance, same order), so the key does not
+depend on the strategy.
 
 Beyond memory: a split whose features exceed `max_in_memory_features` float
 values is not loaded; its FeatureSet's features stay in the parts (`Stream`).
@@ -144,9 +144,9 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
   keyed apart from the entry without them). `feature_cache_dir`: the cache
   folder, on any TensorFlow filesystem (default: `feature_cache_dir()`).
   `batch_size`: images per batch (per replica), at most; a pass over fewer
-  images takes them in one batch. `storage`: float32 or float16 on disk. `max_in_memory_features`: above this
-  many float values (rows x dim, mirrors included) a set is streamed, not
-  loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas split
+  images takes them in one batch. `storage`: float32 or float16 on disk.
+  `max_in_memory_features`: above this many float values (rows x dim, mirrors
+  included) a set is streamed, not loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas split
   each batch (distribution.extraction_strategy), or None. `worker`: (index,
   count) of this process among the workers sharing the cache
   (distribution.worker_index_and_count): of each split it extracts the parts
@@ -190,9 +190,10 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
                    for split, index in wanted],
         # No batch larger than the pass: a few photos would go through the backbone
         # padded to a full batch.
-        batch_size=max(1, min(batch_size, num_records)), image_size=image_size, resize_mode=resize_mode,
-        num_classes=num_classes, num_thumbnails_per_class=num_thumbnails_per_class, flip=flip,
-        strategy=strategy, progress=Progress(num_records, what="images"))
+        batch_size=max(1, min(batch_size, num_records)), image_size=image_size,
+        resize_mode=resize_mode, num_classes=num_classes,
+        num_thumbnails_per_class=num_thumbnails_per_class, flip=flip, strategy=strategy,
+        progress=Progress(num_records, what="images"))
     for (split, index), part in zip(wanted, extracted_sets):
       logging.info("Backbone pass over %s (part %d of %d of the %s features, by %s): %d images "
                    "decoded, %d skipped, in %.1f s (the pass)", shards[split][index]["name"],
