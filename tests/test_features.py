@@ -141,6 +141,20 @@ def test_one_pass_over_two_splits_gives_each_file_its_own_pass(backbone, skimage
   assert [s.skipped for s in together] == [s.skipped for s in alone] == [0, 1]
 
 
+def test_a_pass_takes_equally_full_batches():
+  """The fewest batches of at most the batch size, equally full: the padding of the last
+  one is less than one image per batch."""
+  for num_images in (1, 8, 28, 32, 33, 70, 720, 961):
+    for replicas in (1, 2):
+      batch = feature_cache.balanced_batch_size(num_images, 32, replicas)
+      per_replica = -(-num_images // replicas)
+      num_batches = -(-per_replica // batch)
+      assert batch <= 32 and num_batches == -(-per_replica // 32)
+      assert num_batches * batch - per_replica < num_batches
+  assert feature_cache.balanced_batch_size(70, 32) == 24   # 72 images, not 96
+  assert feature_cache.balanced_batch_size(28, 32) == 28   # one batch, unpadded
+
+
 def test_flipped_features_are_the_mirrors_features(backbone, photo_records):
   images, labels, _ = pipeline_images(photo_records)
   feature_set = extract(backbone, photo_records, flip=True)

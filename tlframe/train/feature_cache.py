@@ -143,8 +143,8 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
   also hold the mirrored images' features (one cache entry holding both,
   keyed apart from the entry without them). `feature_cache_dir`: the cache
   folder, on any TensorFlow filesystem (default: `feature_cache_dir()`).
-  `batch_size`: images per batch (per replica), at most; a pass over fewer
-  images takes them in one batch. `storage`: float32 or float16 on disk.
+  `batch_size`: images per batch (per replica), at most; the pass takes as many
+  batches as that needs, equally full (`balanced_batch_size`). `storage`: float32 or float16 on disk.
   `max_in_memory_features`: above this many float values (rows x dim, mirrors
   included) a set is streamed, not loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas split
   each batch (distribution.extraction_strategy), or None. `worker`: (index,
@@ -188,9 +188,9 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
     extracted_sets = extraction.extract_features(
         backbone, [os.path.join(records_dir, shards[split][index]["name"])
                    for split, index in wanted],
-        # No batch larger than the pass: a few photos would go through the backbone
-        # padded to a full batch.
-        batch_size=max(1, min(batch_size, num_records)), image_size=image_size,
+        batch_size=balanced_batch_size(num_records, batch_size,
+                                       strategy.num_replicas_in_sync if strategy else 1),
+        image_size=image_size,
         resize_mode=resize_mode, num_classes=num_classes,
         num_thumbnails_per_class=num_thumbnails_per_class, flip=flip, strategy=strategy,
         progress=Progress(num_records, what="images"))
@@ -248,6 +248,18 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
                    backbone.output_dim, where)
     feature_sets[split] = feature_set
   return feature_sets
+
+
+def balanced_batch_size(num_images, batch_size, replicas=1):
+  """The per-replica batch of a pass over `num_images`: as many batches as `batch_size` needs,
+  each as full as the others, so the last one is padded by fewer than one image per batch.
+
+  A few photos take one batch of their number, not one padded to a full batch;
+  70 images at 32 take 3 batches of 24 (72 images through the backbone), not 96.
+  """
+  per_replica = -(-num_images // replicas)
+  num_batches = -(-per_replica // batch_size)
+  return max(1, -(-per_replica // max(1, num_batches)))
 
 
 def _write_extracted(path, data, split, required, why_required):
