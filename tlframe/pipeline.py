@@ -282,8 +282,8 @@ def static_options():
   its model of the pipeline every second or so, and for these pipelines (an
   inner dataset per record, to skip undecodable images) one optimization took
   ~1.2 s of a core; an iterator deleted meanwhile waits for it: measured, 1.25 s
-  at the end of bin/train's backbone pass in 4 of 10 runs (70 photos, 2
-  cores), and as long again at the end of the cross-validation's training.
+  at the end of bin/train's backbone pass in 6 of 13 runs timed (70 photos, 2
+  cores). The head's feature batches take them too.
   """
   options = tf.data.Options()
   options.autotune.enabled = False
