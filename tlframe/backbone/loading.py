@@ -139,11 +139,11 @@ def build_builtin(name, export_dir, *, weights_file=None, fold_batch_norm=True, 
   precision "float32" builds the float32-only modules instead
   (`builtin_module_dirname`). cpp_loadable=False (the cache's modules, which
   only tf.saved_model.load opens) leaves out the ops TF Serving restores
-  variables with (inverted_residual.export_saved_model). Each module is written into a temporary sibling
-  directory that is renamed into place when complete; if another process
-  finished it first, its result is kept and ours discarded. With exist_ok, the
-  modules already there are kept and only the missing ones built. Returns
-  `export_dir`.
+  variables with (inverted_residual.export_saved_model). Each module is
+  written into a temporary sibling directory that is renamed into place when
+  complete; if another process finished it first, its result is kept and ours
+  discarded. With exist_ok, the modules already there are kept and only the
+  missing ones built. Returns `export_dir`.
   """
   if name not in BUILTIN_NAMES:
     raise UserError(f"unknown built-in backbone {name!r}; built-ins are {', '.join(BUILTIN_NAMES)}")

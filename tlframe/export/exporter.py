@@ -219,14 +219,13 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     template_key = None if (config.fine_tune or tflite) else templates.graph_key(
         backbone, config, _TRACED_MODULES)
     labels_path = os.path.join(tmp, records.LABELS_FILENAME)
-    if template_key is None or not templates.export_from_template(
-        template_key, module.model_variables(), tmp, _read_text(labels_path)):
+    from_template = template_key is not None and templates.export_from_template(
+        template_key, module.model_variables(), tmp, labels_path)
+    if not from_template:
       tf.saved_model.save(module, tmp, signatures=module.signatures())
-      tf.io.gfile.remove(labels_path)  # saved as assets/labels.txt
-      if template_key is not None:
-        templates.keep(template_key, tmp)
-    else:
-      tf.io.gfile.remove(labels_path)
+    tf.io.gfile.remove(labels_path)  # the export's copy is assets/labels.txt
+    if template_key is not None and not from_template:
+      templates.keep(template_key, tmp)
     tflite_path = None
     if tflite:
       tflite_path = os.path.join(TFLITE_DIRNAME, TFLITE_FILENAME)
@@ -251,11 +250,6 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   finally:
     if tf.io.gfile.exists(tmp):
       tf.io.gfile.rmtree(tmp)
-
-
-def _read_text(path):
-  with tf.io.gfile.GFile(path) as f:
-    return f.read()
 
 
 def _publish(tmp, export_base):

@@ -78,11 +78,12 @@ def template_path(key):
   return os.path.join(templates_dir(), key)
 
 
-def export_from_template(key, model_variables, export_dir, labels_text):
+def export_from_template(key, model_variables, export_dir, labels_file):
   """Writes the export of the template `key` into `export_dir`, if there is a usable one.
 
   model_variables: {object path, e.g. "head/kernel": tf.Variable} of every
-  variable of the module that is not the backbone's. Returns whether it
+  variable of the module that is not the backbone's. labels_file: this model's
+  labels, copied as the export's labels asset. Returns whether it
   wrote the export (False: no template, or one that does not fit; the caller
   traces the export).
   """
@@ -110,8 +111,8 @@ def export_from_template(key, model_variables, export_dir, labels_text):
     tf.raw_ops.SaveV2(prefix=os.path.join(export_dir, _VARIABLES_PREFIX), tensor_names=names,
                       shape_and_slices=[""] * len(names), tensors=tensors)
     tf.io.gfile.makedirs(os.path.join(export_dir, "assets"))
-    fileio.atomic_write_text(os.path.join(export_dir, "assets", _labels_asset(template)),
-                             labels_text)
+    tf.io.gfile.copy(labels_file, os.path.join(export_dir, "assets", _labels_asset(template)),
+                     overwrite=True)
     tf.io.gfile.copy(os.path.join(template, layout.SAVED_MODEL_FILENAME),
                      os.path.join(export_dir, layout.SAVED_MODEL_FILENAME), overwrite=True)
     fingerprinting_utils.write_fingerprint(export_dir)
