@@ -14,6 +14,7 @@ import tensorflow as tf
 from tlframe.backbone import loading as backbone_lib
 from tlframe.train import calibration
 from tlframe import export
+from tlframe.export import exporter
 from tlframe.train import head as head_lib
 from tlframe import imageformat
 from tlframe.records import example_format
@@ -230,6 +231,46 @@ def test_an_export_of_a_known_graph_is_written_from_its_template(trained_model, 
   np.testing.assert_allclose(_classify_records(again, trained_model.records_dir)[
       "serving_default"]["probabilities"], expected["serving_default"]["probabilities"],
                              atol=1e-6)
+
+
+def test_a_template_kept_before_training_serves_the_trained_model(trained_model, tmp_path,
+                                                                 monkeypatch):
+  """bin/train keeps the export's template while it trains (exporter.keep_template), from
+  the model's shape alone: the trained model's export is then written from it, with a
+  traced export's outputs. Before the CV picks it, the normalization is "auto": none and
+  standardize are one graph (a shift and scale), l2 another."""
+  monkeypatch.setattr(export.templates, "templates_dir", lambda: str(tmp_path / "templates"))
+  _, config = head_lib.load_head(trained_model.model_dir)
+  assert config.feature_normalization != "l2"
+  backbone = backbone_lib.load_backbone(config.backbone, features=config.features,
+                                        input_size=config.image_size)
+  shape = dict(num_classes=config.num_classes, resize_mode=config.resize_mode,
+               flip_features=config.flip_features)
+  key = exporter.keep_template(backbone, precision="float32", feature_normalization="auto",
+                               **shape)
+  assert os.listdir(tmp_path / "templates") == [key]
+  keys = {normalization: export.templates.graph_key(
+      backbone, feature_normalization=normalization, traced_modules=exporter._TRACED_MODULES,  # pylint: disable=protected-access
+      **shape) for normalization in ("auto", "none", "standardize", "l2")}
+  assert keys["none"] == keys["standardize"] == keys["auto"] == key != keys["l2"]
+  with open(tmp_path / "templates" / key / "saved_model.pb", "rb") as f:
+    template_graph = f.read()
+
+  from_template = export.export_model(trained_model.model_dir,
+                                      export_base=str(tmp_path / "from_template"))
+  with open(os.path.join(from_template, "saved_model.pb"), "rb") as f:
+    assert f.read() == template_graph
+  monkeypatch.setattr(export.templates, "templates_dir", lambda: str(tmp_path / "none"))
+  traced = export.export_model(trained_model.model_dir, export_base=str(tmp_path / "traced"))
+  expected = _classify_records(traced, trained_model.records_dir)
+  actual = _classify_records(from_template, trained_model.records_dir)
+  assert set(expected["serving_default"]["labels"]) <= {name.encode() for name in CLASSES}
+  for signature, outputs in expected.items():
+    for name, value in outputs.items():
+      if value.dtype.kind == "f":
+        np.testing.assert_allclose(actual[signature][name], value, atol=1e-6, err_msg=name)
+      else:
+        np.testing.assert_array_equal(actual[signature][name], value, err_msg=name)
 
 
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):

@@ -33,6 +33,7 @@ when complete, so TF Serving and readers never see a half export.
 
 import os
 import sys
+import tempfile
 import uuid
 import warnings
 
@@ -216,8 +217,10 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
                               config.resize_mode, os.path.join(tmp, records.LABELS_FILENAME),
                               average_flips=config.flip_features)
     # A fine-tuned backbone's weights are not a template's; a TFLite model needs the traces.
-    template_key = None if (config.fine_tune or tflite) else templates.graph_key(
-        backbone, config, _TRACED_MODULES)
+    template_key = None if (config.fine_tune or tflite) else _template_key(
+        backbone, num_classes=config.num_classes,
+        feature_normalization=config.feature_normalization, resize_mode=config.resize_mode,
+        flip_features=config.flip_features)
     labels_path = os.path.join(tmp, records.LABELS_FILENAME)
     from_template = template_key is not None and templates.export_from_template(
         template_key, module.model_variables(), tmp, labels_path)
@@ -250,6 +253,46 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   finally:
     if tf.io.gfile.exists(tmp):
       tf.io.gfile.rmtree(tmp)
+
+
+def _template_key(backbone, **head_shape):
+  return templates.graph_key(backbone, traced_modules=_TRACED_MODULES, **head_shape)
+
+
+def keep_template(backbone, *, precision, num_classes, feature_normalization, resize_mode,
+                  flip_features):
+  """Keeps the export template of a model of this shape (templates), unless one is kept.
+
+  The graph is traced from a head of zeros and placeholder labels: a model's
+  own values replace them when its export is written from the template.
+  bin/train runs this in a thread while it trains, so that even the first
+  model of a graph is exported from its template. backbone: as loaded for
+  training; the export runs it at `precision` (export_model's). Returns the
+  template's key; None where that export would load the backbone anew (it
+  computes in another precision than the one given).
+  """
+  precision = backbone_lib.resolve_precision(precision)
+  if precision == "float32":
+    backbone = backbone.in_float32()
+  if backbone.precision != precision:
+    return None
+  key = _template_key(backbone, num_classes=num_classes,
+                      feature_normalization=feature_normalization, resize_mode=resize_mode,
+                      flip_features=flip_features)
+  if templates.exists(key):
+    return key
+  labels = [f"class_{index}" for index in range(num_classes)]
+  head = head_lib.LinearHead(backbone.output_dim, num_classes,
+                             feature_normalization=feature_normalization)
+  with tempfile.TemporaryDirectory(prefix="tlframe-template-") as tmp:
+    records.write_labels(tmp, labels)
+    export_dir = os.path.join(tmp, "export")
+    module = ClassifierModule(backbone, head, labels, 1.0, resize_mode,
+                              os.path.join(tmp, records.LABELS_FILENAME),
+                              average_flips=flip_features)
+    tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    templates.keep(key, export_dir)
+  return key
 
 
 def _publish(tmp, export_base):

@@ -35,6 +35,7 @@ from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disabl
 import tlframe
 from tlframe.backbone import loading as backbone_lib
 from tlframe.export import layout
+from tlframe.train import head as head_lib
 from tlframe.util import fileio
 
 TEMPLATES_DIRNAME = "export_templates"
@@ -53,13 +54,17 @@ def templates_dir():
   return os.path.join(backbone_lib.cache_root(), TEMPLATES_DIRNAME)
 
 
-def graph_key(backbone, config, traced_modules):
+def graph_key(backbone, *, num_classes, feature_normalization, resize_mode, flip_features,
+              traced_modules):
   """A digest of what an export's graph depends on.
 
   backbone: the export's Backbone (its cache_key names the module, its
-  weights, size and precision). config: the model's head.HeadConfig.
-  traced_modules: the Python modules whose code the export traces (their
-  source is digested, so a changed tlframe never reuses an old graph).
+  weights, size and precision; its input size and feature count are the
+  graph's). The head's: its class count, and whether its normalization has an
+  l2 norm (head.LinearHead: "none" and "standardize" are the same graph, a
+  shift and scale held as variables). traced_modules: the Python modules whose
+  code the export traces (their source is digested, so a changed tlframe never
+  reuses an old graph).
   """
   sources = hashlib.sha256()
   for module in traced_modules:
@@ -67,11 +72,16 @@ def graph_key(backbone, config, traced_modules):
       sources.update(f.read())
   identity = dict(format=_FORMAT_VERSION, tlframe=tlframe.__version__,
                   tensorflow=tf.__version__, sources=sources.hexdigest(),
-                  backbone=backbone.cache_key, image_size=config.image_size,
-                  resize_mode=config.resize_mode, flip_features=config.flip_features,
-                  feature_normalization=config.feature_normalization,
-                  num_features=config.num_features, num_classes=config.num_classes)
+                  backbone=backbone.cache_key, image_size=backbone.input_size,
+                  resize_mode=resize_mode, flip_features=bool(flip_features),
+                  l2_norm=head_lib.normalizes_to_unit_length(feature_normalization),
+                  num_features=backbone.output_dim, num_classes=num_classes)
   return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def exists(key):
+  """Whether the template `key` is kept."""
+  return tf.io.gfile.exists(os.path.join(template_path(key), layout.SAVED_MODEL_FILENAME))
 
 
 def template_path(key):
@@ -88,7 +98,7 @@ def export_from_template(key, model_variables, export_dir, labels_file):
   traces the export).
   """
   template = template_path(key)
-  if not tf.io.gfile.exists(os.path.join(template, layout.SAVED_MODEL_FILENAME)):
+  if not exists(key):
     return False
   try:
     reader = tf.train.load_checkpoint(os.path.join(template, _VARIABLES_PREFIX))
@@ -152,7 +162,7 @@ def _labels_asset(template):
 def keep(key, export_dir):
   """Keeps the traced export in `export_dir` as the template `key` (a no-op if there is one)."""
   target = template_path(key)
-  if tf.io.gfile.exists(os.path.join(target, layout.SAVED_MODEL_FILENAME)):
+  if exists(key):
     return
   tmp = fileio.temp_path_for(target)
   try:

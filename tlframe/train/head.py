@@ -85,6 +85,12 @@ def standardization_constants(mean, std):
   return mean.astype(np.float32), (1.0 / np.maximum(std, 1e-6)).astype(np.float32)
 
 
+def normalizes_to_unit_length(feature_normalization):
+  """Whether the normalization divides each feature vector by its l2 norm (before the
+  shift and scale every normalization applies)."""
+  return feature_normalization == "l2"
+
+
 class LinearHead(tf.Module):
   """`num_models` independent linear heads over the same normalized features."""
 
@@ -121,7 +127,7 @@ class LinearHead(tf.Module):
     self.feature_scale.assign(scale)
 
   def normalize(self, features):
-    if self.feature_normalization == "l2":
+    if normalizes_to_unit_length(self.feature_normalization):
       features = tf.math.l2_normalize(features, axis=-1, epsilon=_EPSILON)
     return (features - self.feature_shift) * self.feature_scale
 

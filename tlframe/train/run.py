@@ -24,6 +24,7 @@ features of the fine-tuned backbone.
 
 import dataclasses
 import os
+import threading
 import time
 
 import tensorflow as tf
@@ -96,6 +97,7 @@ def _run(options, strategy):
   if options.fine_tune:
     tuned_blocks.trainable_variables(backbone, options.fine_tune_blocks)  # refuses before any work
   _check_splits(options, backbone.output_dim)
+  template = _keep_export_template(options, backbone, len(label_names)) if chief else None
   feature_sets = _feature_sets(options, strategy, backbone, len(label_names))
   train_set, val_set = feature_sets["train"], feature_sets["validation"]
   # With --flip_features the head trains on the mirrors too; l2 is cross-validated on the
@@ -191,11 +193,10 @@ def _run(options, strategy):
                fine_tuned, choice)
   if options.export:
     export_start = time.monotonic()
-    # "auto" resolves on the machine that serves the export, not on this one:
-    # the export is float32, which runs everywhere, unless bfloat16 was asked for.
-    precision = "float32" if options.precision == "auto" else options.precision
-    metrics["export_dir"] = export_lib.export_model(options.model_dir, precision=precision,
-                                                    backbone=backbone)
+    if template is not None:
+      template.join()
+    metrics["export_dir"] = export_lib.export_model(
+        options.model_dir, precision=_export_precision(options), backbone=backbone)
     metrics["timings"]["export_s"] = time.monotonic() - export_start
   fileio.atomic_write_json(os.path.join(options.model_dir, model_dir_layout.METRICS_FILENAME),
                            metrics)
@@ -205,6 +206,41 @@ def _run(options, strategy):
                           split=fitted_on,
                           log_dir=os.path.join(out_dir, model_dir_layout.LOGS_DIRNAME))
   return metrics
+
+
+def _export_precision(options):
+  # "auto" resolves on the machine that serves the export, not on this one: the
+  # export is float32, which runs everywhere, unless bfloat16 was asked for.
+  return "float32" if options.precision == "auto" else options.precision
+
+
+def _keep_export_template(options, backbone, num_classes):
+  """A started thread that keeps the export's template (exporter.keep_template), or None.
+
+  Tracing an export's graph is most of a first export (~1.5 s of a pair's
+  1.7 s on 2 cores), and needs only the model's shape, known from here on.
+  Traced while the pass, the cross-validation and the head run (in
+  TensorFlow's kernels, which leave the interpreter free), it costs the run
+  a fraction of that, and the export is written from the template. None
+  where the export is traced anyway (fine-tuning) or there is none. A
+  failure is logged: the export then traces itself.
+  """
+  if not options.export or options.fine_tune:
+    return None
+
+  def keep():
+    try:
+      export_lib.keep_template(
+          backbone, precision=_export_precision(options), num_classes=num_classes,
+          feature_normalization=options.feature_normalization,
+          resize_mode=options.resize_mode, flip_features=options.flip_features)
+    except Exception as e:  # pylint: disable=broad-except  (the export traces itself then)
+      logging.warning("Could not prepare the export's graph ahead (%s: %s): the export "
+                      "traces it", type(e).__name__, e)
+
+  thread = threading.Thread(target=keep, name="export-template", daemon=True)
+  thread.start()
+  return thread
 
 
 def _finished_run(options):
