@@ -11,11 +11,12 @@ seed), measures in one run:
 - cold: `bin/train --image_dir` from the photos to an exported model, with an
   empty $TLFRAME_CACHE_DIR (the built-in backbone is built from its wheel);
 - warm: the same into a new model dir, the built-in already built (the features
-  not cached: the backbone pass runs), the first model of its export graph
-  (its export is traced, and kept as the graph's template);
+  not cached: the backbone pass runs), the first model of its export graph:
+  the graph is traced in a thread while the run trains, kept as the graph's
+  template (tlframe/export/templates.py), and the export written from it;
 - next: the same again into another new model dir: a later model of the same
-  backbone and class count, whose export is written from the warm run's
-  template (tlframe/export/templates.py);
+  backbone and class count, whose export is written from the template the warm
+  run kept (nothing traced);
 - rerun: the same command on the finished warm model dir (nothing to do: it
   must write nothing, checked);
 each with its stages from metrics.json (conversion, backbone load or build,
