@@ -22,9 +22,9 @@ With --fine_tune, the top blocks of the backbone then train with the head
 features of the fine-tuned backbone.
 """
 
+import concurrent.futures
 import dataclasses
 import os
-import threading
 import time
 
 import tensorflow as tf
@@ -193,8 +193,10 @@ def _run(options, strategy):
                fine_tuned, choice)
   if options.export:
     export_start = time.monotonic()
-    if template is not None:
-      template.join()
+    if template is not None and template.exception() is not None:
+      error = template.exception()
+      logging.warning("Could not keep the export's graph ahead (%s: %s): the export traces it",
+                      type(error).__name__, error)
     metrics["export_dir"] = export_lib.export_model(
         options.model_dir, precision=_export_precision(options), backbone=backbone)
     metrics["timings"]["export_s"] = time.monotonic() - export_start
@@ -215,32 +217,26 @@ def _export_precision(options):
 
 
 def _keep_export_template(options, backbone, num_classes):
-  """A started thread that keeps the export's template (exporter.keep_template), or None.
+  """The Future of keeping the export's template (exporter.keep_template) in a thread, or None.
 
   Tracing an export's graph is most of a first export (~1.5 s of a pair's
   1.7 s on 2 cores), and needs only the model's shape, known from here on.
-  Traced while the pass, the cross-validation and the head run (in
-  TensorFlow's kernels, which leave the interpreter free), it costs the run
-  a fraction of that, and the export is written from the template. None
-  where the export is traced anyway (fine-tuning) or there is none. A
-  failure is logged: the export then traces itself.
+  Traced while the pass runs (in TensorFlow's kernels, which leave the
+  interpreter free), it slowed that pass by ~0.5-0.8 s on 2 cores, and the
+  export is written from the template. None where the export is traced
+  anyway (fine-tuning) or there is none.
   """
   if not options.export or options.fine_tune:
     return None
-
-  def keep():
-    try:
-      export_lib.keep_template(
-          backbone, precision=_export_precision(options), num_classes=num_classes,
-          feature_normalization=options.feature_normalization,
-          resize_mode=options.resize_mode, flip_features=options.flip_features)
-    except Exception as e:  # pylint: disable=broad-except  (the export traces itself then)
-      logging.warning("Could not prepare the export's graph ahead (%s: %s): the export "
-                      "traces it", type(e).__name__, e)
-
-  thread = threading.Thread(target=keep, name="export-template", daemon=True)
-  thread.start()
-  return thread
+  # On two cores only long work pays in a thread: drawing the CV's plot (0.5 s) while
+  # the head trained slowed the head by as much.
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="export-template")
+  template = pool.submit(export_lib.keep_template, backbone,
+                         precision=_export_precision(options), num_classes=num_classes,
+                         feature_normalization=options.feature_normalization,
+                         resize_mode=options.resize_mode, flip_features=options.flip_features)
+  pool.shutdown(wait=False)   # its thread ends with the work
+  return template
 
 
 def _finished_run(options):
