@@ -190,6 +190,16 @@ def _classify_records(export_dir, records_dir):
   return outputs
 
 
+def _assert_same_outputs(actual, expected):
+  """`_classify_records` outputs equal: floats within 1e-6, the rest exactly."""
+  for signature, outputs in expected.items():
+    for name, value in outputs.items():
+      if value.dtype.kind == "f":
+        np.testing.assert_allclose(actual[signature][name], value, atol=1e-6, err_msg=name)
+      else:
+        np.testing.assert_array_equal(actual[signature][name], value, err_msg=name)
+
+
 def test_an_export_of_a_known_graph_is_written_from_its_template(trained_model, tmp_path,
                                                                  monkeypatch):
   """A second model of the same graph (other weights, labels and temperature) is exported
@@ -210,12 +220,7 @@ def test_an_export_of_a_known_graph_is_written_from_its_template(trained_model, 
   expected = _classify_records(traced, trained_model.records_dir)
   actual = _classify_records(from_template, trained_model.records_dir)
   assert expected["serving_default"]["labels"][0].decode().startswith("other ")
-  for signature, outputs in expected.items():
-    for name, value in outputs.items():
-      if value.dtype.kind == "f":
-        np.testing.assert_allclose(actual[signature][name], value, atol=1e-6, err_msg=name)
-      else:
-        np.testing.assert_array_equal(actual[signature][name], value, err_msg=name)
+  _assert_same_outputs(actual, expected)
   with open(os.path.join(from_template, "assets", "labels.txt")) as f:
     assert f.read().split("\n")[0] == f"other {CLASSES[0]}"
   # A template whose variables do not read: the export is traced, and still right.
@@ -265,12 +270,7 @@ def test_a_template_kept_before_training_serves_the_trained_model(trained_model,
   expected = _classify_records(traced, trained_model.records_dir)
   actual = _classify_records(from_template, trained_model.records_dir)
   assert set(expected["serving_default"]["labels"]) <= {name.encode() for name in CLASSES}
-  for signature, outputs in expected.items():
-    for name, value in outputs.items():
-      if value.dtype.kind == "f":
-        np.testing.assert_allclose(actual[signature][name], value, atol=1e-6, err_msg=name)
-      else:
-        np.testing.assert_array_equal(actual[signature][name], value, err_msg=name)
+  _assert_same_outputs(actual, expected)
 
 
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):

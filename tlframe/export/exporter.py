@@ -282,6 +282,7 @@ def keep_template(backbone, *, precision, num_classes, feature_normalization, re
   if templates.exists(key):
     return key
   labels = [f"class_{index}" for index in range(num_classes)]
+  # "auto" (the CV's choice to come) is none or standardize: the one graph without an l2 norm.
   head = head_lib.LinearHead(backbone.output_dim, num_classes,
                              feature_normalization=feature_normalization)
   with tempfile.TemporaryDirectory(prefix="tlframe-template-") as tmp:

@@ -15,7 +15,9 @@ The run, top to bottom (`train`):
    validation and test accuracy (the test split is only reported, never used
    for a choice), and write the model: head, labels, metrics.json, and the
    report with its labelled plots (`training_report`);
-6. export a SavedModel on image bytes into model_dir/export/<N>/ (`export`).
+6. export a SavedModel on image bytes into model_dir/export/<N>/ (`export`),
+   from the export template (export/templates.py) that a thread traced for
+   the model's shape during step 2.
 
 With --fine_tune, the top blocks of the backbone then train with the head
 (`finetune`) between 4 and 5, and step 5 evaluates and calibrates on the
