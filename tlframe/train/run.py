@@ -16,7 +16,7 @@ The run, top to bottom (`train`):
    for a choice), and write the model: head, labels, metrics.json, and the
    report with its labelled plots (`training_report`);
 6. export a SavedModel on image bytes into model_dir/export/<N>/ (`export`),
-   from the export template (export/templates.py) that a thread traced for
+   from the export template (tlframe/export/templates.py) that a thread traced for
    the model's shape during step 2.
 
 With --fine_tune, the top blocks of the backbone then train with the head
