@@ -1,6 +1,7 @@
 """The export: same scores as training, bytes == pixels, JPEG == PNG, TFLite, a bare TF process."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from tlframe import imageformat
 from tlframe.records import example_format
 from tlframe import pipeline
 from tlframe import records
+from tlframe import train
 from production_fixtures import CLASSES
 from production_fixtures import trained_model  # pylint: disable=unused-import  (a fixture)
 
@@ -271,6 +273,31 @@ def test_a_template_kept_before_training_serves_the_trained_model(trained_model,
   actual = _classify_records(from_template, trained_model.records_dir)
   assert set(expected["serving_default"]["labels"]) <= {name.encode() for name in CLASSES}
   _assert_same_outputs(actual, expected)
+
+
+def test_a_run_whose_template_could_not_be_kept_traces_its_export(trained_model, tmp_path,
+                                                                  monkeypatch, caplog):
+  """When keeping the template ahead fails (its thread raises), the run says so and traces
+  its export, which classifies as the same model's export does."""
+  monkeypatch.setattr(export.templates, "templates_dir", lambda: str(tmp_path / "templates"))
+
+  def fail(*args, **kwargs):
+    raise OSError("no space left on device")
+
+  monkeypatch.setattr(exporter, "keep_template", fail)
+  caplog.set_level(logging.WARNING, logger="absl")
+  metrics = train.train(train.TrainOptions(
+      records_dir=trained_model.records_dir, model_dir=str(tmp_path / "model"),
+      backbone=backbone_lib.DEFAULT_HANDLE, loss="hinge"))
+  assert ("Could not keep the export's graph ahead (OSError: no space left on device): the "
+          "export traces it") in caplog.text
+  assert len(os.listdir(tmp_path / "templates")) == 1   # the traced export, kept
+  expected = _classify_records(trained_model.export_dir, trained_model.records_dir)
+  actual = _classify_records(metrics["export_dir"], trained_model.records_dir)
+  np.testing.assert_array_equal(actual["serving_default"]["labels"],
+                                expected["serving_default"]["labels"])
+  np.testing.assert_allclose(actual["serving_default"]["probabilities"],
+                             expected["serving_default"]["probabilities"], atol=1e-5)
 
 
 def test_scores_equal_the_training_evaluation(trained_model, saved_model):
