@@ -195,9 +195,8 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
   head, config = head_lib.load_head(model_dir)
   calibration = calibration_lib.read_calibration(model_dir)
   precision = backbone_lib.resolve_precision(precision)
-  if backbone is not None and precision == "float32":
-    backbone = backbone.in_float32()
-  if backbone is None or config.fine_tune or backbone.precision != precision:
+  backbone = None if backbone is None or config.fine_tune else _at_precision(backbone, precision)
+  if backbone is None:
     backbone = backbone_lib.load_backbone(config.backbone, features=config.features,
                                           input_size=config.image_size, precision=precision)
   if backbone.output_dim != config.num_features:
@@ -255,6 +254,14 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
       tf.io.gfile.rmtree(tmp)
 
 
+def _at_precision(backbone, precision):
+  """The loaded `backbone` computing at `precision` (resolved): itself, or its float32 entry
+  point (every module has one); None when it cannot (a float32 load, bfloat16 asked for)."""
+  if precision == "float32":
+    backbone = backbone.in_float32()
+  return backbone if backbone.precision == precision else None
+
+
 def _template_key(backbone, **head_shape):
   return templates.graph_key(backbone, traced_modules=_TRACED_MODULES, **head_shape)
 
@@ -271,10 +278,8 @@ def keep_template(backbone, *, precision, num_classes, feature_normalization, re
   template's key; None where that export would load the backbone anew (it
   computes in another precision than the one given).
   """
-  precision = backbone_lib.resolve_precision(precision)
-  if precision == "float32":
-    backbone = backbone.in_float32()
-  if backbone.precision != precision:
+  backbone = _at_precision(backbone, backbone_lib.resolve_precision(precision))
+  if backbone is None:
     return None
   key = _template_key(backbone, num_classes=num_classes,
                       feature_normalization=feature_normalization, resize_mode=resize_mode,

@@ -125,8 +125,8 @@ def extract_features(backbone, files, *, batch_size, image_size, resize_mode, nu
       part.filenames.append(batch_filenames[rows])
       shown = rows_to_show(labels, thumbnails_per_class[index], num_thumbnails_per_class)
       if len(shown):
-        batch_images = gather(images) if batch_images is None else batch_images
-        part.thumbnails.append(_thumbnails(tf.gather(batch_images[kept], rows[shown])).numpy())
+        batch_images = gather(images)[kept] if batch_images is None else batch_images
+        part.thumbnails.append(_thumbnails(batch_images[rows[shown]]).numpy())
         part.thumbnail_rows.append(part.num_rows + shown)
       part.num_rows += len(rows)
     progress.update(len(batch_files))

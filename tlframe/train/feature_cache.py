@@ -143,12 +143,13 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
   also hold the mirrored images' features (one cache entry holding both,
   keyed apart from the entry without them). `feature_cache_dir`: the cache
   folder, on any TensorFlow filesystem (default: `feature_cache_dir()`).
-  `batch_size`: images per batch (per replica), at most; the pass takes as many
-  batches as that needs, equally full (`balanced_batch_size`). `storage`: float32 or float16 on disk.
-  `max_in_memory_features`: above this many float values (rows x dim, mirrors
-  included) a set is streamed, not loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas split
-  each batch (distribution.extraction_strategy), or None. `worker`: (index,
-  count) of this process among the workers sharing the cache
+  `batch_size`: images per batch (per replica), at most; the pass takes as
+  many batches as that needs, equally full (`balanced_batch_size`).
+  `storage`: float32 or float16 on disk. `max_in_memory_features`: above this
+  many float values (rows x dim, mirrors included) a set is streamed, not
+  loaded (None: no limit). `strategy`: a MirroredStrategy whose replicas
+  split each batch (distribution.extraction_strategy), or None. `worker`:
+  (index, count) of this process among the workers sharing the cache
   (distribution.worker_index_and_count): of each split it extracts the parts
   of shards index, index + count, ..., then reads the others' as they appear.
   Each set's `extract_seconds` is the time of this whole call.
@@ -190,8 +191,7 @@ def cached_feature_sets(backbone, records_dir, splits, *, batch_size, image_size
                    for split, index in wanted],
         batch_size=balanced_batch_size(num_records, batch_size,
                                        strategy.num_replicas_in_sync if strategy else 1),
-        image_size=image_size,
-        resize_mode=resize_mode, num_classes=num_classes,
+        image_size=image_size, resize_mode=resize_mode, num_classes=num_classes,
         num_thumbnails_per_class=num_thumbnails_per_class, flip=flip, strategy=strategy,
         progress=Progress(num_records, what="images"))
     for (split, index), part in zip(wanted, extracted_sets):

@@ -195,8 +195,8 @@ def _run(options, strategy):
                fine_tuned, choice)
   if options.export:
     export_start = time.monotonic()
-    if template is not None and template.exception() is not None:
-      error = template.exception()
+    error = template.exception() if template is not None else None
+    if error is not None:
       logging.warning("Could not keep the export's graph ahead (%s: %s): the export traces it",
                       type(error).__name__, error)
     metrics["export_dir"] = export_lib.export_model(
