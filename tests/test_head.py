@@ -1,4 +1,4 @@
-"""Losses against numpy references; the head's normalization and saved form."""
+"""Losses against numpy references; the head's normalization, saved form, and stacked training."""
 
 import numpy as np
 import pytest
@@ -104,3 +104,43 @@ def test_saved_head_round_trips(tmp_path):
   np.testing.assert_allclose(loaded(x).numpy(), head(x).numpy())
   with pytest.raises(UserError, match="bin/train"):
     head_lib.load_head(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("loss", ["hinge", "softmax"])
+def test_stacked_models_take_the_steps_of_their_own_objective(loss):
+  """Each model of a stacked HeadTrainer takes Adam's steps on its own mean loss + l2 / 2
+  ||kernel||^2 (the l2 term's gradient is added to the tape's by hand), as one head trained
+  alone by the tape on that whole objective does."""
+  from tlframe import options as options_lib  # pylint: disable=g-import-not-at-top
+  from tlframe.train import optimizers  # pylint: disable=g-import-not-at-top
+  from tlframe.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  num_examples, dim, num_classes, epochs = 24, 16, 3, 8
+  features = rng.normal(size=(num_examples, dim)).astype(np.float32)
+  labels = np.arange(num_examples, dtype=np.int32) % num_classes
+  l2_values = np.asarray([0.0, 0.1, 3.0], np.float32)
+  options = options_lib.TrainOptions(records_dir="unused", model_dir="unused", loss=loss,
+                                     epochs=epochs, learning_rate=0.05)
+  strategy = tf.distribute.get_strategy()
+  trainer = trainer_lib.HeadTrainer(
+      strategy, options, num_features=dim, num_classes=num_classes, steps_per_epoch=1,
+      global_batch_size=num_examples, l2_values=l2_values,
+      normalization=(np.zeros(dim, np.float32), np.ones(dim, np.float32)))
+  weights = np.ones((len(l2_values), num_examples), np.float32)
+  trainer.fit(lambda first: trainer_lib.feature_batches(
+      strategy, features, labels, weights, num_examples, 0, first, epochs))
+
+  kernels = []
+  for l2 in l2_values:
+    kernel, bias = tf.Variable(tf.zeros((dim, num_classes))), tf.Variable(tf.zeros(num_classes))
+    optimizer = optimizers.make_optimizer(options, 1).build([kernel, bias])
+    for _ in range(epochs):
+      with tf.GradientTape() as tape:
+        scores = features @ kernel + bias
+        objective = (tf.reduce_mean(head_lib.per_example_loss(loss, scores, labels)) +
+                     l2 * 0.5 * tf.reduce_sum(tf.square(kernel)))
+      optimizer.apply_gradients(zip(tape.gradient(objective, [kernel, bias]), [kernel, bias]))
+    kernels.append(kernel.numpy())
+  np.testing.assert_allclose(trainer.head.kernel.numpy(), np.stack(kernels), atol=1e-6)
+  # The l2 term did something to compare: the models differ by it.
+  assert np.abs(kernels[0] - kernels[2]).max() > 0.01
