@@ -108,6 +108,29 @@ def test_reliability_cv_and_training_plots_are_labelled():
   assert [line.get_label() for line in figure.axes[0].get_lines()] == ["train", "validation"]
 
 
+@pytest.mark.skipif(not plots.available(), reason="matplotlib is not installed")
+@pytest.mark.parametrize("grid, labels", [
+    ((1e-5, 3e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 3.0, 10.0),
+     ["10⁻⁵", "10⁻⁴", "10⁻³", "10⁻²", "10⁻¹", "10⁰", "10¹"]),
+    ((0.2, 0.3, 0.5), None)])   # under two decades: matplotlib's own labels, minor ticks too
+def test_cv_plot_labels_the_decades_of_its_grid(grid, labels):
+  rows = [dict(l2=l2, accuracy=0.9, accuracy_std=0.01, loss=0.3, loss_std=0.02,
+               feature_normalization="none") for l2 in grid]
+  figure = plots.cv_curve_figure(dict(rows=rows, best_l2=grid[1], best_normalization="none",
+                                      folds=5, examples=40))
+  plots.png_bytes(figure)   # draws it: the ticks and their labels are made
+  axis = figure.axes[0].xaxis
+  low, high = figure.axes[0].get_xlim()
+  shown = [tick.label1.get_text() for tick in axis.get_major_ticks()
+           if low <= tick.get_loc() <= high and tick.label1.get_text()]
+  minor = [tick.label1.get_text() for tick in axis.get_minor_ticks()
+           if low <= tick.get_loc() <= high]
+  if labels is not None:
+    assert shown == labels and not minor
+  else:
+    assert len([text for text in shown + minor if text]) >= 2, (shown, minor)
+
+
 def test_report_page_escapes_every_label_and_file_name():
   names = ["<script>alert(1)</script>", "a&b", 'q"uote']
   evil_file = '<img src=x onerror="alert(2)">.jpg'
