@@ -20,6 +20,8 @@ from tensorboard.plugins import projector
 # summary_v2 is what hparams' `api` re-exports, without the Keras callback beside it
 # (`api` imports Keras: a second of every run's start).
 from tensorboard.plugins.hparams import summary_v2 as hparams_api
+from tensorboard.plugins.histogram import summary_v2 as histogram_summary
+from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from tlframe.util import fileio
@@ -52,14 +54,31 @@ def scalar(tag, value):
                           metadata=metadata.SerializeToString())
 
 
+def image(tag, picture, description):
+  """tf.summary.image of one uint8 [H, W, 3] `picture`, encoded eagerly. The same record:
+  TensorBoard's own traces a function at its first call (0.04 s of a short run)."""
+  height, width = picture.shape[:2]
+  metadata = image_metadata.create_summary_metadata(display_name=None, description=description)
+  return tf.summary.write(tag, tf.stack([tf.as_string(width), tf.as_string(height),
+                                         tf.io.encode_png(picture)]),
+                          metadata=metadata.SerializeToString())
+
+
+def histogram(tag, values):
+  """tf.summary.histogram of `values` (30 buckets), bucketed by numpy. The same record:
+  TensorBoard's own traces a function at its first call (0.06 s of a short run)."""
+  summary = histogram_summary.histogram_pb(tag, np.asarray(values, np.float64))
+  return tf.summary.experimental.write_raw_pb(summary.SerializeToString())
+
+
 def tile(images, columns):
   """uint8 [K, H, W, 3] -> one [rows*H, columns*W, 3] grid (unused cells black)."""
   count, height, width, _ = images.shape
   rows = -(-count // columns)
   grid = np.zeros([rows * height, columns * width, 3], np.uint8)
-  for i, image in enumerate(images):
+  for i, thumbnail in enumerate(images):
     r, c = divmod(i, columns)
-    grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
+    grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = thumbnail
   return grid
 
 
@@ -70,7 +89,7 @@ def write_input_grids(writer, thumbnails, thumbnail_labels, label_names, step=0)
       images = thumbnails[thumbnail_labels == index]
       if len(images):
         grid = tile(images, min(_GRID_COLUMNS, len(images)))
-        tf.summary.image(f"inputs/{name}", grid[None], description=(
+        image(f"inputs/{name}", grid, description=(
             f"Training images of class {name!r} after crop/pad, as the backbone saw them."))
 
 
@@ -93,16 +112,14 @@ def write_evaluation(writer, scores, labels, metrics, step):
   """
   label_names = list(metrics["per_class"])
   with writer.as_default(step=step):
-    tf.summary.image("evaluation/confusion_matrix",
-                     confusion_image(metrics["confusion_matrix"])[None],
-                     description=("Rows: true class, columns: predicted, in label order: " +
-                                  ", ".join(label_names)))
+    image("evaluation/confusion_matrix", confusion_image(metrics["confusion_matrix"]),
+          description=("Rows: true class, columns: predicted, in label order: " +
+                       ", ".join(label_names)))
     for name, per_class in metrics["per_class"].items():
       tf.summary.scalar(f"precision/{name}", per_class["precision"])
       tf.summary.scalar(f"recall/{name}", per_class["recall"])
-    tf.summary.histogram("evaluation/scores", scores)
-    tf.summary.histogram("evaluation/true_class_scores",
-                         scores[np.arange(len(labels)), labels])
+    histogram("evaluation/scores", scores)
+    histogram("evaluation/true_class_scores", scores[np.arange(len(labels)), labels])
   writer.flush()
 
 
