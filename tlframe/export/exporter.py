@@ -62,6 +62,9 @@ from tlframe.export.layout import (EXPORT_INFO_FILENAME, FORMAT_VERSION, MAX_TOP
 # The modules whose code an export traces: a change to any makes new export templates.
 _TRACED_MODULES = (sys.modules[__name__], backbone_lib, head_lib, imageformat, pipeline,
                    export_layout)
+# An export serves inference: the gradient functions of its ops are not traced into it
+# (0.05-0.09 s of the pair's ~1.7 s save, all of it in Python).
+_SAVE_OPTIONS = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
 # How far the TFLite model may be from the SavedModel (float kernels differ).
 TFLITE_PROBABILITY_TOLERANCE = 1e-3
 
@@ -224,7 +227,7 @@ def export_model(model_dir, *, export_base=None, precision="float32", tflite=Fal
     from_template = template_key is not None and templates.export_from_template(
         template_key, module.model_variables(), tmp, labels_path)
     if not from_template:
-      tf.saved_model.save(module, tmp, signatures=module.signatures())
+      tf.saved_model.save(module, tmp, signatures=module.signatures(), options=_SAVE_OPTIONS)
     tf.io.gfile.remove(labels_path)  # the export's copy is assets/labels.txt
     if template_key is not None and not from_template:
       templates.keep(template_key, tmp)
@@ -296,7 +299,8 @@ def keep_template(backbone, *, precision, num_classes, feature_normalization, re
     module = ClassifierModule(backbone, head, labels, 1.0, resize_mode,
                               os.path.join(tmp, records.LABELS_FILENAME),
                               average_flips=flip_features)
-    tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    tf.saved_model.save(module, export_dir, signatures=module.signatures(),
+                        options=_SAVE_OPTIONS)
     templates.keep(key, export_dir)
   return key
 
