@@ -87,7 +87,7 @@ def test_photos_to_an_export_in_one_command_resuming_after_kill_9_then_up_to_dat
   process.wait()
   assert not (model_dir / options_lib.RECORDS_DIRNAME / records.MANIFEST_FILENAME).exists()
 
-  # An empty cache: the export's template is kept while the head trains, and the first
+  # An empty cache: the export's template is traced while the backbone pass runs, and the first
   # model's export written from it.
   empty_cache = dict(subprocess_env(), TLFRAME_CACHE_DIR=str(tmp_path / "cache"))
   done = subprocess.run(command, env=empty_cache, capture_output=True, text=True, timeout=300)
