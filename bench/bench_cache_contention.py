@@ -21,23 +21,27 @@ streams from memory does not, and compute hardly (docs/training.md).
 """
 
 import argparse
-import os
+import pathlib
 import statistics
 import sys
 import time
 
 import numpy as np
+import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-import bench_common  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench_common import cpu_model  # pylint: disable=wrong-import-position
+from tlframe import options as options_lib  # pylint: disable=wrong-import-position
+from tlframe.train import tuning  # pylint: disable=wrong-import-position
 
 _SLOW_FACTOR = 2.0
 
 
-def _elementwise_steps(tf, shape, steps):
-  """A traced loop of `steps` Adam-like updates of [shape] variables (~20 passes each)."""
+def _elementwise_steps(shape, steps):
+  """A traced loop of `steps` Adam-like updates of [shape] variables (a dozen elementwise
+  ops over them each)."""
   gradient = tf.random.stateless_normal(shape, seed=[0, 1])
   weights, first, second = (tf.Variable(tf.zeros(shape)) for _ in range(3))
 
@@ -53,7 +57,7 @@ def _elementwise_steps(tf, shape, steps):
   return run
 
 
-def _matmuls(tf):
+def _matmuls():
   a = tf.random.stateless_normal([512, 512], seed=[0, 2])
 
   @tf.function(autograph=False)
@@ -64,9 +68,7 @@ def _matmuls(tf):
   return run
 
 
-def _cross_validation(tf):
-  from tlframe.train import tuning  # pylint: disable=g-import-not-at-top
-  from tlframe import options as options_lib  # pylint: disable=g-import-not-at-top
+def _cross_validation():
   rng = np.random.default_rng(0)
   features = rng.normal(size=[50, 2560]).astype(np.float32)
   labels = np.repeat(np.arange(5), 10).astype(np.int32)
@@ -88,21 +90,18 @@ def main():
   parser.add_argument("--seconds", type=float, default=90.0,
                       help="how long to sample (the slow windows last seconds to minutes)")
   args = parser.parse_args()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   source = np.ones(25_000_000, np.float32)
   target = np.empty_like(source)
   probes = {
-      "cv": _cross_validation(tf),
-      "llc": _elementwise_steps(tf, [65, 2560, 5], 100),
-      "l2": _elementwise_steps(tf, [65, 256, 5], 1000),
-      "matmul": _matmuls(tf),
+      "cv": _cross_validation(),
+      "llc": _elementwise_steps([65, 2560, 5], 100),
+      "l2": _elementwise_steps([65, 256, 5], 1000),
+      "matmul": _matmuls(),
       "dram": lambda: np.copyto(target, source),
   }
   for probe in probes.values():   # traced and warmed up
     probe()
-  print(f"CPU: {bench_common.cpu_model()}; TensorFlow {tf.__version__}")
+  print(f"CPU: {cpu_model()}; TensorFlow {tf.__version__}")
   print("| time | " + " | ".join(f"{name} s" for name in probes) + " |")
   print("| --- " * (len(probes) + 1) + "|")
   samples = []
@@ -125,8 +124,11 @@ def main():
   print("| probe | llc fast: s | llc slow: s | slow / fast |")
   print("| --- | --- | --- | --- |")
   for name in probes:
-    fast_median = statistics.median(s[name] for s in fast) if fast else float("nan")
-    slow_median = statistics.median(s[name] for s in slow) if slow else float("nan")
+    fast_median = statistics.median(s[name] for s in fast)   # holds the fastest sample
+    if not slow:
+      print(f"| {name} | {fast_median:.3f} | - | - |")
+      continue
+    slow_median = statistics.median(s[name] for s in slow)
     print(f"| {name} | {fast_median:.3f} | {slow_median:.3f} | "
           f"{slow_median / fast_median:.2f}x |")
 
